@@ -1,0 +1,52 @@
+"""Names of the data plane's counters, in the order of the C counter array.
+
+The Cython kernel and its pure-Python twin both index one flat array of unsigned 64-bit counters
+with these positions; ``counters()`` on a forwarder returns them by name. Adding a reason means
+appending here and to cext/counters.pxi in the same order (a parity test checks both agree).
+"""
+
+from __future__ import annotations
+
+# Traffic that went through (not drops).
+TRAFFIC = (
+    "inside_packets",        # read from the device
+    "inside_bytes",
+    "outside_packets",       # datagrams received on the tunnel socket
+    "outside_bytes",
+    "forwarded_packets",     # inside -> sent to a peer
+    "delivered_packets",     # outside -> written to the device
+    "icmp_sent",             # ICMP errors written back into the device
+)
+
+# Every reason a packet can be dropped. Each is exported as overlayd_drops_total{reason=...}.
+DROP_REASONS = (
+    # inside: read from the device
+    "inside_too_short",          # shorter than an IPv4 header
+    "inside_not_ipv4",           # version != 4 (e.g. IPv6 from the kernel)
+    "inside_bad_header",         # IHL < 5, header longer than the packet, total length != read length
+    "inside_no_route",           # destination in no prefix of the map (answered: net unreachable)
+    "inside_local_destination",  # destination in our own subnet (answered: host unreachable)
+    "inside_ttl_expired",        # TTL <= 1 (answered: time exceeded)
+    "inside_too_big",            # DF set and larger than the path MTU (answered: frag needed)
+    "tx_error",                  # sendmmsg refused the datagram (socket buffer full, ENOBUFS, ...)
+    # outside: received from the underlay
+    "outside_unknown_peer",      # source address is not a peer in the map
+    "outside_truncated",         # datagram larger than the receive buffer
+    "outside_too_short",
+    "outside_not_ipv4",
+    "outside_bad_header",        # IHL < 5 or header longer than the packet
+    "outside_length_mismatch",   # IPv4 total length != datagram payload length
+    "outside_bad_checksum",      # inner IPv4 header checksum wrong
+    "outside_spoofed_source",    # inner source not in a prefix of the sending peer
+    "outside_not_for_us",        # inner destination not in our own prefixes
+    "device_write_error",        # the device refused the write
+    # ICMP errors we would have sent but did not
+    "icmp_rate_limited",         # out of tokens (see add_icmp_tokens)
+)
+
+COUNTER_NAMES = TRAFFIC + DROP_REASONS
+COUNTER_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
+
+# Batch sizes are counted in power-of-two buckets: bucket i counts batches of size n with
+# 2**(i-1) < n <= 2**i (bucket 0: n == 1). Empty wake-ups are not counted.
+BATCH_BUCKETS = 10   # up to 512 packets per batch

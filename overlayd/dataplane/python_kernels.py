@@ -1,0 +1,6 @@
+"""The pure-Python twins of the Cython kernels, gathered under the names the extension exports."""
+
+from overlayd.dataplane.route_table import RouteTable
+from overlayd.dataplane.udp_forwarder import UdpForwarder
+
+__all__ = ["RouteTable", "UdpForwarder"]

@@ -1,0 +1,34 @@
+"""What the control plane hands to the data plane: immutable forwarding tables.
+
+The control plane builds a new ForwardingTables on the side whenever the subnet map changes and
+the runtime swaps it into the forwarder in one call (``set_tables``); the data plane never sees a
+half-applied map. Addresses are IPv4 as unsigned 32-bit integers in host byte order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Route targets other than a peer index (peer indices are >= 0).
+LOCAL = -1      # the prefix is ours: deliver to the device (outside) / answer host-unreachable (inside)
+NO_ROUTE = -2   # what a lookup returns when no prefix matches
+
+
+@dataclass(frozen=True, slots=True)
+class PeerEntry:
+    """One remote daemon, as the packet path needs it."""
+
+    ip: int            # underlay IPv4 of the peer (where its datagrams come from and go to)
+    port: int          # its UDP port
+    path_mtu: int      # the largest inner IPv4 packet that fits the path to it (bytes)
+    name: str = ""     # for humans and metrics only; never read by the packet path
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingTables:
+    """Everything the routed packet path needs, in one immutable value."""
+
+    local_address: int                                   # our overlay address: source of ICMP errors
+    peers: tuple[PeerEntry, ...] = ()
+    # (network, prefix_len, target): target is a peer index, or LOCAL for our own prefixes.
+    routes: tuple[tuple[int, int, int], ...] = field(default_factory=tuple)
