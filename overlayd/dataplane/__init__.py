@@ -41,6 +41,15 @@ def load_implementation(choice: str | None = None) -> tuple[str, ModuleType]:
     return "python", python_kernels
 
 
-IMPLEMENTATION, _kernels = load_implementation()
-RouteTable = _kernels.RouteTable
-UdpForwarder = _kernels.UdpForwarder
+_chosen: tuple[str, ModuleType] | None = None
+
+
+def __getattr__(name: str) -> object:
+    """Load the kernels on first use, so importing tables or counters never needs them."""
+    global _chosen
+    if name not in ("IMPLEMENTATION", "RouteTable", "UdpForwarder"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _chosen is None:
+        _chosen = load_implementation()
+    implementation, kernels = _chosen
+    return implementation if name == "IMPLEMENTATION" else getattr(kernels, name)

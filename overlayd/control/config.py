@@ -1,0 +1,150 @@
+"""The daemon's own config file (TOML): who this node is, where the map is, device and tuning.
+
+Every key is documented in README.md ("Configuration reference") and in configs/overlayd.toml.
+``load_config`` validates the file and the subnet map it points to, collecting every problem of
+both before raising one ConfigError.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from overlayd.control.problems import ConfigError, Problems, read_toml
+from overlayd.control.subnet_map import SubnetMap, parse_subnet_map
+
+DEVICE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/' or whitespace
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DATAPLANES = ("auto", "cython", "python")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    path: Path
+    node_name: str | None                 # None: find the node by a public IP this host holds
+    map_source: str                       # "file"
+    map_file: Path
+    map_poll_seconds: float               # how often the map file's mtime is checked (0 = never)
+    device_name: str
+    underlay_mtu: int | None              # None: the MTU of the interface holding the public IP
+    tx_queue_len: int
+    bind_address: ipaddress.IPv4Address | None   # None: the node's public IP
+    socket_buffer_bytes: int
+    batch_size: int
+    dataplane: str
+    icmp_rate_per_second: int
+    keep_device: bool                     # leave the device and routes on exit
+    log_level: str
+    metrics_enabled: bool
+    metrics_listen: str
+    control_socket: Path
+
+
+def load_config(path: Path) -> tuple[DaemonConfig, SubnetMap]:
+    """Read and validate the daemon config and its subnet map; raise ConfigError on any problem."""
+    data = read_toml(path)
+    config, problems = parse_config(data, path)
+    # The map is checked even when the config has problems, so one run reports both files.
+    map_file = _map_file(data, path)
+    smap: SubnetMap | None = None
+    if map_file is not None:
+        try:
+            smap = parse_subnet_map(read_toml(map_file), str(map_file))
+        except ConfigError as exc:
+            problems = problems + exc.problems
+    if problems or config is None or smap is None:
+        raise ConfigError(problems)
+    return config, smap
+
+
+def _map_file(data: dict[str, Any], path: Path) -> Path | None:
+    map_t = data.get("map")
+    name = map_t.get("file") if isinstance(map_t, dict) else None
+    return path.parent / name if isinstance(name, str) and name else None
+
+
+def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None, list]:
+    """Validate a parsed config file; return (config or None, problems)."""
+    p = Problems(str(path))
+    sections = {"node", "map", "device", "tunnel", "dataplane", "runtime", "log", "metrics",
+                "control"}
+    p.unknown_keys(data, sections)
+    node = p.table(data, "node")
+    p.unknown_keys(node, {"name"}, "node")
+    node_name = p.string(node, "name", "node")
+
+    map_t = p.table(data, "map")
+    p.unknown_keys(map_t, {"source", "file", "poll_seconds"}, "map")
+    source = p.string(map_t, "source", "map", default="file", choices=("file",)) or "file"
+    map_file_text = p.string(map_t, "file", "map", required=True)
+    map_file = (path.parent / map_file_text) if map_file_text else path.parent / "map.toml"
+    poll = p.number(map_t, "poll_seconds", "map", default=2.0, low=0.0, high=3600.0)
+
+    dev = p.table(data, "device")
+    p.unknown_keys(dev, {"name", "underlay_mtu", "tx_queue_len"}, "device")
+    device_name = p.string(dev, "name", "device", default="overlay0") or "overlay0"
+    if not DEVICE_NAME.match(device_name):
+        p.add("device.name", f"{device_name!r}: 1-15 characters of letters, digits, '_', '.', '-'")
+    underlay_mtu = p.integer(dev, "underlay_mtu", "device", low=576, high=65535)
+    tx_queue_len = p.integer(dev, "tx_queue_len", "device", default=1000, low=1, high=1_000_000)
+
+    tun = p.table(data, "tunnel")
+    p.unknown_keys(tun, {"bind", "socket_buffer_bytes"}, "tunnel")
+    bind = p.ipv4_address(tun, "bind", "tunnel")
+    sockbuf = p.integer(tun, "socket_buffer_bytes", "tunnel", default=4 << 20,
+                        low=64 << 10, high=1 << 30)
+
+    dp = p.table(data, "dataplane")
+    p.unknown_keys(dp, {"implementation", "batch_size", "icmp_rate_per_second"}, "dataplane")
+    impl = p.string(dp, "implementation", "dataplane", default="auto", choices=DATAPLANES)
+    batch = p.integer(dp, "batch_size", "dataplane", default=64, low=1, high=512)
+    icmp_rate = p.integer(dp, "icmp_rate_per_second", "dataplane", default=1000, low=0,
+                          high=1_000_000)
+
+    rt = p.table(data, "runtime")
+    p.unknown_keys(rt, {"keep_device"}, "runtime")
+    keep = p.boolean(rt, "keep_device", "runtime", default=False)
+
+    log = p.table(data, "log")
+    p.unknown_keys(log, {"level"}, "log")
+    level = p.string(log, "level", "log", default="info", choices=LOG_LEVELS)
+
+    met = p.table(data, "metrics")
+    p.unknown_keys(met, {"enabled", "listen"}, "metrics")
+    metrics_enabled = p.boolean(met, "enabled", "metrics", default=True)
+    listen = p.string(met, "listen", "metrics", default="127.0.0.1:9585") or "127.0.0.1:9585"
+    if _host_port(listen) is None:
+        p.add("metrics.listen", f"{listen!r}: expected HOST:PORT, e.g. 127.0.0.1:9585")
+
+    ctl = p.table(data, "control")
+    p.unknown_keys(ctl, {"socket"}, "control")
+    sock_text = p.string(ctl, "socket", "control",
+                         default=f"/run/overlayd/{device_name}.sock")
+    if p.found:
+        return None, list(p.found)
+    assert tx_queue_len is not None and sockbuf is not None and batch is not None
+    assert icmp_rate is not None and impl is not None and level is not None
+    return DaemonConfig(
+        path=path, node_name=node_name, map_source=source, map_file=map_file,
+        map_poll_seconds=poll, device_name=device_name, underlay_mtu=underlay_mtu,
+        tx_queue_len=tx_queue_len, bind_address=bind, socket_buffer_bytes=sockbuf,
+        batch_size=batch, dataplane=impl, icmp_rate_per_second=icmp_rate, keep_device=keep,
+        log_level=level, metrics_enabled=metrics_enabled, metrics_listen=listen,
+        control_socket=Path(sock_text or "/run/overlayd/overlayd.sock"),
+    ), []
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def metrics_address(config: DaemonConfig) -> tuple[str, int]:
+    hp = _host_port(config.metrics_listen)
+    assert hp is not None  # validated in parse_config
+    return hp

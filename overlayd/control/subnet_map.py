@@ -1,0 +1,172 @@
+"""The shared subnet map: which node owns which overlay subnet, and how to reach it.
+
+One in-memory model for every source (the file source today, etcd later). ``parse_subnet_map``
+turns the TOML of a map file into a validated ``SubnetMap``, collecting every problem.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from overlayd.control.problems import Problems
+
+BACKEND_TYPES = ("udp", "vxlan")
+DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472}   # flannel's defaults
+DEFAULT_VNI = 1
+DEFAULT_UNDERLAY_MTU = 1500
+# Bytes of outer headers over IPv4 (RFC 768 + RFC 791; VXLAN adds 8 + 14 for RFC 7348 + Ethernet).
+ENCAP_OVERHEAD = {"udp": 28, "vxlan": 50}
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    type: str
+    port: int
+    vni: int = DEFAULT_VNI
+
+    @property
+    def overhead(self) -> int:
+        return ENCAP_OVERHEAD[self.type]
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    subnet: ipaddress.IPv4Network
+    public_ip: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address                     # overlay address of its device
+    underlay_mtu: int | None = None                     # None: the network's default
+    routes: tuple[ipaddress.IPv4Network, ...] = ()      # extra prefixes reachable through it
+
+    @property
+    def prefixes(self) -> tuple[ipaddress.IPv4Network, ...]:
+        return (self.subnet, *self.routes)
+
+
+@dataclass(frozen=True, slots=True)
+class SubnetMap:
+    network: ipaddress.IPv4Network
+    subnet_len: int
+    backend: Backend
+    underlay_mtu: int
+    nodes: tuple[Node, ...]
+
+    def node_named(self, name: str) -> Node | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def node_with_ip(self, ip: ipaddress.IPv4Address) -> Node | None:
+        return next((n for n in self.nodes if n.public_ip == ip), None)
+
+    def underlay_mtu_of(self, node: Node) -> int:
+        return node.underlay_mtu if node.underlay_mtu is not None else self.underlay_mtu
+
+
+def parse_subnet_map(data: dict[str, Any], file: str) -> SubnetMap:
+    """Validate a parsed map file; raise ConfigError listing every problem."""
+    p = Problems(file)
+    p.unknown_keys(data, {"network", "backend", "nodes"})
+    net_t = p.table(data, "network")
+    p.unknown_keys(net_t, {"cidr", "subnet_len", "underlay_mtu"}, "network")
+    network = p.ipv4_network(net_t, "cidr", "network", required=True)
+    subnet_len = p.integer(net_t, "subnet_len", "network", required=True, low=1, high=32)
+    if network is not None and subnet_len is not None and subnet_len <= network.prefixlen:
+        p.add("network.subnet_len",
+              f"{subnet_len} must be longer than the network's prefix /{network.prefixlen}")
+        subnet_len = None
+    underlay_mtu = p.integer(net_t, "underlay_mtu", "network", default=DEFAULT_UNDERLAY_MTU,
+                             low=576, high=65535)
+    backend = _parse_backend(p, p.table(data, "backend"))
+
+    nodes_raw = data.get("nodes", [])
+    if not isinstance(nodes_raw, list) or not all(isinstance(n, dict) for n in nodes_raw):
+        p.add("nodes", "must be an array of tables ([[nodes]])")
+        nodes_raw = []
+    if not nodes_raw:
+        p.add("nodes", "no nodes: the map needs at least one [[nodes]] entry")
+    nodes = [n for i, raw in enumerate(nodes_raw)
+             if (n := _parse_node(p, raw, f"nodes[{i}]", network, subnet_len)) is not None]
+    _check_unique(p, nodes)
+    p.raise_if_any()
+    assert network is not None and subnet_len is not None and underlay_mtu is not None
+    return SubnetMap(network, subnet_len, backend, underlay_mtu, tuple(n for _, n in nodes))
+
+
+def _parse_backend(p: Problems, t: dict[str, Any]) -> Backend:
+    p.unknown_keys(t, {"type", "port", "vni"}, "backend")
+    kind = p.string(t, "type", "backend", default="udp", choices=BACKEND_TYPES) or "udp"
+    port = p.integer(t, "port", "backend", default=DEFAULT_PORTS[kind], low=1, high=65535)
+    vni = p.integer(t, "vni", "backend", default=DEFAULT_VNI, low=0, high=(1 << 24) - 1)
+    if kind == "udp" and "vni" in t:
+        p.add("backend.vni", "only meaningful with type = \"vxlan\"")
+    return Backend(kind, port or DEFAULT_PORTS[kind], vni if vni is not None else DEFAULT_VNI)
+
+
+def _parse_node(p: Problems, t: dict[str, Any], path: str,
+                network: ipaddress.IPv4Network | None,
+                subnet_len: int | None) -> tuple[str, Node] | None:
+    p.unknown_keys(t, {"name", "subnet", "public_ip", "address", "underlay_mtu", "routes"}, path)
+    before = len(p.found)
+    name = p.string(t, "name", path, required=True)
+    if name is not None and not NODE_NAME.match(name):
+        p.add(f"{path}.name", f"{name!r}: use 1-63 letters, digits, '.', '_' or '-'")
+    subnet = p.ipv4_network(t, "subnet", path, required=True)
+    if subnet is not None and network is not None and not subnet.subnet_of(network):
+        p.add(f"{path}.subnet", f"{subnet} is outside the network {network}")
+    if subnet is not None and subnet_len is not None and subnet.prefixlen != subnet_len:
+        p.add(f"{path}.subnet", f"{subnet} is a /{subnet.prefixlen}; the map's subnet_len is "
+                                f"{subnet_len}")
+    public_ip = p.ipv4_address(t, "public_ip", path, required=True)
+    address = p.ipv4_address(t, "address", path)
+    if address is not None and subnet is not None and address not in subnet:
+        p.add(f"{path}.address", f"{address} is not inside the node's subnet {subnet}")
+    underlay_mtu = p.integer(t, "underlay_mtu", path, low=576, high=65535)
+    routes: list[ipaddress.IPv4Network] = []
+    raw_routes = t.get("routes", [])
+    if not isinstance(raw_routes, list):
+        p.add(f"{path}.routes", "must be an array of CIDR strings")
+        raw_routes = []
+    for j, text in enumerate(raw_routes):
+        key = f"{path}.routes[{j}]"
+        if not isinstance(text, str):
+            p.add(key, "must be a CIDR string")
+        elif (route := p.parse_network(text, key)) is not None:
+            if subnet is not None and route == subnet:
+                p.add(key, f"{route} repeats the node's own subnet")
+            else:
+                routes.append(route)
+    if len(p.found) != before or name is None or subnet is None or public_ip is None:
+        return None
+    return path, Node(name, subnet, public_ip, address or subnet.network_address, underlay_mtu,
+                      tuple(routes))
+
+
+def _check_unique(p: Problems, nodes: list[tuple[str, Node]]) -> None:
+    """Names and public IPs are unique; no two nodes' subnets overlap; no prefix is claimed twice."""
+    names: dict[str, str] = {}
+    ips: dict[ipaddress.IPv4Address, str] = {}
+    prefixes: dict[ipaddress.IPv4Network, str] = {}
+    subnets: list[tuple[ipaddress.IPv4Network, str]] = []
+    for path, node in nodes:
+        if node.name in names:
+            p.add(f"{path}.name", f"duplicate name {node.name!r} (also {names[node.name]})")
+        names.setdefault(node.name, path)
+        if node.public_ip in ips:
+            p.add(f"{path}.public_ip", f"duplicate public IP {node.public_ip} "
+                                       f"(also {ips[node.public_ip]})")
+        ips.setdefault(node.public_ip, path)
+        for other, other_path in subnets:
+            if node.subnet.overlaps(other):
+                p.add(f"{path}.subnet", f"{node.subnet} overlaps {other} of {other_path}")
+        subnets.append((node.subnet, path))
+        for route in node.routes:
+            if route in prefixes:
+                p.add(f"{path}.routes", f"{route} is already routed to {prefixes[route]}")
+            prefixes.setdefault(route, path)
+    for path, node in nodes:
+        if node.subnet in prefixes and prefixes[node.subnet] != path:
+            p.add(f"{prefixes[node.subnet]}.routes",
+                  f"{node.subnet} is the subnet of {path} ({node.name})")

@@ -1,0 +1,1 @@
+"""I/O adapters: file descriptors, sockets and netlink. No packet logic lives here."""

@@ -1,0 +1,106 @@
+"""Create the tun device (python-pytun) and keep one raw, non-blocking fd for the data plane.
+
+The data plane is handed ``fd`` once. If the device is deleted under us, ``reopen`` creates it
+again and moves the new file onto the same fd number (dup2), so the forwarder, its buffers and
+its counters carry on untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+
+import pytun
+
+from overlayd.errors import EX_NOPERM, EX_OSERR, EX_UNAVAILABLE, StartupError
+
+TUN_PATH = "/dev/net/tun"
+TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int), <linux/if_tun.h>
+
+
+class TunDevice:
+    """A tun device (IFF_TUN | IFF_NO_PI): one read is one IP packet, one write sends one.
+
+    Not persistent unless ``persist`` is set: closing the fd (or the daemon dying) removes the
+    device with its addresses and routes.
+    """
+
+    def __init__(self, name: str, persist: bool = False) -> None:
+        self.name = name
+        self.persist = persist
+        self.fd = self._open_dup()
+
+    def _open_dup(self) -> int:
+        dev = _open(self.name, pytun.IFF_TUN | pytun.IFF_NO_PI)
+        try:
+            if self.persist:
+                dev.persist(True)
+            fd = os.dup(dev.fileno())
+        finally:
+            dev.close()   # our dup keeps the device attached
+        os.set_blocking(fd, False)
+        return fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def exists(self) -> bool:
+        """Whether the device is still there (someone may have run `ip link del`)."""
+        try:
+            socket.if_nametoindex(self.name)
+        except OSError:
+            return False
+        return True
+
+    def reopen(self) -> None:
+        """Create the device again and put it on the same fd number."""
+        fd = self._open_dup()
+        try:
+            os.dup2(fd, self.fd)
+        finally:
+            os.close(fd)
+        os.set_blocking(self.fd, False)
+
+    def close(self, keep: bool = False) -> None:
+        if self.fd < 0:
+            return
+        if not keep and self.persist:
+            # A persistent device outlives its fds; clear the flag so closing removes it.
+            try:
+                fcntl.ioctl(self.fd, TUNSETPERSIST, 0)
+            except OSError:
+                pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+def disable_ipv6(name: str) -> None:
+    """No IPv6 on the device: the overlay is IPv4, and router solicitations would only be drops."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("1")
+    except OSError:
+        pass  # IPv6 disabled on the host already, or a read-only /proc/sys: nothing to do
+
+
+def _open(name: str, flags: int) -> pytun.TunTapDevice:
+    try:
+        return pytun.TunTapDevice(name=name, flags=flags, dev=TUN_PATH)
+    except pytun.Error as exc:
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
+        if code in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+            raise StartupError(f"{TUN_PATH} is missing: load the tun module (modprobe tun) or "
+                               f"give the container the device", EX_UNAVAILABLE) from None
+        if code in (errno.EPERM, errno.EACCES):
+            raise StartupError(f"not permitted to create tun device {name!r}: run as root or "
+                               f"with CAP_NET_ADMIN", EX_NOPERM) from None
+        if code == errno.EBUSY:
+            raise StartupError(f"device name {name!r} is already in use (another overlayd, or "
+                               f"another device of that name): set [device] name",
+                               EX_OSERR) from None
+        if code == errno.EINVAL:
+            raise StartupError(f"device name {name!r} belongs to a device that is not a tun "
+                               f"device: set [device] name", EX_OSERR) from None
+        raise StartupError(f"cannot create tun device {name!r}: {exc}", EX_OSERR) from None

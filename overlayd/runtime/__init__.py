@@ -1,0 +1,1 @@
+"""The only asyncio code: wires io, control and the data plane together under uvloop."""

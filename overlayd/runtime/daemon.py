@@ -1,0 +1,274 @@
+"""`overlayd run`: start, forward, reload, recover and stop — the daemon's whole life.
+
+1. start: resolve this node in the map, bind the tunnel socket, create and configure the device,
+   build the forwarder and swap in the tables, then register one reader per fd;
+2. forward: each readiness event calls the data plane once (one batch); nothing per packet here;
+3. reload (SIGHUP, or the map file changed): build new tables on the side, swap in one call,
+   adjust kernel routes by difference; a broken map is logged and the old one kept;
+4. recover: a device that vanished (or whose fd fails) is recreated on the same fd;
+5. stop (SIGTERM/SIGINT): remove readers, close the socket and the device (which takes its
+   address and routes with it), exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from overlayd.control.config import DaemonConfig
+from overlayd.control.file_source import FileMapSource
+from overlayd.control.local_node import LocalView, build_local_view, find_local_node
+from overlayd.control.problems import ConfigError
+from overlayd.control.subnet_map import SubnetMap
+from overlayd.io import host_network
+from overlayd.io.tun_device import TunDevice, disable_ipv6
+from overlayd.io.tunnel_socket import open_tunnel_socket
+from overlayd.runtime.logs import RateLimitedLog
+
+log = logging.getLogger("overlayd")
+
+ICMP_REFILL_SECONDS = 0.1     # token bucket granularity for ICMP errors
+HEALTH_CHECK_SECONDS = 1.0    # how often the device's existence is checked
+
+
+def kernel_routes(smap: SubnetMap, view: LocalView) -> set[ipaddress.IPv4Network]:
+    """Prefixes the kernel must send into the device: the network, and peers' extra prefixes."""
+    routes = {smap.network}
+    for peer in view.peers:
+        routes.update(r for r in peer.routes if not r.subnet_of(smap.network))
+    return routes
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, smap: SubnetMap, kernels: Any,
+                 implementation: str) -> None:
+        self.config = config
+        self.source = FileMapSource(config.map_file)
+        self.smap = smap
+        self.kernels = kernels
+        self.implementation = implementation
+        self.view: LocalView | None = None
+        self.tun: TunDevice | None = None
+        self.sock: socket.socket | None = None
+        self.forwarder: Any = None
+        self.routes: set[ipaddress.IPv4Network] = set()
+        self.started_at = time.monotonic()
+        self.map_applied_at = time.time()
+        self.map_error: str | None = None
+        self.last_loop_tick = time.monotonic()
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+        self._readers: list[int] = []
+        self._device_broken = False
+        self._ratelimited = RateLimitedLog(log)
+        self.on_ready: list[Callable[[], None]] = []
+        self.on_reload: list[Callable[[str], None]] = []
+
+    # -- 1. start -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.source.load()   # remember the file's signature; smap was validated by the caller
+        addresses = host_network.host_addresses()
+        me = find_local_node(self.smap, str(self.config.map_file), self.config.node_name,
+                             (h.address for h in addresses))
+        underlay_mtu = self._underlay_mtu(me.public_ip, addresses)
+        self.view = build_local_view(self.smap, me, underlay_mtu)
+        bind = self.config.bind_address or me.public_ip
+        self.sock = open_tunnel_socket(bind, self.smap.backend.port,
+                                       self.config.socket_buffer_bytes)
+        self.tun = TunDevice(self.config.device_name, persist=self.config.keep_device)
+        self._configure_device()
+        rate = self.config.icmp_rate_per_second
+        self.forwarder = self.kernels.UdpForwarder(self.tun.fileno(), self.sock.fileno(),
+                                                   self.config.batch_size, rate)
+        self.forwarder.set_tables(self.view.tables)
+        log.info("node %s: subnet %s, device %s (%s, mtu %d), udp %s:%d, %d peers, data plane %s",
+                 me.name, me.subnet, self.config.device_name, me.address, self.view.device_mtu,
+                 bind, self.smap.backend.port, len(self.view.peers), self.implementation)
+
+    def _underlay_mtu(self, public_ip: ipaddress.IPv4Address,
+                      addresses: list[host_network.HostAddress]) -> int:
+        if self.config.underlay_mtu is not None:
+            return self.config.underlay_mtu
+        held = next((h.mtu for h in addresses if h.address == public_ip), None)
+        # Behind NAT the public IP is not local: fall back to the map's (or the default) MTU.
+        return held if held is not None else self.smap.underlay_mtu
+
+    def _configure_device(self) -> None:
+        assert self.view is not None and self.tun is not None
+        disable_ipv6(self.config.device_name)
+        self.routes = kernel_routes(self.smap, self.view)
+        host_network.configure_device(self.config.device_name, self.view.node.address,
+                                      self.view.device_mtu, self.config.tx_queue_len,
+                                      sorted(self.routes))
+
+    # -- 2. forward -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        assert self.tun is not None and self.sock is not None
+        self._add_readers()
+        for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
+                             (signal.SIGHUP, lambda: self.reload("SIGHUP"))):
+            loop.add_signal_handler(sig, handler)
+        self._every(ICMP_REFILL_SECONDS, self._refill_icmp)
+        self._every(HEALTH_CHECK_SECONDS, self._check_health)
+        if self.config.map_poll_seconds > 0:
+            self._every(self.config.map_poll_seconds, self._poll_map)
+        for callback in self.on_ready:
+            callback()
+        await self._stop.wait()
+        self._shutdown()
+
+    def _add_readers(self) -> None:
+        assert self._loop is not None and self.tun is not None and self.sock is not None
+        self._loop.add_reader(self.tun.fileno(), self._on_device_readable)
+        self._loop.add_reader(self.sock.fileno(), self._on_socket_readable)
+        self._readers = [self.tun.fileno(), self.sock.fileno()]
+
+    def _remove_readers(self) -> None:
+        assert self._loop is not None
+        for fd in self._readers:
+            self._loop.remove_reader(fd)
+        self._readers = []
+
+    def _on_device_readable(self) -> None:
+        try:
+            self.forwarder.inside_batch()
+        except OSError as exc:
+            self._device_failed(f"reading the device failed: {exc.strerror or exc}")
+
+    def _on_socket_readable(self) -> None:
+        try:
+            self.forwarder.outside_batch()
+        except OSError as exc:
+            # A socket error the kernel keeps reporting must not spin the loop: log and go on.
+            self._ratelimited.warning("socket", "tunnel socket receive failed: %s",
+                                      exc.strerror or exc)
+
+    def _every(self, seconds: float, callback: Callable[[], None]) -> None:
+        assert self._loop is not None
+
+        def tick() -> None:
+            self.last_loop_tick = time.monotonic()
+            try:
+                callback()
+            except Exception:  # a periodic task must never take the daemon down
+                log.exception("periodic task %s failed", callback.__name__)
+            self._timers.append(self._loop.call_later(seconds, tick))  # type: ignore[union-attr]
+
+        self._timers.append(self._loop.call_later(seconds, tick))
+
+    def _refill_icmp(self) -> None:
+        rate = self.config.icmp_rate_per_second
+        self.forwarder.add_icmp_tokens(max(1, int(rate * ICMP_REFILL_SECONDS)), rate)
+
+    # -- 3. reload ------------------------------------------------------------------------------
+
+    def _poll_map(self) -> None:
+        if self.source.changed():
+            self.reload("map file changed")
+
+    def reload(self, why: str) -> bool:
+        """Apply the map file as it is now; keep forwarding on the old map if it is broken."""
+        for callback in self.on_reload:
+            callback("start")
+        try:
+            applied = self._apply_map(why)
+        finally:
+            for callback in self.on_reload:
+                callback("end")
+        return applied
+
+    def _apply_map(self, why: str) -> bool:
+        assert self.view is not None
+        try:
+            smap = self.source.load()
+            me = find_local_node(smap, str(self.config.map_file), self.view.node.name, ())
+        except ConfigError as exc:
+            self.map_error = str(exc)
+            log.error("map reload (%s) rejected, still forwarding on the previous map:\n%s",
+                      why, exc)
+            return False
+        if (smap.backend != self.smap.backend or me.subnet != self.view.node.subnet
+                or me.address != self.view.node.address):
+            self.map_error = ("this node's subnet/address or the backend changed: restart "
+                              "overlayd to apply")
+            log.error("map reload (%s): %s", why, self.map_error)
+            return False
+        underlay = self.view.device_mtu + self.smap.backend.overhead
+        view = build_local_view(smap, me, underlay)
+        self.forwarder.set_tables(view.tables)     # the one-step swap
+        routes = kernel_routes(smap, view)
+        try:
+            host_network.set_routes(self.config.device_name, me.address,
+                                    remove=self.routes - routes, add=routes - self.routes)
+        except Exception as exc:
+            log.error("map reload (%s): updating kernel routes failed: %s", why, exc)
+        self.smap, self.view, self.routes = smap, view, routes
+        self.map_applied_at = time.time()
+        self.map_error = None
+        log.info("map reloaded (%s): %d peers, %d routes", why, len(view.peers),
+                 len(view.tables.routes))
+        return True
+
+    # -- 4. recover -----------------------------------------------------------------------------
+
+    def _device_failed(self, why: str) -> None:
+        if not self._device_broken:
+            log.warning("device %s: %s; recreating it", self.config.device_name, why)
+        self._device_broken = True
+        assert self._loop is not None and self.tun is not None
+        self._loop.remove_reader(self.tun.fileno())
+
+    def _check_health(self) -> None:
+        assert self.tun is not None
+        if not self._device_broken and not self.tun.exists():
+            self._device_failed("device was deleted")
+        if self._device_broken:
+            self._recover_device()
+
+    def _recover_device(self) -> None:
+        assert self._loop is not None and self.tun is not None
+        try:
+            self.tun.reopen()
+            self._configure_device()
+        except Exception as exc:
+            self._ratelimited.warning("recover", "recreating device %s failed (will retry): %s",
+                                      self.config.device_name, exc)
+            return
+        self._device_broken = False
+        self._loop.add_reader(self.tun.fileno(), self._on_device_readable)
+        log.info("device %s recreated and configured", self.config.device_name)
+
+    # -- 5. stop --------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _shutdown(self) -> None:
+        log.info("stopping")
+        for timer in self._timers:
+            timer.cancel()
+        if self._loop is not None:
+            self._remove_readers()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                self._loop.remove_signal_handler(sig)
+        self.close()
+
+    def close(self) -> None:
+        """Release the socket and the device; safe to call after a failed start."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.tun is not None:
+            self.tun.close(keep=self.config.keep_device)
+            self.tun = None
