@@ -1,0 +1,158 @@
+"""Config and subnet-map validation: every problem named by file, key and reason; exit 78."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from overlayd.control.config import load_config
+from overlayd.control.local_node import build_local_view, find_local_node
+from overlayd.control.problems import ConfigError
+from overlayd.control.subnet_map import parse_subnet_map
+from overlayd.dataplane.tables import LOCAL
+
+REPO = Path(__file__).resolve().parent.parent
+
+GOOD_MAP = """
+[network]
+cidr = "10.5.0.0/16"
+subnet_len = 24
+
+[backend]
+type = "udp"
+
+[[nodes]]
+name = "a"
+subnet = "10.5.1.0/24"
+public_ip = "192.0.2.1"
+
+[[nodes]]
+name = "b"
+subnet = "10.5.2.0/24"
+public_ip = "192.0.2.2"
+underlay_mtu = 1400
+routes = ["172.20.0.0/16"]
+"""
+
+
+def write(tmp_path: Path, config: str, smap: str = GOOD_MAP) -> Path:
+    (tmp_path / "map.toml").write_text(smap)
+    path = tmp_path / "overlayd.toml"
+    path.write_text(config)
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    config, smap = load_config(write(tmp_path, '[map]\nfile = "map.toml"\n'))
+    assert config.device_name == "overlay0"
+    assert config.batch_size == 64
+    assert config.map_file == tmp_path / "map.toml"
+    assert smap.backend.port == 8285          # flannel's udp default
+    assert smap.nodes[0].address == ipaddress.IPv4Address("10.5.1.0")   # flannel: subnet .0
+
+
+def test_every_problem_of_both_files_is_reported(tmp_path: Path) -> None:
+    bad_map = """
+[network]
+cidr = "10.5.0.1/16"
+subnet_len = 24
+[backend]
+type = "udpx"
+[[nodes]]
+name = "a"
+subnet = "10.5.1.0/24"
+public_ip = "192.0.2.1"
+colour = 3
+"""
+    path = write(tmp_path, '[map]\nfile = "map.toml"\n[device]\nname = "x" \n'
+                           '[dataplane]\nbatch_size = 0\n[bogus]\n', bad_map)
+    found = problems_of(path)
+    cfg, mp = str(path), str(tmp_path / "map.toml")
+    assert f"{cfg}: dataplane.batch_size: 0 is out of range 1..512" in found
+    assert any(p.startswith(f"{cfg}: bogus: unknown key") for p in found)
+    assert any(p.startswith(f"{mp}: network.cidr:") and "host bits" in p for p in found)
+    assert any(p.startswith(f"{mp}: backend.type:") for p in found)
+    assert any(p.startswith(f"{mp}: nodes[0].colour: unknown key") for p in found)
+
+
+@pytest.mark.parametrize("nodes, key, words", [
+    ('name="a"\nsubnet="10.5.1.0/24"\npublic_ip="192.0.2.1"\n[[nodes]]\n'
+     'name="b"\nsubnet="10.5.1.0/24"\npublic_ip="192.0.2.2"', "nodes[1].subnet", "overlaps"),
+    ('name="a"\nsubnet="10.6.1.0/24"\npublic_ip="192.0.2.1"', "nodes[0].subnet", "outside"),
+    ('name="a"\nsubnet="10.5.1.0/25"\npublic_ip="192.0.2.1"', "nodes[0].subnet", "subnet_len"),
+    ('name="a"\nsubnet="10.5.1.0/24"\npublic_ip="192.0.2.1"\n[[nodes]]\n'
+     'name="b"\nsubnet="10.5.2.0/24"\npublic_ip="192.0.2.1"', "nodes[1].public_ip", "duplicate"),
+    ('name="a"\nsubnet="10.5.1.0/24"\npublic_ip="192.0.2.1"\n[[nodes]]\n'
+     'name="a"\nsubnet="10.5.2.0/24"\npublic_ip="192.0.2.2"', "nodes[1].name", "duplicate"),
+    ('name="a"\nsubnet="10.5.1.0/24"\npublic_ip="nope"', "nodes[0].public_ip", "not an IPv4"),
+    ('name="a"\nsubnet="10.5.1.0/24"\npublic_ip="192.0.2.1"\naddress="10.5.9.1"',
+     "nodes[0].address", "not inside"),
+    ('subnet="10.5.1.0/24"\npublic_ip="192.0.2.1"', "nodes[0].name", "missing"),
+])
+def test_map_errors_name_the_key(nodes: str, key: str, words: str) -> None:
+    text = f'[network]\ncidr="10.5.0.0/16"\nsubnet_len=24\n[[nodes]]\n{nodes}\n'
+    import tomllib
+    with pytest.raises(ConfigError) as info:
+        parse_subnet_map(tomllib.loads(text), "m.toml")
+    assert any(p.key == key and words in p.reason for p in info.value.problems), \
+        info.value.problems
+
+
+def test_unknown_own_node_by_name_and_by_address() -> None:
+    import tomllib
+    smap = parse_subnet_map(tomllib.loads(GOOD_MAP), "m.toml")
+    with pytest.raises(ConfigError, match="unknown own node 'zz'"):
+        find_local_node(smap, "m.toml", "zz", [])
+    with pytest.raises(ConfigError, match="unknown own node"):
+        find_local_node(smap, "m.toml", None, [ipaddress.IPv4Address("203.0.113.9")])
+    me = find_local_node(smap, "m.toml", None, [ipaddress.IPv4Address("192.0.2.2")])
+    assert me.name == "b"
+
+
+def test_local_view_routes_and_path_mtu() -> None:
+    import tomllib
+    smap = parse_subnet_map(tomllib.loads(GOOD_MAP), "m.toml")
+    view = build_local_view(smap, smap.nodes[0], underlay_mtu=1500)
+    assert view.device_mtu == 1472                       # underlay - 28 for udp
+    (peer,) = view.tables.peers
+    assert peer.path_mtu == 1400 - 28                    # the smaller underlay wins
+    assert peer.port == 8285
+    routes = set(view.tables.routes)
+    assert (int(ipaddress.IPv4Address("10.5.1.0")), 24, LOCAL) in routes
+    assert (int(ipaddress.IPv4Address("10.5.2.0")), 24, 0) in routes
+    assert (int(ipaddress.IPv4Address("172.20.0.0")), 16, 0) in routes
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "overlayd", *args], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+
+
+def test_check_accepts_shipped_examples() -> None:
+    result = run_cli("check", "-c", str(REPO / "configs" / "overlayd.toml"), "--any-host")
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def test_check_exits_78_with_lines_not_tracebacks(tmp_path: Path) -> None:
+    path = write(tmp_path, '[map]\nfile = "map.toml"\n[node]\nname = "nobody"\n')
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 78
+    assert "Traceback" not in result.stderr
+    assert "unknown own node 'nobody'" in result.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[map\n")
+    result = run_cli("check", "-c", str(broken))
+    assert result.returncode == 78 and f"{broken}: invalid TOML" in result.stderr
+    result = run_cli("check", "-c", str(tmp_path / "missing.toml"))
+    assert result.returncode == 78 and "file not found" in result.stderr
