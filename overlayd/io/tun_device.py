@@ -76,13 +76,21 @@ class TunDevice:
         self.fd = -1
 
 
-def disable_ipv6(name: str) -> None:
-    """No IPv6 on the device: the overlay is IPv4, and router solicitations would only be drops."""
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
-            f.write("1")
-    except OSError:
-        pass  # IPv6 disabled on the host already, or a read-only /proc/sys: nothing to do
+def tune_device_sysctls(name: str) -> None:
+    """Per-device kernel settings the routed overlay needs (only this device is touched).
+
+    - accept_local: ICMP errors the data plane writes into the device come from this node's
+      overlay address, which is also the device's own address; without this the kernel drops
+      them as martians and `ping -t 1` or PMTU discovery never hear back.
+    - disable_ipv6: the overlay is IPv4; IPv6 router solicitations would only be counted drops.
+    """
+    for path in (f"/proc/sys/net/ipv4/conf/{name}/accept_local",
+                 f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"):
+        try:
+            with open(path, "w") as f:
+                f.write("1")
+        except OSError:
+            pass  # IPv6 off on the host, or a read-only /proc/sys: nothing more to do
 
 
 def _open(name: str, flags: int) -> pytun.TunTapDevice:

@@ -27,7 +27,7 @@ from overlayd.control.local_node import LocalView, build_local_view, find_local_
 from overlayd.control.problems import ConfigError
 from overlayd.control.subnet_map import SubnetMap
 from overlayd.io import host_network
-from overlayd.io.tun_device import TunDevice, disable_ipv6
+from overlayd.io.tun_device import TunDevice, tune_device_sysctls
 from overlayd.io.tunnel_socket import open_tunnel_socket
 from overlayd.runtime.logs import RateLimitedLog
 
@@ -103,7 +103,7 @@ class Daemon:
 
     def _configure_device(self) -> None:
         assert self.view is not None and self.tun is not None
-        disable_ipv6(self.config.device_name)
+        tune_device_sysctls(self.config.device_name)
         self.routes = kernel_routes(self.smap, self.view)
         host_network.configure_device(self.config.device_name, self.view.node.address,
                                       self.view.device_mtu, self.config.tx_queue_len,
