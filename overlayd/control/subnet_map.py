@@ -6,6 +6,7 @@ turns the TOML of a map file into a validated ``SubnetMap``, collecting every pr
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -14,7 +15,10 @@ from typing import Any
 from overlayd.control.problems import Problems
 
 BACKEND_TYPES = ("udp", "vxlan")
-DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472}   # flannel's defaults
+VXLAN_MODES = ("routed", "switched")
+# flannel's defaults for udp and vxlan (routed, flannel.1 compatible); IANA's 4789 for switched.
+DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472, "vxlan-switched": 4789}
+MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 DEFAULT_VNI = 1
 DEFAULT_UNDERLAY_MTU = 1500
 # Bytes of outer headers over IPv4 (RFC 768 + RFC 791; VXLAN adds 8 + 14 for RFC 7348 + Ethernet).
@@ -27,10 +31,26 @@ class Backend:
     type: str
     port: int
     vni: int = DEFAULT_VNI
+    mode: str = "routed"          # vxlan only: routed (tun, L3) or switched (tap, L2)
 
     @property
     def overhead(self) -> int:
         return ENCAP_OVERHEAD[self.type]
+
+    @property
+    def switched(self) -> bool:
+        return self.type == "vxlan" and self.mode == "switched"
+
+
+def derive_vtep_mac(public_ip: ipaddress.IPv4Address, vni: int) -> str:
+    """A stable, locally administered unicast MAC for a node that does not set ``vtep_mac``.
+
+    Derived from what identifies the node on the wire (public IP and VNI), so every host computes
+    the same value from the map alone and it never changes across restarts.
+    """
+    digest = hashlib.sha256(b"overlayd-vtep" + public_ip.packed + vni.to_bytes(3, "big")).digest()
+    octets = bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]   # local bit set, multicast clear
+    return ":".join(f"{b:02x}" for b in octets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +61,7 @@ class Node:
     address: ipaddress.IPv4Address                     # overlay address of its device
     underlay_mtu: int | None = None                     # None: the network's default
     routes: tuple[ipaddress.IPv4Network, ...] = ()      # extra prefixes reachable through it
+    vtep_mac: str = ""                                  # vxlan: MAC of its VTEP ("" for udp)
 
     @property
     def prefixes(self) -> tuple[ipaddress.IPv4Network, ...]:
@@ -88,7 +109,8 @@ def parse_subnet_map(data: dict[str, Any], file: str) -> SubnetMap:
     if not nodes_raw:
         p.add("nodes", "no nodes: the map needs at least one [[nodes]] entry")
     nodes = [n for i, raw in enumerate(nodes_raw)
-             if (n := _parse_node(p, raw, f"nodes[{i}]", network, subnet_len)) is not None]
+             if (n := _parse_node(p, raw, f"nodes[{i}]", network, subnet_len, backend))
+             is not None]
     _check_unique(p, nodes)
     p.raise_if_any()
     assert network is not None and subnet_len is not None and underlay_mtu is not None
@@ -96,19 +118,23 @@ def parse_subnet_map(data: dict[str, Any], file: str) -> SubnetMap:
 
 
 def _parse_backend(p: Problems, t: dict[str, Any]) -> Backend:
-    p.unknown_keys(t, {"type", "port", "vni"}, "backend")
+    p.unknown_keys(t, {"type", "port", "vni", "mode"}, "backend")
     kind = p.string(t, "type", "backend", default="udp", choices=BACKEND_TYPES) or "udp"
-    port = p.integer(t, "port", "backend", default=DEFAULT_PORTS[kind], low=1, high=65535)
+    mode = p.string(t, "mode", "backend", default="routed", choices=VXLAN_MODES) or "routed"
+    for key in ("vni", "mode"):
+        if kind == "udp" and key in t:
+            p.add(f"backend.{key}", "only meaningful with type = \"vxlan\"")
+    default_port = DEFAULT_PORTS["vxlan-switched" if mode == "switched" else kind]
+    port = p.integer(t, "port", "backend", default=default_port, low=1, high=65535)
     vni = p.integer(t, "vni", "backend", default=DEFAULT_VNI, low=0, high=(1 << 24) - 1)
-    if kind == "udp" and "vni" in t:
-        p.add("backend.vni", "only meaningful with type = \"vxlan\"")
-    return Backend(kind, port or DEFAULT_PORTS[kind], vni if vni is not None else DEFAULT_VNI)
+    return Backend(kind, port or default_port, vni if vni is not None else DEFAULT_VNI, mode)
 
 
 def _parse_node(p: Problems, t: dict[str, Any], path: str,
-                network: ipaddress.IPv4Network | None,
-                subnet_len: int | None) -> tuple[str, Node] | None:
-    p.unknown_keys(t, {"name", "subnet", "public_ip", "address", "underlay_mtu", "routes"}, path)
+                network: ipaddress.IPv4Network | None, subnet_len: int | None,
+                backend: Backend) -> tuple[str, Node] | None:
+    p.unknown_keys(t, {"name", "subnet", "public_ip", "address", "underlay_mtu", "routes",
+                       "vtep_mac"}, path)
     before = len(p.found)
     name = p.string(t, "name", path, required=True)
     if name is not None and not NODE_NAME.match(name):
@@ -138,15 +164,27 @@ def _parse_node(p: Problems, t: dict[str, Any], path: str,
                 p.add(key, f"{route} repeats the node's own subnet")
             else:
                 routes.append(route)
+    vtep_mac = p.string(t, "vtep_mac", path)
+    if vtep_mac is not None:
+        vtep_mac = vtep_mac.lower()
+        if backend.type != "vxlan":
+            p.add(f"{path}.vtep_mac", "only meaningful with backend type = \"vxlan\"")
+        elif not MAC.match(vtep_mac):
+            p.add(f"{path}.vtep_mac", f"{vtep_mac!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+        elif int(vtep_mac[:2], 16) & 1:
+            p.add(f"{path}.vtep_mac", f"{vtep_mac} is a multicast MAC; a VTEP needs a unicast one")
     if len(p.found) != before or name is None or subnet is None or public_ip is None:
         return None
+    if backend.type == "vxlan" and vtep_mac is None:
+        vtep_mac = derive_vtep_mac(public_ip, backend.vni)
     return path, Node(name, subnet, public_ip, address or subnet.network_address, underlay_mtu,
-                      tuple(routes))
+                      tuple(routes), vtep_mac or "")
 
 
 def _check_unique(p: Problems, nodes: list[tuple[str, Node]]) -> None:
     """Names and public IPs are unique; no two nodes' subnets overlap; no prefix is claimed twice."""
     names: dict[str, str] = {}
+    macs: dict[str, str] = {}
     ips: dict[ipaddress.IPv4Address, str] = {}
     prefixes: dict[ipaddress.IPv4Network, str] = {}
     subnets: list[tuple[ipaddress.IPv4Network, str]] = []
@@ -154,6 +192,10 @@ def _check_unique(p: Problems, nodes: list[tuple[str, Node]]) -> None:
         if node.name in names:
             p.add(f"{path}.name", f"duplicate name {node.name!r} (also {names[node.name]})")
         names.setdefault(node.name, path)
+        if node.vtep_mac and node.vtep_mac in macs:
+            p.add(f"{path}.vtep_mac", f"duplicate VTEP MAC {node.vtep_mac} "
+                                      f"(also {macs[node.vtep_mac]})")
+        macs.setdefault(node.vtep_mac, path)
         if node.public_ip in ips:
             p.add(f"{path}.public_ip", f"duplicate public IP {node.public_ip} "
                                        f"(also {ips[node.public_ip]})")
