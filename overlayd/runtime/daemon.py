@@ -27,7 +27,7 @@ from overlayd.control.local_node import LocalView, build_local_view, find_local_
 from overlayd.control.problems import ConfigError
 from overlayd.control.subnet_map import SubnetMap
 from overlayd.io import host_network
-from overlayd.io.tun_device import TunDevice, tune_device_sysctls
+from overlayd.io.device import OverlayDevice, tune_device_sysctls
 from overlayd.io.tunnel_socket import open_tunnel_socket
 from overlayd.runtime.logs import RateLimitedLog
 
@@ -54,7 +54,7 @@ class Daemon:
         self.kernels = kernels
         self.implementation = implementation
         self.view: LocalView | None = None
-        self.tun: TunDevice | None = None
+        self.tun: OverlayDevice | None = None
         self.sock: socket.socket | None = None
         self.forwarder: Any = None
         self.routes: set[ipaddress.IPv4Network] = set()
@@ -83,7 +83,7 @@ class Daemon:
         bind = self.config.bind_address or me.public_ip
         self.sock = open_tunnel_socket(bind, self.smap.backend.port,
                                        self.config.socket_buffer_bytes)
-        self.tun = TunDevice(self.config.device_name, persist=self.config.keep_device)
+        self.tun = OverlayDevice(self.config.device_name, "tun", persist=self.config.keep_device)
         self._configure_device()
         rate = self.config.icmp_rate_per_second
         self.forwarder = self.kernels.UdpForwarder(self.tun.fileno(), self.sock.fileno(),

@@ -1,4 +1,4 @@
-"""Create the tun device (python-pytun) and keep one raw, non-blocking fd for the data plane.
+"""Create the tun or tap device (python-pytun) and keep one raw, non-blocking fd for the data plane.
 
 The data plane is handed ``fd`` once. If the device is deleted under us, ``reopen`` creates it
 again and moves the new file onto the same fd number (dup2), so the forwarder, its buffers and
@@ -20,20 +20,25 @@ TUN_PATH = "/dev/net/tun"
 TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int), <linux/if_tun.h>
 
 
-class TunDevice:
-    """A tun device (IFF_TUN | IFF_NO_PI): one read is one IP packet, one write sends one.
+class OverlayDevice:
+    """A tun (L3: one read is one IP packet) or tap (L2: one read is one Ethernet frame) device,
+    opened with IFF_NO_PI so reads and writes carry nothing but the packet or frame.
 
     Not persistent unless ``persist`` is set: closing the fd (or the daemon dying) removes the
     device with its addresses and routes.
     """
 
-    def __init__(self, name: str, persist: bool = False) -> None:
+    def __init__(self, name: str, kind: str = "tun", persist: bool = False) -> None:
+        if kind not in ("tun", "tap"):
+            raise ValueError(f"device kind {kind!r}: expected tun or tap")
         self.name = name
+        self.kind = kind
         self.persist = persist
         self.fd = self._open_dup()
 
     def _open_dup(self) -> int:
-        dev = _open(self.name, pytun.IFF_TUN | pytun.IFF_NO_PI)
+        flag = pytun.IFF_TUN if self.kind == "tun" else pytun.IFF_TAP
+        dev = _open(self.name, self.kind, flag | pytun.IFF_NO_PI)
         try:
             if self.persist:
                 dev.persist(True)
@@ -93,7 +98,7 @@ def tune_device_sysctls(name: str) -> None:
             pass  # IPv6 off on the host, or a read-only /proc/sys: nothing more to do
 
 
-def _open(name: str, flags: int) -> pytun.TunTapDevice:
+def _open(name: str, kind: str, flags: int) -> pytun.TunTapDevice:
     try:
         return pytun.TunTapDevice(name=name, flags=flags, dev=TUN_PATH)
     except pytun.Error as exc:
@@ -102,13 +107,13 @@ def _open(name: str, flags: int) -> pytun.TunTapDevice:
             raise StartupError(f"{TUN_PATH} is missing: load the tun module (modprobe tun) or "
                                f"give the container the device", EX_UNAVAILABLE) from None
         if code in (errno.EPERM, errno.EACCES):
-            raise StartupError(f"not permitted to create tun device {name!r}: run as root or "
+            raise StartupError(f"not permitted to create {kind} device {name!r}: run as root or "
                                f"with CAP_NET_ADMIN", EX_NOPERM) from None
         if code == errno.EBUSY:
             raise StartupError(f"device name {name!r} is already in use (another overlayd, or "
                                f"another device of that name): set [device] name",
                                EX_OSERR) from None
         if code == errno.EINVAL:
-            raise StartupError(f"device name {name!r} belongs to a device that is not a tun "
+            raise StartupError(f"device name {name!r} belongs to a device that is not a {kind} "
                                f"device: set [device] name", EX_OSERR) from None
-        raise StartupError(f"cannot create tun device {name!r}: {exc}", EX_OSERR) from None
+        raise StartupError(f"cannot create {kind} device {name!r}: {exc}", EX_OSERR) from None
