@@ -1,0 +1,38 @@
+"""Multi-host overlay testbeds in network namespaces, shared by `overlayd demo` and the tests.
+
+    from overlayd.lab import Lab, HostSpec
+    with Lab([HostSpec(), HostSpec(), HostSpec(underlay_mtu=1400)]) as lab:
+        assert lab.ping("host1", "host3").ok
+
+Needs root, /dev/net/tun and iproute2; ``lab_unavailable()`` says why not, in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from overlayd.lab.netns import LabError, list_netns, run_prefix
+from overlayd.lab.overlay_lab import HostSpec, Lab, LabHost, PingResult, TransferResult
+
+__all__ = ["HostSpec", "Lab", "LabError", "LabHost", "PingResult", "TransferResult",
+           "lab_unavailable", "list_netns", "run_prefix"]
+
+
+def lab_unavailable() -> str | None:
+    """Why a lab cannot be built on this machine, or None if it can."""
+    if os.geteuid() != 0:
+        return "needs root (creates network namespaces and tun devices)"
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun is missing (modprobe tun, or give the container the device)"
+    for tool in ("ip", "ping", "timeout"):
+        if shutil.which(tool) is None:
+            return f"{tool!r} is not installed (iproute2, iputils-ping, coreutils)"
+    probe = f"{run_prefix('ovd-probe')}"
+    try:
+        from overlayd.lab.netns import add_netns, del_netns
+        add_netns(probe)
+        del_netns(probe)
+    except LabError as exc:
+        return f"`ip netns` is unusable here: {exc}"
+    return None

@@ -1,0 +1,152 @@
+"""Small traffic tools the lab runs *inside* a namespace, as `python agents.py COMMAND ...`.
+
+Stdlib only and run by file path (not `-m`), so they work whatever the namespace's process can
+import and need no external tools (iperf3, socat, tcpdump). Each prints "READY" when a caller may
+go on (listening / sniffing), then exactly one JSON line with its result, and exits. Every wait is
+bounded by the TIMEOUT/SECONDS argument.
+
+  tcp-recv BIND_IP PORT TIMEOUT                         accept one connection, hash it to EOF
+  tcp-send SRC_IP DST_IP PORT NBYTES SEED TIMEOUT       send NBYTES of seeded pseudo-random data
+  sniff IFACE MARKER_HEX SECONDS                        count packets on IFACE carrying MARKER
+  inject SRC_IP DST_IP DST_PORT IN_SRC IN_DST IN_DPORT MARKER_HEX
+        send one UDP datagram from SRC_IP to DST_IP:DST_PORT whose payload is a hand-built
+        IPv4/UDP packet IN_SRC -> IN_DST:IN_DPORT carrying MARKER (the flannel udp wire format)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import select
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+
+CHUNK = 256 * 1024
+ETH_P_ALL = 0x0003
+
+
+def _ready() -> None:
+    print("READY", flush=True)
+
+
+def _result(**fields: object) -> int:
+    print(json.dumps(fields), flush=True)
+    return 0
+
+
+def tcp_recv(bind_ip: str, port: str, timeout: str) -> int:
+    deadline = time.monotonic() + float(timeout)
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((bind_ip, int(port)))
+    srv.listen(1)
+    srv.settimeout(float(timeout))
+    _ready()
+    conn, peer = srv.accept()
+    digest = hashlib.sha256()
+    total = 0
+    first: float | None = None
+    with conn:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return _result(error="timeout", bytes=total)
+            conn.settimeout(left)
+            data = conn.recv(CHUNK)
+            if not data:
+                break
+            if first is None:
+                first = time.monotonic()
+            digest.update(data)
+            total += len(data)
+    seconds = time.monotonic() - (first or time.monotonic())
+    return _result(bytes=total, sha256=digest.hexdigest(), seconds=seconds, peer=peer[0])
+
+
+def tcp_send(src_ip: str, dst_ip: str, port: str, nbytes: str, seed: str, timeout: str) -> int:
+    rng = random.Random(int(seed))    # both ends can reproduce the stream; no big buffers
+    digest = hashlib.sha256()
+    left = int(nbytes)
+    sock = socket.create_connection((dst_ip, int(port)), timeout=float(timeout),
+                                    source_address=(src_ip, 0))
+    start = time.monotonic()
+    with sock:
+        while left > 0:
+            chunk = rng.randbytes(min(CHUNK, left))
+            sock.sendall(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        # Wait for the receiver's close so `seconds` covers delivery, not just buffering.
+        sock.recv(1)
+    return _result(bytes=int(nbytes), sha256=digest.hexdigest(),
+                   seconds=time.monotonic() - start)
+
+
+def sniff(iface: str, marker_hex: str, seconds: str) -> int:
+    marker = bytes.fromhex(marker_hex)
+    # SOCK_DGRAM: the network-layer packet whether the device is tun (no L2) or tap.
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+    sock.bind((iface, ETH_P_ALL))
+    _ready()
+    deadline = time.monotonic() + float(seconds)
+    frames = matches = 0
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([sock], [], [], left)
+        if not readable:
+            break
+        data = sock.recv(65535)
+        frames += 1
+        if marker in data:
+            matches += 1
+    return _result(frames=frames, matches=matches)
+
+
+def checksum(data: bytes) -> int:
+    """RFC 1071 internet checksum."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ipv4_udp(src: str, dst: str, sport: int, dport: int, payload: bytes, ttl: int = 64) -> bytes:
+    """A complete IPv4/UDP packet with valid header checksum (UDP checksum 0: allowed on IPv4)."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0x1234, 0, ttl,
+                         socket.IPPROTO_UDP, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+    return header + udp
+
+
+def inject(src_ip: str, dst_ip: str, dst_port: str, in_src: str, in_dst: str, in_dport: str,
+           marker_hex: str) -> int:
+    packet = ipv4_udp(in_src, in_dst, 40000, int(in_dport), bytes.fromhex(marker_hex))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((src_ip, 0))
+        sent = sock.sendto(packet, (dst_ip, int(dst_port)))
+    return _result(sent=sent)
+
+
+COMMANDS: dict[str, Callable[..., int]] = {"tcp-recv": tcp_recv, "tcp-send": tcp_send, "sniff": sniff, "inject": inject}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[argv[0]](*argv[1:])
+    except (OSError, ValueError, TypeError) as exc:
+        _result(error=f"{type(exc).__name__}: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
