@@ -3,4 +3,6 @@
 from overlayd.dataplane.route_table import RouteTable
 from overlayd.dataplane.udp_forwarder import UdpForwarder
 
-__all__ = ["RouteTable", "UdpForwarder"]
+IMPLEMENTATION = "python"
+
+__all__ = ["IMPLEMENTATION", "RouteTable", "UdpForwarder"]
