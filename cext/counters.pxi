@@ -1,0 +1,66 @@
+# The forwarder's counter array layout. Must list exactly overlayd/dataplane/counters.py
+# COUNTER_NAMES, in the same order (tests/test_forwarder_unit.py checks both): the metrics
+# collector reads counters() by name, and the twin indexes the same positions.
+# Member names are "CTR_" + the counter name upper-cased; the cpdef enum also exposes them as
+# module attributes so the test can check each CTR_<NAME> == COUNTER_NAMES.index(name).
+
+cpdef enum:
+    CTR_INSIDE_PACKETS
+    CTR_INSIDE_BYTES
+    CTR_OUTSIDE_PACKETS
+    CTR_OUTSIDE_BYTES
+    CTR_FORWARDED_PACKETS
+    CTR_DELIVERED_PACKETS
+    CTR_ICMP_SENT
+    CTR_INSIDE_TOO_SHORT
+    CTR_INSIDE_NOT_IPV4
+    CTR_INSIDE_BAD_HEADER
+    CTR_INSIDE_NO_ROUTE
+    CTR_INSIDE_LOCAL_DESTINATION
+    CTR_INSIDE_TTL_EXPIRED
+    CTR_INSIDE_TOO_BIG
+    CTR_TX_ERROR
+    CTR_OUTSIDE_UNKNOWN_PEER
+    CTR_OUTSIDE_TRUNCATED
+    CTR_OUTSIDE_TOO_SHORT
+    CTR_OUTSIDE_NOT_IPV4
+    CTR_OUTSIDE_BAD_HEADER
+    CTR_OUTSIDE_LENGTH_MISMATCH
+    CTR_OUTSIDE_BAD_CHECKSUM
+    CTR_OUTSIDE_SPOOFED_SOURCE
+    CTR_OUTSIDE_NOT_FOR_US
+    CTR_DEVICE_WRITE_ERROR
+    CTR_ICMP_RATE_LIMITED
+    N_COUNTERS
+
+COUNTER_NAMES = (
+    "inside_packets",
+    "inside_bytes",
+    "outside_packets",
+    "outside_bytes",
+    "forwarded_packets",
+    "delivered_packets",
+    "icmp_sent",
+    "inside_too_short",
+    "inside_not_ipv4",
+    "inside_bad_header",
+    "inside_no_route",
+    "inside_local_destination",
+    "inside_ttl_expired",
+    "inside_too_big",
+    "tx_error",
+    "outside_unknown_peer",
+    "outside_truncated",
+    "outside_too_short",
+    "outside_not_ipv4",
+    "outside_bad_header",
+    "outside_length_mismatch",
+    "outside_bad_checksum",
+    "outside_spoofed_source",
+    "outside_not_for_us",
+    "device_write_error",
+    "icmp_rate_limited",
+)
+
+cdef enum:
+    BATCH_BUCKETS_C = 10   # overlayd/dataplane/counters.py BATCH_BUCKETS
