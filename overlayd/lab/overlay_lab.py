@@ -27,8 +27,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -234,6 +236,10 @@ class Lab:
             return
         self._closed = True
         atexit.unregister(self.close)
+        with _signals_deferred():
+            self._teardown()
+
+    def _teardown(self) -> None:
         errors: list[str] = []
         for agent in self._agents:
             agent.kill()
@@ -335,7 +341,7 @@ class Lab:
     def stop_daemons(self, grace_s: float = 5.0) -> dict[str, int | None]:
         for host in self.hosts:
             if host.daemon is not None and host.daemon.alive():
-                host.daemon.signal(signal.SIGTERM)      # all at once, so N daemons take one grace period
+                host.daemon.terminate()     # all at once: N daemons share one grace period
         return {h.name: self.stop_daemon(h, grace_s) for h in self.hosts if h.daemon}
 
     # -- looking things up ----------------------------------------------------------------------
@@ -453,6 +459,22 @@ class Lab:
                                         marker.hex()), 10.0)
         if "error" in result:
             raise LabError(f"inject from {s.name} failed: {result['error']}")
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C/SIGTERM/SIGHUP until teardown is done: an interrupted teardown is exactly
+    what leaves namespaces behind. Teardown is bounded (grace periods), and the held signal is
+    delivered right after. Only the main thread runs Python signal handlers, so only it blocks."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _agent_json(agent: Agent, timeout_s: float) -> dict[str, Any]:

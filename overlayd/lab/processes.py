@@ -57,6 +57,7 @@ class DaemonProcess:
                                             env=env)
         self.pid: int | None = self._find_daemon_pid()
         self.returncode: int | None = None
+        self.terminated_at: float | None = None   # monotonic time of our SIGTERM
 
     def _find_daemon_pid(self) -> int | None:
         deadline = time.monotonic() + PID_WAIT_S
@@ -89,16 +90,25 @@ class DaemonProcess:
             except ProcessLookupError:
                 pass
 
-    def stop(self, grace_s: float = 5.0) -> int | None:
-        """SIGTERM, wait up to ``grace_s``, then SIGKILL. The daemon's exit code (negative:
-        killed by that signal); None only if even SIGKILL did not end it within 5 s."""
-        if self.alive():
+    def terminate(self) -> None:
+        """SIGTERM once. A second one while the daemon is already shutting down could hit the
+        default disposition (its handlers are gone by then) and kill it mid-cleanup."""
+        if self.terminated_at is None and self.alive():
+            self.terminated_at = time.monotonic()
             if self.pid is not None:
                 self.signal(signal.SIGTERM)
             else:
                 self.wrapper.terminate()        # timeout(1) forwards TERM to its child
+
+    def stop(self, grace_s: float = 5.0) -> int | None:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL. The daemon's exit code (negative:
+        killed by that signal); None only if even SIGKILL did not end it within 5 s."""
+        if self.alive():
+            self.terminate()
+            assert self.terminated_at is not None
+            left = self.terminated_at + grace_s - time.monotonic()
             try:
-                self.wrapper.wait(timeout=grace_s)
+                self.wrapper.wait(timeout=max(0.0, left))
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
                 self.wrapper.kill()
