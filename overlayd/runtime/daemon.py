@@ -70,6 +70,7 @@ class Daemon:
         self._ratelimited = RateLimitedLog(log)
         self.on_ready: list[Callable[[], None]] = []
         self.on_reload: list[Callable[[str], None]] = []
+        self.on_stopping: list[Callable[[], None]] = []   # once, when stop() is first called
 
     # -- 1. start -------------------------------------------------------------------------------
 
@@ -251,7 +252,15 @@ class Daemon:
 
     # -- 5. stop --------------------------------------------------------------------------------
 
+    @property
+    def device_broken(self) -> bool:
+        """True while the device is gone or failing and being recreated."""
+        return self._device_broken
+
     def stop(self) -> None:
+        if not self._stop.is_set():
+            for callback in self.on_stopping:
+                callback()
         self._stop.set()
 
     def _shutdown(self) -> None:

@@ -1,7 +1,8 @@
 """Logging to stderr in a form journald understands, and a rate limit for repeated warnings.
 
-Under systemd (JOURNAL_STREAM is set) each line starts with a syslog priority prefix ``<N>`` and
-carries no timestamp (the journal adds its own). Per-packet problems are counters, never lines.
+Under systemd (JOURNAL_STREAM names our stderr) each line starts with a syslog priority prefix
+``<N>`` and carries no timestamp (the journal adds its own). Per-packet problems are counters,
+never lines.
 """
 
 from __future__ import annotations
@@ -21,9 +22,23 @@ class _JournalFormatter(logging.Formatter):
         return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
 
 
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal stream systemd set up (systemd.exec(5), JOURNAL_STREAM).
+
+    The variable is inherited by children whose stderr may go elsewhere (a shell redirect, a
+    test harness), so it counts only if its device:inode is the one of our own fd 2.
+    """
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def setup_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
+    if stderr_is_journal():
         handler.setFormatter(_JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s overlayd[%(process)d] "

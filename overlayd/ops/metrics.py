@@ -1,0 +1,231 @@
+"""Prometheus metrics: one custom Collector that reads the data plane at scrape time.
+
+Nothing on the packet path touches a Python metric object. The data plane counts in flat C
+arrays (per reason, per peer, per batch-size bucket); at each scrape ``read_sample`` copies them
+once, on the event-loop thread, into plain data, and ``OverlaydCollector`` turns that copy into
+metric families on the HTTP thread. A scrape costs the data plane one function call per array.
+
+Names follow Prometheus conventions: ``overlayd_`` prefix, counters end in ``_total``, units in
+the name (``_bytes``, ``_seconds``), one ``_info`` gauge per set of descriptive labels. No
+``_created`` series: their values would be the daemon's start time, which
+``overlayd_start_time_seconds`` already says once.
+
+| metric | type | labels |
+|---|---|---|
+| overlayd_build_info | gauge (1) | version, dataplane |
+| overlayd_start_time_seconds | gauge | |
+| overlayd_healthy, overlayd_ready | gauge (0/1) | |
+| overlayd_peer_info | gauge (1) | peer, public_ip, subnet |
+| overlayd_peer_path_mtu_bytes | gauge | peer |
+| overlayd_peer_{tx,rx}_{packets,bytes}_total | counter | peer |
+| overlayd_{inside,outside}_{packets,bytes}_total | counter | |
+| overlayd_forwarded_packets_total, overlayd_delivered_packets_total | counter | |
+| overlayd_icmp_errors_sent_total | counter | |
+| overlayd_drops_total | counter | reason (every reason the data plane counts) |
+| overlayd_peers, overlayd_routes, overlayd_fdb_entries | gauge | |
+| overlayd_batch_size_packets | histogram | direction (inside, outside) |
+| overlayd_map_info | gauge (1) | source, location |
+| overlayd_map_nodes | gauge | |
+| overlayd_map_last_change_timestamp_seconds | gauge | |
+| overlayd_map_current | gauge (0/1) | |
+| overlayd_map_reloads_total | counter | result (applied, rejected) |
+| overlayd_capture_sessions | gauge | |
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import prometheus_client
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from overlayd import __version__
+from overlayd.ops import health, state
+
+# Help text and metric name of each traffic counter the data plane keeps (counters.TRAFFIC).
+# A counter the data plane adds later without an entry here is still exported, as
+# overlayd_<name>_total, so no count is ever invisible.
+TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
+    "inside_packets": ("overlayd_inside_packets", "Packets read from the overlay device."),
+    "inside_bytes": ("overlayd_inside_bytes", "Bytes of packets read from the overlay device."),
+    "outside_packets": ("overlayd_outside_packets",
+                        "Datagrams received on the tunnel socket."),
+    "outside_bytes": ("overlayd_outside_bytes",
+                      "Bytes of datagram payloads received on the tunnel socket."),
+    "forwarded_packets": ("overlayd_forwarded_packets",
+                          "Packets from the device sent to a peer."),
+    "delivered_packets": ("overlayd_delivered_packets",
+                          "Packets from peers written to the device."),
+    "icmp_sent": ("overlayd_icmp_errors_sent",
+                  ("ICMP errors (unreachable, time exceeded, fragmentation needed) written to "
+                  "the device.")),
+}
+
+PEER_METRICS = (  # (position in peer_counters() tuples, name, help)
+    (0, "overlayd_peer_tx_packets", "Packets sent to the peer."),
+    (1, "overlayd_peer_tx_bytes", "Bytes of inner packets sent to the peer."),
+    (2, "overlayd_peer_rx_packets", "Datagrams received from the peer (before validation)."),
+    (3, "overlayd_peer_rx_bytes", "Bytes of datagram payloads received from the peer."),
+)
+
+
+def read_sample(d: state.DaemonLike, info: state.RuntimeInfo) -> dict[str, Any]:
+    """Copy what a scrape needs; call on the event-loop thread (see state.py)."""
+    now = time.monotonic()
+    traffic, drops = state.counters(d)
+    inside, outside = state.batches(d)
+    verdict = health.check(d, info, now)
+    view = d.view
+    return {
+        "dataplane": d.implementation,
+        "started_wall": info.started_wall,
+        "healthy": verdict.healthy,
+        "ready": verdict.ready,
+        "peers": state.peers(d),
+        "traffic": traffic,
+        "drops": drops,
+        "tables": {"peers": len(view.peers) if view is not None else 0,
+                   "routes": len(view.tables.routes) if view is not None else 0,
+                   "fdb_entries": state.fdb_size(d)},
+        "batches": {"inside": inside, "outside": outside},
+        "map": {"source": d.config.map_source, "location": str(d.config.map_file),
+                "nodes": len(d.smap.nodes), "applied_at": d.map_applied_at,
+                "current": d.map_error is None, "applied": info.reloads_applied,
+                "rejected": info.reloads_rejected},
+        "capture_sessions": info.capture_sessions,
+    }
+
+
+def _histogram_buckets(counts: list[int]) -> list[tuple[str, float]]:
+    """Cumulative buckets from the data plane's power-of-two counts (bucket i: n <= 2**i)."""
+    out, total = [], 0
+    for i, count in enumerate(counts):
+        total += count
+        out.append((str(float(2 ** i)), float(total)))
+    out.append(("+Inf", float(total)))
+    return out
+
+
+class OverlaydCollector(Collector):
+    """Builds every overlayd_* family from one sample per scrape."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterator[Metric]:
+        # Registration must not read the daemon (the loop may not run yet): names only.
+        return iter(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families(self._read()))
+
+    def _families(self, s: dict[str, Any] | None) -> list[Metric]:
+        fams: list[Metric] = []
+
+        def gauge(name: str, doc: str, value: float | None = None,
+                  labels: list[str] | None = None) -> GaugeMetricFamily:
+            fam = GaugeMetricFamily(name, doc, labels=labels)
+            if value is not None and labels is None:
+                fam.add_metric([], value)
+            fams.append(fam)
+            return fam
+
+        def counter(name: str, doc: str, value: float | None = None,
+                    labels: list[str] | None = None) -> CounterMetricFamily:
+            fam = CounterMetricFamily(name, doc, labels=labels)
+            if value is not None and labels is None:
+                fam.add_metric([], value)
+            fams.append(fam)
+            return fam
+
+        build = gauge("overlayd_build_info", "Version and data-plane implementation (value 1).",
+                      labels=["version", "dataplane"])
+        gauge("overlayd_start_time_seconds", "Unix time the daemon started.",
+              None if s is None else s["started_wall"])
+        gauge("overlayd_healthy", "1 when /healthz would answer 200.",
+              None if s is None else float(s["healthy"]))
+        gauge("overlayd_ready", "1 when /readyz would answer 200.",
+              None if s is None else float(s["ready"]))
+
+        info = gauge("overlayd_peer_info", "One series per peer in the map (value 1).",
+                     labels=["peer", "public_ip", "subnet"])
+        mtu = gauge("overlayd_peer_path_mtu_bytes",
+                    "Largest inner packet that fits the path to the peer.", labels=["peer"])
+        per_peer = [(pos, counter(name, doc, labels=["peer"])) for pos, name, doc in PEER_METRICS]
+
+        traffic_names = dict(TRAFFIC_METRICS)
+        if s is not None:
+            for name in s["traffic"]:
+                traffic_names.setdefault(name, (f"overlayd_{name}",
+                                                f"Data-plane counter {name}."))
+        for key, (name, doc) in traffic_names.items():
+            counter(name, doc, None if s is None else s["traffic"].get(key, 0))
+        drops = counter("overlayd_drops", "Packets dropped by the data plane, by reason.",
+                        labels=["reason"])
+
+        gauge("overlayd_peers", "Peers in the forwarding table.",
+              None if s is None else s["tables"]["peers"])
+        gauge("overlayd_routes", "Prefixes in the forwarding table (own and peers').",
+              None if s is None else s["tables"]["routes"])
+        gauge("overlayd_fdb_entries", "MAC addresses in the FDB (0 on routed backends).",
+              None if s is None else s["tables"]["fdb_entries"])
+        hist = HistogramMetricFamily(
+            "overlayd_batch_size_packets",
+            "Packets per data-plane batch (one device read / one receive wake-up).",
+            labels=["direction"])
+        fams.append(hist)
+
+        map_info = gauge("overlayd_map_info", "Where the subnet map comes from (value 1).",
+                         labels=["source", "location"])
+        m = None if s is None else s["map"]
+        gauge("overlayd_map_nodes", "Nodes in the subnet map in force.",
+              None if m is None else m["nodes"])
+        gauge("overlayd_map_last_change_timestamp_seconds",
+              "Unix time the map in force was applied.", None if m is None else m["applied_at"])
+        gauge("overlayd_map_current",
+              "1 when the last map (re)load was applied; 0 while a rejected map is on disk.",
+              None if m is None else float(m["current"]))
+        reloads = counter("overlayd_map_reloads", "Map reloads, by outcome.", labels=["result"])
+        gauge("overlayd_capture_sessions", "Running `overlayd capture` sessions.",
+              None if s is None else s["capture_sessions"])
+
+        if s is None:
+            return fams
+        build.add_metric([__version__, s["dataplane"]], 1)
+        for peer in s["peers"]:
+            info.add_metric([peer["name"], peer["public_ip"], peer["subnet"]], 1)
+            mtu.add_metric([peer["name"]], peer["path_mtu"])
+            values = (peer["tx_packets"], peer["tx_bytes"], peer["rx_packets"], peer["rx_bytes"])
+            for pos, fam in per_peer:
+                fam.add_metric([peer["name"]], values[pos])
+        for reason, value in s["drops"].items():
+            drops.add_metric([reason], value)
+        # Every packet read is in exactly one batch, so a direction's packet counter is the
+        # exact sum of its batch sizes.
+        for direction in ("inside", "outside"):
+            counts = s["batches"][direction]
+            if counts:
+                hist.add_metric([direction], _histogram_buckets(counts),
+                                float(s["traffic"].get(f"{direction}_packets", 0)))
+        map_info.add_metric([m["source"], m["location"]], 1)  # type: ignore[index]
+        reloads.add_metric(["applied"], m["applied"])  # type: ignore[index]
+        reloads.add_metric(["rejected"], m["rejected"])  # type: ignore[index]
+        return fams
+
+
+def build_registry(read: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    """A registry of its own (not the global one): overlayd's collector + process metrics."""
+    prometheus_client.disable_created_metrics()
+    registry = CollectorRegistry()
+    registry.register(OverlaydCollector(read))
+    prometheus_client.ProcessCollector(registry=registry)
+    prometheus_client.PlatformCollector(registry=registry)
+    return registry

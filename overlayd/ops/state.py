@@ -1,0 +1,220 @@
+"""The daemon's live state as plain, JSON-ready data: one reader for every consumer.
+
+The control socket (``overlayd status|peers|routes|fdb``), the Prometheus collector and the
+health checks all read the daemon through these functions, so the three never disagree.
+
+Thread rule: call them on the event-loop thread only. The forwarder is driven from that thread
+(its contract), and tables are swapped there, so a read sees one consistent generation. The HTTP
+thread gets here through ``LoopBridge`` (http_server.py), never directly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from overlayd import __version__
+from overlayd.dataplane.counters import DROP_REASONS
+from overlayd.dataplane.tables import LOCAL
+
+DROP_SET = frozenset(DROP_REASONS)
+
+# Phases of the daemon's life, as the runtime reports them.
+STARTING, RUNNING, RELOADING, STOPPING = "starting", "running", "reloading", "stopping"
+
+
+class DaemonLike(Protocol):
+    """What this module reads of runtime.daemon.Daemon (ops never imports the runtime)."""
+
+    config: Any
+    smap: Any
+    view: Any
+    forwarder: Any
+    implementation: str
+    started_at: float
+    map_applied_at: float
+    map_error: str | None
+    last_loop_tick: float
+    device_broken: bool
+
+
+@dataclass
+class RuntimeInfo:
+    """What the ops layer itself knows: phase, reload outcomes, where it listens."""
+
+    phase: str = STARTING
+    started_wall: float = field(default_factory=time.time)
+    reloads_applied: int = 0
+    reloads_rejected: int = 0
+    metrics_url: str | None = None
+    control_socket: str | None = None
+    capture_supported: bool = False
+    capture_sessions: int = 0
+    notify_socket: str | None = None
+    watchdog_seconds: float | None = None
+
+
+def _ip(value: int) -> str:
+    return str(ipaddress.IPv4Address(value))
+
+
+def device_ok(d: DaemonLike) -> bool:
+    """Whether the device is there and being read (False while it is being recreated)."""
+    return not d.device_broken and d.forwarder is not None
+
+
+def peer_counters(d: DaemonLike) -> list[tuple[int, int, int, int]]:
+    """(tx_packets, tx_bytes, rx_packets, rx_bytes) per peer, padded to the peer table."""
+    count = len(d.view.peers) if d.view is not None else 0
+    got = list(d.forwarder.peer_counters()) if d.forwarder is not None else []
+    got = got[:count]
+    return got + [(0, 0, 0, 0)] * (count - len(got))
+
+
+def peers(d: DaemonLike) -> list[dict[str, Any]]:
+    if d.view is None:
+        return []
+    out = []
+    entries = d.view.tables.peers
+    for index, (node, entry, counts) in enumerate(zip(d.view.peers, entries, peer_counters(d),
+                                                      strict=False)):
+        out.append({
+            "index": index,
+            "name": node.name,
+            "public_ip": str(node.public_ip),
+            "port": entry.port,
+            "subnet": str(node.subnet),
+            "routes": [str(r) for r in node.routes],
+            "path_mtu": entry.path_mtu,
+            "tx_packets": counts[0], "tx_bytes": counts[1],
+            "rx_packets": counts[2], "rx_bytes": counts[3],
+        })
+    return out
+
+
+def routes(d: DaemonLike) -> list[dict[str, Any]]:
+    """The forwarding table as the data plane has it, most specific prefixes first."""
+    if d.view is None:
+        return []
+    names = [p.name for p in d.view.peers]
+    entries = d.view.tables.peers
+    out = []
+    for network, prefix_len, target in sorted(d.view.tables.routes,
+                                              key=lambda r: (-r[1], r[0])):
+        row: dict[str, Any] = {"prefix": f"{_ip(network)}/{prefix_len}", "target": target}
+        if target == LOCAL:
+            row.update(peer=None, via=None, kind="local")
+        elif 0 <= target < len(entries):
+            row.update(peer=names[target], via=f"{_ip(entries[target].ip)}:{entries[target].port}",
+                       kind="peer")
+        else:
+            row.update(peer=None, via=None, kind="unknown")
+        out.append(row)
+    return out
+
+
+def _mac(value: Any) -> str:
+    if isinstance(value, bytes | bytearray) and len(value) == 6:
+        return ":".join(f"{b:02x}" for b in value)
+    if isinstance(value, int):
+        return ":".join(f"{b:02x}" for b in value.to_bytes(6, "big"))
+    return str(value)
+
+
+def fdb(d: DaemonLike) -> dict[str, Any]:
+    """The switched path's MAC table, if the running forwarder has one.
+
+    A forwarder with an FDB exposes ``fdb_entries() -> [(mac, target, *extra)]`` where mac is 6
+    bytes (or an int or a string), target a peer index or LOCAL, and an optional first extra
+    item the entry's age in seconds. The routed ``udp`` path has none.
+    """
+    backend = d.smap.backend
+    kind = f"{backend.type}" + (f" ({backend.mode})" if backend.type == "vxlan" else "")
+    reader = getattr(d.forwarder, "fdb_entries", None)
+    if reader is None:
+        return {"supported": False, "backend": kind, "entries": [],
+                "reason": f"the running backend ({kind}) routes by prefix and has no FDB"}
+    names = [p.name for p in d.view.peers] if d.view is not None else []
+    entries = []
+    for entry in reader():
+        mac, target, *extra = entry
+        row: dict[str, Any] = {"mac": _mac(mac), "target": target,
+                               "peer": names[target] if 0 <= target < len(names) else None,
+                               "kind": "local" if target == LOCAL else "peer"}
+        if extra:
+            row["age_seconds"] = float(extra[0])
+        entries.append(row)
+    return {"supported": True, "backend": kind, "entries": entries}
+
+
+def fdb_size(d: DaemonLike) -> int:
+    size = getattr(d.forwarder, "fdb_size", None)
+    if size is not None:
+        return int(size())
+    reader = getattr(d.forwarder, "fdb_entries", None)
+    return len(reader()) if reader is not None else 0
+
+
+def counters(d: DaemonLike) -> tuple[dict[str, int], dict[str, int]]:
+    """(traffic counters, drops by reason); every reason is present, zero or not."""
+    raw = d.forwarder.counters() if d.forwarder is not None else {}
+    drops = {reason: int(raw.get(reason, 0)) for reason in DROP_REASONS}
+    traffic = {name: int(v) for name, v in raw.items() if name not in DROP_SET}
+    return traffic, drops
+
+
+def batches(d: DaemonLike) -> tuple[list[int], list[int]]:
+    if d.forwarder is None:
+        return [], []
+    inside, outside = d.forwarder.batch_histogram()
+    return list(inside), list(outside)
+
+
+def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[str, Any]:
+    """Everything ``overlayd status`` shows, and what scripts read with ``--json``."""
+    from overlayd.ops import health
+
+    mono = time.monotonic() if now is None else now
+    traffic, drops = counters(d)
+    view, smap, config = d.view, d.smap, d.config
+    node = view.node if view is not None else None
+    verdict = health.check(d, info, mono)
+    return {
+        "version": __version__,
+        "dataplane": d.implementation,
+        "pid": os.getpid(),
+        "phase": info.phase,
+        "started_at": info.started_wall,
+        "uptime_seconds": round(mono - d.started_at, 3),
+        "node": None if node is None else {
+            "name": node.name, "subnet": str(node.subnet), "address": str(node.address),
+            "public_ip": str(node.public_ip),
+        },
+        "device": {"name": config.device_name, "ok": device_ok(d),
+                   "mtu": view.device_mtu if view is not None else None},
+        "tunnel": {"backend": smap.backend.type, "mode": smap.backend.mode,
+                   "port": smap.backend.port,
+                   "bind": str(config.bind_address or (node.public_ip if node else ""))},
+        "map": {
+            "source": config.map_source, "location": str(config.map_file),
+            "nodes": len(smap.nodes), "network": str(smap.network),
+            "applied_at": d.map_applied_at, "error": d.map_error,
+            "reloads_applied": info.reloads_applied, "reloads_rejected": info.reloads_rejected,
+        },
+        "tables": {"peers": len(view.peers) if view is not None else 0,
+                   "routes": len(view.tables.routes) if view is not None else 0,
+                   "fdb_entries": fdb_size(d)},
+        "traffic": traffic,
+        "drops": drops,
+        "health": {"healthy": verdict.healthy, "ready": verdict.ready,
+                   "problems": list(verdict.problems)},
+        "loop": {"last_tick_age_seconds": round(max(0.0, mono - d.last_loop_tick), 3)},
+        "metrics": info.metrics_url,
+        "control_socket": info.control_socket,
+        "capture": {"supported": info.capture_supported, "sessions": info.capture_sessions},
+        "systemd": {"notify": info.notify_socket is not None,
+                    "watchdog_seconds": info.watchdog_seconds},
+    }

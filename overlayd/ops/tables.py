@@ -1,0 +1,161 @@
+"""Readable text for `overlayd status|peers|routes|fdb`: aligned tables and human units.
+
+Pure functions from the control socket's JSON answers (state.py) to text; `--json` prints the
+answers themselves. Numbers are right-aligned, everything else left-aligned; no colour, no
+terminal width guessing, so the output pastes into tickets and greps well.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    text_rows = [[_cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in text_rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    numeric = [bool(rows) and all(_is_number(row[i]) for row in rows)
+               for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [c.rjust(w) if num else c.ljust(w)
+                 for c, w, num in zip(cells, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(list(headers)), *(line(r) for r in text_rows)])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) or (
+        isinstance(value, str) and value[:1].isdigit() and value.split()[0].replace(
+            ".", "", 1).isdigit())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def human_count(n: int) -> str:
+    if n < 10_000:
+        return str(n)
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def human_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _ago(ts: float, now: float) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    return f"{stamp} ({human_duration(now - ts)} ago)"
+
+
+def render_status(s: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    node, dev, tun, smap, tab = s["node"], s["device"], s["tunnel"], s["map"], s["tables"]
+    traffic, drops, health = s["traffic"], s["drops"], s["health"]
+    lines: list[tuple[str, str]] = []
+    lines.append(("overlayd", (f"{s['version']}, data plane {s['dataplane']}, pid {s['pid']}, "
+                              f"{s['phase']}, up {human_duration(s['uptime_seconds'])}")))
+    if health["ready"]:
+        lines.append(("health", "healthy, ready"))
+    else:
+        word = "healthy, not ready" if health["healthy"] else "UNHEALTHY"
+        lines.append(("health", f"{word}: " + "; ".join(health["problems"])))
+    if node is not None:
+        lines.append(("node", (f"{node['name']}: subnet {node['subnet']}, address "
+                              f"{node['address']}, public IP {node['public_ip']}")))
+    mtu = f", mtu {dev['mtu']}" if dev["mtu"] is not None else ""
+    lines.append(("device", f"{dev['name']}{mtu}, {'up' if dev['ok'] else 'BEING RECREATED'}"))
+    backend = tun["backend"] + (f" ({tun['mode']})" if tun["backend"] == "vxlan" else "")
+    lines.append(("tunnel", f"{backend} backend, udp {tun['bind']}:{tun['port']}"))
+    map_line = (f"{smap['source']} {smap['location']}: network {smap['network']}, "
+                f"{smap['nodes']} nodes, applied {_ago(smap['applied_at'], now)}")
+    lines.append(("map", map_line))
+    if smap["error"]:
+        first = smap["error"].strip().splitlines()[0]
+        lines.append(("", f"RELOAD REJECTED, forwarding on the previous map: {first}"))
+    lines.append(("tables", (f"{tab['peers']} peers, {tab['routes']} routes, "
+                            f"{tab['fdb_entries']} fdb entries")))
+    lines.append(("inside", (f"{human_count(traffic.get('inside_packets', 0))} packets "
+                            f"({human_bytes(traffic.get('inside_bytes', 0))}) read, "
+                            f"{human_count(traffic.get('forwarded_packets', 0))} forwarded")))
+    lines.append(("outside", (f"{human_count(traffic.get('outside_packets', 0))} datagrams "
+                             f"({human_bytes(traffic.get('outside_bytes', 0))}) received, "
+                             f"{human_count(traffic.get('delivered_packets', 0))} delivered")))
+    total = sum(drops.values())
+    nonzero = sorted(((n, r) for r, n in drops.items() if n), reverse=True)
+    detail = ", ".join(f"{r} {human_count(n)}" for n, r in nonzero[:6])
+    more = f", {len(nonzero) - 6} more reasons" if len(nonzero) > 6 else ""
+    lines.append(("drops", f"{human_count(total)}" + (f" ({detail}{more})" if detail else "")))
+    lines.append(("icmp", f"{human_count(traffic.get('icmp_sent', 0))} errors sent"))
+    lines.append(("metrics", f"{s['metrics']}/metrics" if s["metrics"] else "disabled"))
+    cap = s["capture"]
+    lines.append(("capture", ("not supported by this data plane" if not cap["supported"]
+                              else f"{cap['sessions']} running")))
+    sd = s["systemd"]
+    if sd["notify"]:
+        wd = f", watchdog {sd['watchdog_seconds']:g} s" if sd["watchdog_seconds"] else ""
+        lines.append(("systemd", f"notify{wd}"))
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in lines)
+
+
+def render_peers(peers: list[dict[str, Any]]) -> str:
+    if not peers:
+        return "no peers"
+    rows = [[p["name"], f"{p['public_ip']}:{p['port']}",
+             ",".join([p["subnet"], *p["routes"]]), p["path_mtu"],
+             p["tx_packets"], human_bytes(p["tx_bytes"]),
+             p["rx_packets"], human_bytes(p["rx_bytes"])] for p in peers]
+    return table(["PEER", "ENDPOINT", "PREFIXES", "PATH MTU", "TX PKTS", "TX", "RX PKTS", "RX"],
+                 rows)
+
+
+def render_routes(routes: list[dict[str, Any]]) -> str:
+    if not routes:
+        return "no routes"
+    rows = [[r["prefix"], "local" if r["kind"] == "local" else (r["peer"] or "?"), r["via"]]
+            for r in routes]
+    return table(["PREFIX", "TARGET", "VIA"], rows)
+
+
+def render_fdb(fdb: dict[str, Any]) -> str:
+    if not fdb["supported"]:
+        return f"no FDB: {fdb['reason']}"
+    if not fdb["entries"]:
+        return f"FDB ({fdb['backend']}): empty"
+    rows = [[e["mac"], "local" if e["kind"] == "local" else (e["peer"] or "?"),
+             f"{e['age_seconds']:.0f} s" if "age_seconds" in e else None]
+            for e in fdb["entries"]]
+    return table(["MAC", "TARGET", "AGE"], rows)
