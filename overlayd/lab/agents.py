@@ -7,7 +7,7 @@ bounded by the TIMEOUT/SECONDS argument.
 
   tcp-recv BIND_IP PORT TIMEOUT                         accept one connection, hash it to EOF
   tcp-send SRC_IP DST_IP PORT NBYTES SEED TIMEOUT       send NBYTES of seeded pseudo-random data
-  sniff IFACE MARKER_HEX SECONDS                        count packets on IFACE carrying MARKER
+  sniff IFACE MARKER_HEX SECONDS                        count packets arriving on IFACE with MARKER
   inject SRC_IP DST_IP DST_PORT IN_SRC IN_DST IN_DPORT MARKER_HEX
         send one UDP datagram from SRC_IP to DST_IP:DST_PORT whose payload is a hand-built
         IPv4/UDP packet IN_SRC -> IN_DST:IN_DPORT carrying MARKER (the flannel udp wire format)
@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 CHUNK = 256 * 1024
 ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4     # <linux/if_packet.h>: sll_pkttype of packets we send
 
 
 def _ready() -> None:
@@ -94,16 +95,21 @@ def sniff(iface: str, marker_hex: str, seconds: str) -> int:
     sock.bind((iface, ETH_P_ALL))
     _ready()
     deadline = time.monotonic() + float(seconds)
-    frames = matches = 0
+    frames = matches = sent_matches = 0
     while (left := deadline - time.monotonic()) > 0:
         readable, _, _ = select.select([sock], [], [], left)
         if not readable:
             break
-        data = sock.recv(65535)
+        data, addr = sock.recvfrom(65535)
         frames += 1
         if marker in data:
-            matches += 1
-    return _result(frames=frames, matches=matches)
+            # Outgoing packets can quote the marker too (an ICMP error about the packet we are
+            # looking for): count them apart, "matches" is only what came in.
+            if addr[2] == PACKET_OUTGOING:
+                sent_matches += 1
+            else:
+                matches += 1
+    return _result(frames=frames, matches=matches, sent_matches=sent_matches)
 
 
 def checksum(data: bytes) -> int:

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,8 @@ DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472}
 ENCAP_OVERHEAD = {"udp": 28, "vxlan": 50}
 AGENTS = Path(__file__).with_name("agents.py")
 READY_POLL_S = 0.05
+CONTROL_TIMEOUT_S = 5.0
+CONTROL_MAX_BYTES = 16 << 20
 
 
 @dataclass
@@ -79,6 +82,10 @@ class LabHost:
     @property
     def log_path(self) -> Path:
         return self.dir / "overlayd.log"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.dir / "control.sock"
 
 
 class PingResult(NamedTuple):
@@ -221,7 +228,7 @@ class Lab:
         for host in self.hosts:
             assert host.spec is not None
             cfg = configs.daemon_config(host.name, "../map.toml", self.device,
-                                        str(host.dir / "control.sock"), self.log_level,
+                                        str(host.control_socket), self.log_level,
                                         host.spec.config_extra)
             host.config_path.write_text(configs.dumps(cfg))
 
@@ -344,6 +351,49 @@ class Lab:
                 host.daemon.terminate()     # all at once: N daemons share one grace period
         return {h.name: self.stop_daemon(h, grace_s) for h in self.hosts if h.daemon}
 
+    def control(self, ref: HostRef, command: str, **fields: Any) -> Any:
+        """One request on the daemon's control socket (one JSON line each way); the result.
+
+        A unix socket is a file, so this works from the root namespace without entering the
+        host's. LabError if the daemon does not serve the socket or answers an error.
+        """
+        host = self.host(ref)
+        if not host.control_socket.exists():
+            raise LabError(f"{host.name}: no control socket at {host.control_socket}")
+        request = json.dumps({"command": command, **fields}).encode() + b"\n"
+        answer = b""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(CONTROL_TIMEOUT_S)
+                sock.connect(str(host.control_socket))
+                sock.sendall(request)
+                while not answer.endswith(b"\n") and len(answer) < CONTROL_MAX_BYTES:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+        except OSError as exc:
+            raise LabError(f"{host.name}: control socket: {exc}") from exc
+        try:
+            reply = json.loads(answer)
+        except ValueError as exc:
+            raise LabError(f"{host.name}: control socket answered {answer[:200]!r}") from exc
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            raise LabError(f"{host.name}: control request {command!r} failed: {reply}")
+        return reply.get("result")
+
+    def wait_mesh(self, timeout_s: float = 15.0) -> None:
+        """Bounded wait until every ordered pair of running hosts answers one overlay ping (the
+        first echoes can be lost while the underlay resolves ARP)."""
+        running = [h for h in self.hosts if h.daemon is not None and h.daemon.alive()]
+        pending = [(a, b) for a in running for b in running if a is not b]
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            pending = [(a, b) for a, b in pending if not self.ping(a, b, wait_s=1.0).ok]
+        if pending:
+            pairs = ", ".join(f"{a.name}->{b.name}" for a, b in pending)
+            raise LabError(f"overlay pings unanswered after {timeout_s:g}s: {pairs}")
+
     # -- looking things up ----------------------------------------------------------------------
 
     def host(self, ref: HostRef) -> LabHost:
@@ -434,8 +484,8 @@ class Lab:
     def count_arrivals(self, ref: HostRef, marker: bytes,
                        action: Callable[[], object], seconds: float = 1.5,
                        iface: str | None = None) -> int:
-        """Packets carrying ``marker`` seen on a host's overlay device (or ``iface``) while
-        ``action`` runs and ``seconds`` after: what the daemon wrote into the device."""
+        """Packets carrying ``marker`` that arrived on a host's overlay device (or ``iface``)
+        while ``action`` ran and ``seconds`` after: what the daemon wrote into the device."""
         sniffer = self.agent(ref, "sniff", iface or self.device, marker.hex(), f"{seconds:g}")
         try:
             sniffer.wait_ready()
