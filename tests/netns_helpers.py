@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -12,11 +12,21 @@ from overlayd.lab import Lab, LabError, LabHost, lab_unavailable
 # Evaluated once per session: the probe creates and deletes one namespace when we are root.
 NETNS_UNAVAILABLE = lab_unavailable()
 
+T = TypeVar("T")
+
 # Put on every netns module: `pytestmark = NETNS_MARKS`.
 NETNS_MARKS = [
     pytest.mark.netns,
     pytest.mark.skipif(NETNS_UNAVAILABLE is not None, reason=f"netns tests: {NETNS_UNAVAILABLE}"),
 ]
+
+
+def netns_required(obj: T) -> T:
+    """NETNS_MARKS as a decorator, for a class or function in a module that also has plain
+    unit tests."""
+    for mark in NETNS_MARKS:
+        obj = mark(obj)
+    return obj
 
 
 def own_namespaces() -> set[str]:
