@@ -165,7 +165,8 @@ def _run(lab: Lab, args: argparse.Namespace) -> bool:
         transfer = lab.tcp_transfer(src, dst, args.nbytes, timeout_s=max(60.0,
                                                                           args.nbytes / 1e6))
         transfer_ok = transfer.bytes_ok and transfer.sha256_ok
-        _say(f"   {transfer.bytes_received:,} bytes in {transfer.seconds:.2f}s = "
+        _say(f"   {'all' if transfer.bytes_ok else 'NOT all'} {args.nbytes:,} bytes in "
+             f"{transfer.seconds:.2f}s = "
              f"{transfer.gbit_per_s:.2f} Gbit/s, sha256 "
              f"{'matches' if transfer.sha256_ok else 'DIFFERS'}")
 
@@ -187,7 +188,8 @@ def _run(lab: Lab, args: argparse.Namespace) -> bool:
         ("hosts", f"{len(lab.hosts)} ({lab.backend} backend)", True),
         ("ping", f"{sum(r is not None for r in rtts.values())}/{len(rtts)} pairs answered",
          pings_ok),
-        ("tcp", (f"{transfer.bytes_received:,} B, {transfer.gbit_per_s:.2f} Gbit/s, "
+        ("tcp", (f"{args.nbytes:,} B {'arrived' if transfer.bytes_ok else 'NOT all arrived'}, "
+                 f"{transfer.gbit_per_s:.2f} Gbit/s, "
                  f"sha256 {'ok' if transfer.sha256_ok else 'mismatch'}"), transfer_ok),
         ("stop", f"all exit 0 in {stop_s:.1f}s, devices removed" if stop_ok
          else f"exit codes {codes}, devices left {leftovers}", stop_ok),

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 
 from overlayd.lab import Lab, LabError, LabHost, lab_unavailable
 
 # Evaluated once per session: the probe creates and deletes one namespace when we are root.
-NETNS_UNAVAILABLE = lab_unavailable()
+# Skip only for what the machine cannot give (root, tun, a working `ip netns`); a missing
+# `ping` or `timeout` is a broken test environment and must fail loudly, not skip.
+NETNS_UNAVAILABLE = lab_unavailable(tools=("ip",))
 
 T = TypeVar("T")
 
@@ -25,7 +27,7 @@ def netns_required(obj: T) -> T:
     """NETNS_MARKS as a decorator, for a class or function in a module that also has plain
     unit tests."""
     for mark in NETNS_MARKS:
-        obj = mark(obj)
+        obj = cast(T, mark(obj))
     return obj
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from netns_helpers import netns_required, own_namespaces
@@ -27,7 +28,8 @@ def test_toml_writer_round_trips() -> None:
 
 
 def test_merge_is_deep_and_none_removes() -> None:
-    base = {"metrics": {"enabled": False, "listen": "x"}, "log": {"level": "info"}}
+    base: dict[str, Any] = {"metrics": {"enabled": False, "listen": "x"},
+                            "log": {"level": "info"}}
     merged = configs.merge(base, {"metrics": {"enabled": True}, "log": None, "new": {"k": 1}})
     assert merged == {"metrics": {"enabled": True, "listen": "x"}, "new": {"k": 1}}
     assert base["metrics"]["enabled"] is False       # the input is not modified

@@ -96,9 +96,10 @@ def _arrivals_from(lab: Lab, sender: str, src_ip: str, inner_src: str) -> int:
     """Inject one tunnel datagram at host2 and count how many reach host2's device."""
     mark = marker()
     host2 = lab.host("host2")
-    assert host2.overlay_ip is not None
+    dst = host2.overlay_ip
+    assert dst is not None
     return lab.count_arrivals(host2, mark, lambda: lab.inject(
-        sender, host2, inner_src, host2.overlay_ip, mark, src_ip=src_ip), seconds=1.0)
+        sender, host2, inner_src, dst, mark, src_ip=src_ip), seconds=1.0)
 
 
 def test_crafted_datagram_from_peer_is_delivered(lab: Lab) -> None:

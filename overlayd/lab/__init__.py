@@ -11,26 +11,27 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 
-from overlayd.lab.netns import LabError, list_netns, run_prefix
+from overlayd.lab.netns import LabError, add_netns, del_netns, list_netns, run_prefix
 from overlayd.lab.overlay_lab import HostSpec, Lab, LabHost, PingResult, TransferResult
 
 __all__ = ["HostSpec", "Lab", "LabError", "LabHost", "PingResult", "TransferResult",
            "lab_unavailable", "list_netns", "run_prefix"]
 
 
-def lab_unavailable() -> str | None:
-    """Why a lab cannot be built on this machine, or None if it can."""
+def lab_unavailable(tools: Sequence[str] = ("ip", "ping", "timeout")) -> str | None:
+    """Why a lab cannot be built on this machine, or None if it can: not root, no
+    /dev/net/tun, one of ``tools`` missing, or `ip netns` refusing to work."""
     if os.geteuid() != 0:
         return "needs root (creates network namespaces and tun devices)"
     if not os.path.exists("/dev/net/tun"):
         return "/dev/net/tun is missing (modprobe tun, or give the container the device)"
-    for tool in ("ip", "ping", "timeout"):
+    for tool in tools:
         if shutil.which(tool) is None:
             return f"{tool!r} is not installed (iproute2, iputils-ping, coreutils)"
-    probe = f"{run_prefix('ovd-probe')}"
+    probe = run_prefix("ovd-probe")
     try:
-        from overlayd.lab.netns import add_netns, del_netns
         add_netns(probe)
         del_netns(probe)
     except LabError as exc:

@@ -72,11 +72,14 @@ def tcp_send(src_ip: str, dst_ip: str, port: str, nbytes: str, seed: str, timeou
     rng = random.Random(int(seed))    # both ends can reproduce the stream; no big buffers
     digest = hashlib.sha256()
     left = int(nbytes)
+    deadline = time.monotonic() + float(timeout)
     sock = socket.create_connection((dst_ip, int(port)), timeout=float(timeout),
                                     source_address=(src_ip, 0))
     start = time.monotonic()
     with sock:
         while left > 0:
+            if time.monotonic() > deadline:
+                return _result(error="timeout", bytes=int(nbytes) - left)
             chunk = rng.randbytes(min(CHUNK, left))
             sock.sendall(chunk)
             digest.update(chunk)

@@ -100,8 +100,7 @@ class TransferResult(NamedTuple):
     bytes_ok: bool           # the receiver got exactly the bytes that were sent
     sha256_ok: bool
     seconds: float           # receiver side: first byte to EOF
-    gbit_per_s: float
-    bytes_received: int
+    gbit_per_s: float        # received bits / seconds
 
 
 HostRef: TypeAlias = LabHost | str | int    # a host, its name, or its 1-based index
@@ -389,7 +388,12 @@ class Lab:
         pending = [(a, b) for a in running for b in running if a is not b]
         deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:
-            pending = [(a, b) for a, b in pending if not self.ping(a, b, wait_s=1.0).ok]
+            still = []
+            for a, b in pending:
+                # Past the deadline, stop pinging: each ping may take its whole wait.
+                if time.monotonic() >= deadline or not self.ping(a, b, wait_s=1.0).ok:
+                    still.append((a, b))
+            pending = still
         if pending:
             pairs = ", ".join(f"{a.name}->{b.name}" for a, b in pending)
             raise LabError(f"overlay pings unanswered after {timeout_s:g}s: {pairs}")
@@ -401,6 +405,8 @@ class Lab:
         if isinstance(ref, LabHost):
             return ref
         if isinstance(ref, int):
+            if not 1 <= ref <= len(self.hosts):
+                raise IndexError(f"host index {ref}: the lab has hosts 1..{len(self.hosts)}")
             return self.hosts[ref - 1]
         for host in (*self.hosts, *self.bystanders):
             if host.name == ref:
@@ -479,7 +485,7 @@ class Lab:
         seconds = float(got["seconds"]) or 1e-9
         return TransferResult(got["bytes"] == nbytes == sent["bytes"],
                               got["sha256"] == sent["sha256"], seconds,
-                              got["bytes"] * 8 / seconds / 1e9, got["bytes"])
+                              got["bytes"] * 8 / seconds / 1e9)
 
     def count_arrivals(self, ref: HostRef, marker: bytes,
                        action: Callable[[], object], seconds: float = 1.5,
