@@ -145,6 +145,7 @@ class CaptureHub:
         self.clock = clock
         self.sessions: list[CaptureSession] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._on = False             # whether the forwarder is copying packets for us
 
     @property
     def supported(self) -> bool:
@@ -157,6 +158,7 @@ class CaptureHub:
         if not self.sessions:
             self.daemon.forwarder.drain_capture()      # nothing stale from an earlier session
             self.daemon.forwarder.set_capture(True)
+            self._on = True
             self._timer = self.loop.call_later(DRAIN_SECONDS, self._tick)
         self.sessions.append(session)
         return session
@@ -176,6 +178,9 @@ class CaptureHub:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if not self._on:
+            return
+        self._on = False
         forwarder = self.daemon.forwarder
         if forwarder is not None and supported(forwarder):
             forwarder.set_capture(False)

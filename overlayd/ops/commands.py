@@ -16,6 +16,7 @@ import json
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -195,7 +196,9 @@ def run_capture(args: argparse.Namespace, path: Path) -> int:
     out: IO[bytes] | None = None
     written = 0
     summary: dict[str, Any] = {}
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM ends a capture like Ctrl-C does: the file is flushed and the summary printed.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         sock.sendall(json.dumps({"command": "capture", "peer": args.peer,
                                  "direction": args.direction, "count": args.count,
@@ -237,7 +240,8 @@ def run_capture(args: argparse.Namespace, path: Path) -> int:
         print(f"overlayd capture: {exc}", file=sys.stderr)
         return exc.code
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         sock.close()
         if out is not None:
             out.flush()
