@@ -13,8 +13,10 @@ import os
 import shutil
 from collections.abc import Sequence
 
+from overlayd.lab.hosts import HostSpec, LabHost
 from overlayd.lab.netns import LabError, add_netns, del_netns, list_netns, run_prefix
-from overlayd.lab.overlay_lab import HostSpec, Lab, LabHost, PingResult, TransferResult
+from overlayd.lab.overlay_lab import Lab
+from overlayd.lab.traffic import PingResult, TransferResult
 
 __all__ = ["HostSpec", "Lab", "LabError", "LabHost", "PingResult", "TransferResult",
            "lab_unavailable", "list_netns", "run_prefix"]

@@ -19,94 +19,30 @@ from __future__ import annotations
 
 import atexit
 import ipaddress
-import json
 import os
-import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Self, TypeAlias
+from typing import Any, Self
 
 import overlayd
 from overlayd.lab import configs, netns
+from overlayd.lab.hosts import DEFAULT_PORTS, HostRef, HostSpec, LabHost
 from overlayd.lab.netns import LabError
 from overlayd.lab.processes import DEFAULT_LIFETIME_S, Agent, DaemonProcess
+from overlayd.lab.traffic import Traffic
 
-# Per backend: default UDP port and bytes of outer headers over IPv4 (DESIGN.md section 2).
-# Kept here rather than imported so the lab stays an outside observer of the daemon.
-DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472}
-ENCAP_OVERHEAD = {"udp": 28, "vxlan": 50}
-AGENTS = Path(__file__).with_name("agents.py")
 READY_POLL_S = 0.05
-CONTROL_TIMEOUT_S = 5.0
-CONTROL_MAX_BYTES = 16 << 20
 
 
-@dataclass
-class HostSpec:
-    """What to build for one host; the defaults give a plain 1500-byte underlay host."""
-
-    name: str | None = None                  # default: host<i>
-    underlay_mtu: int | None = None          # None: 1500, and not written into the map
-    node_extra: dict[str, Any] = field(default_factory=dict)    # merged into its [[nodes]]
-    config_extra: dict[str, Any] = field(default_factory=dict)  # merged into its config
-    start_daemon: bool = True
-
-
-@dataclass
-class LabHost:
-    name: str
-    netns: str
-    underlay_ip: str
-    underlay_mtu: int
-    dir: Path
-    subnet: ipaddress.IPv4Network | None = None     # None: a bystander, not in the map
-    overlay_ip: str | None = None
-    spec: HostSpec | None = None
-    daemon: DaemonProcess | None = None
-
-    @property
-    def config_path(self) -> Path:
-        return self.dir / "overlayd.toml"
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "overlayd.log"
-
-    @property
-    def control_socket(self) -> Path:
-        return self.dir / "control.sock"
-
-
-class PingResult(NamedTuple):
-    ok: bool                 # at least one echo reply
-    transmitted: int
-    received: int
-    rtt_avg_ms: float | None
-    output: str              # ping's stdout+stderr, for ICMP error lines ("Time to live exceeded")
-
-
-class TransferResult(NamedTuple):
-    bytes_ok: bool           # the receiver got exactly the bytes that were sent
-    sha256_ok: bool
-    seconds: float           # receiver side: first byte to EOF
-    gbit_per_s: float        # received bits / seconds
-
-
-HostRef: TypeAlias = LabHost | str | int    # a host, its name, or its 1-based index
-
-
-class Lab:
+class Lab(Traffic):
     """A multi-host overlay testbed; use as ``with Lab(3) as lab: lab.ping("host1", "host2")``."""
 
     def __init__(self, hosts: int | Sequence[HostSpec] = 3, *, backend: str = "udp",
@@ -350,172 +286,6 @@ class Lab:
                 host.daemon.terminate()     # all at once: N daemons share one grace period
         return {h.name: self.stop_daemon(h, grace_s) for h in self.hosts if h.daemon}
 
-    def control(self, ref: HostRef, command: str, **fields: Any) -> Any:
-        """One request on the daemon's control socket (one JSON line each way); the result.
-
-        A unix socket is a file, so this works from the root namespace without entering the
-        host's. LabError if the daemon does not serve the socket or answers an error.
-        """
-        host = self.host(ref)
-        if not host.control_socket.exists():
-            raise LabError(f"{host.name}: no control socket at {host.control_socket}")
-        request = json.dumps({"command": command, **fields}).encode() + b"\n"
-        answer = b""
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(CONTROL_TIMEOUT_S)
-                sock.connect(str(host.control_socket))
-                sock.sendall(request)
-                while not answer.endswith(b"\n") and len(answer) < CONTROL_MAX_BYTES:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    answer += chunk
-        except OSError as exc:
-            raise LabError(f"{host.name}: control socket: {exc}") from exc
-        try:
-            reply = json.loads(answer)
-        except ValueError as exc:
-            raise LabError(f"{host.name}: control socket answered {answer[:200]!r}") from exc
-        if not isinstance(reply, dict) or not reply.get("ok"):
-            raise LabError(f"{host.name}: control request {command!r} failed: {reply}")
-        return reply.get("result")
-
-    def wait_mesh(self, timeout_s: float = 15.0) -> None:
-        """Bounded wait until every ordered pair of running hosts answers one overlay ping (the
-        first echoes can be lost while the underlay resolves ARP)."""
-        running = [h for h in self.hosts if h.daemon is not None and h.daemon.alive()]
-        pending = [(a, b) for a in running for b in running if a is not b]
-        deadline = time.monotonic() + timeout_s
-        while pending and time.monotonic() < deadline:
-            still = []
-            for a, b in pending:
-                # Past the deadline, stop pinging: each ping may take its whole wait.
-                if time.monotonic() >= deadline or not self.ping(a, b, wait_s=1.0).ok:
-                    still.append((a, b))
-            pending = still
-        if pending:
-            pairs = ", ".join(f"{a.name}->{b.name}" for a, b in pending)
-            raise LabError(f"overlay pings unanswered after {timeout_s:g}s: {pairs}")
-
-    # -- looking things up ----------------------------------------------------------------------
-
-    def host(self, ref: HostRef) -> LabHost:
-        """By LabHost, name ("host2", or a bystander's) or 1-based index."""
-        if isinstance(ref, LabHost):
-            return ref
-        if isinstance(ref, int):
-            if not 1 <= ref <= len(self.hosts):
-                raise IndexError(f"host index {ref}: the lab has hosts 1..{len(self.hosts)}")
-            return self.hosts[ref - 1]
-        for host in (*self.hosts, *self.bystanders):
-            if host.name == ref:
-                return host
-        raise KeyError(ref)
-
-    def __iter__(self) -> Iterator[LabHost]:
-        return iter(self.hosts)
-
-    def device_mtu(self, ref: HostRef) -> int:
-        """The MTU the daemon should give its device: underlay MTU minus the encapsulation."""
-        return self.host(ref).underlay_mtu - ENCAP_OVERHEAD[self.backend]
-
-    def path_mtu(self, a: HostRef, b: HostRef) -> int:
-        return min(self.host(a).underlay_mtu, self.host(b).underlay_mtu) - \
-            ENCAP_OVERHEAD[self.backend]
-
-    def device_info(self, ref: HostRef) -> dict[str, Any] | None:
-        return netns.link_info(self.host(ref).netns, self.device)
-
-    def device_routes(self, ref: HostRef) -> list[dict[str, Any]]:
-        return netns.routes_via(self.host(ref).netns, self.device)
-
-    # -- traffic --------------------------------------------------------------------------------
-
-    def exec(self, ref: HostRef, cmd: Sequence[str], timeout_s: float = 10.0,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run a command in a host's namespace (bounded); the CompletedProcess."""
-        return netns.ns_run(self.host(ref).netns, cmd, timeout=timeout_s, check=check)
-
-    def ping(self, a: HostRef, b: HostRef | None = None, *,
-             dst: str | None = None, count: int = 1, interval_s: float = 0.2,
-             wait_s: float = 2.0, size: int | None = None, ttl: int | None = None,
-             dont_fragment: bool = False) -> PingResult:
-        """`ping` from ``a`` to ``b``'s overlay address (or to ``dst``); never raises on loss."""
-        target = dst or self.host(b if b is not None else 1).overlay_ip
-        assert target is not None
-        cmd = ["ping", "-n", "-c", str(count), "-i", f"{interval_s:g}", "-W", f"{wait_s:g}"]
-        if size is not None:
-            cmd += ["-s", str(size)]
-        if ttl is not None:
-            cmd += ["-t", str(ttl)]
-        if dont_fragment:
-            cmd += ["-M", "do"]
-        budget = count * (interval_s + wait_s) + 5.0
-        proc = self.exec(a, [*cmd, target], timeout_s=budget, check=False)
-        return _parse_ping(proc.stdout + proc.stderr)
-
-    def agent(self, ref: HostRef, *args: str) -> Agent:
-        """Start an ``agents.py`` command in a host (killed at close if still running)."""
-        agent = Agent(self.host(ref).netns, [sys.executable, str(AGENTS), *args])
-        self._agents.append(agent)
-        return agent
-
-    def tcp_transfer(self, a: HostRef, b: HostRef, nbytes: int, *,
-                     port: int = 5201, timeout_s: float = 120.0, seed: int = 1,
-                     underlay: bool = False) -> TransferResult:
-        """Send ``nbytes`` over TCP from a's overlay address to b's (or between their underlay
-        addresses: the lab's own self-test, and a baseline), and check what arrived."""
-        src, dst = self.host(a), self.host(b)
-        src_ip, dst_ip = ((src.underlay_ip, dst.underlay_ip) if underlay
-                          else (src.overlay_ip, dst.overlay_ip))
-        assert src_ip is not None and dst_ip is not None
-        recv = self.agent(dst, "tcp-recv", dst_ip, str(port), f"{timeout_s:g}")
-        try:
-            recv.wait_ready()
-            send = self.agent(src, "tcp-send", src_ip, dst_ip, str(port),
-                              str(nbytes), str(seed), f"{timeout_s:g}")
-            sent = _agent_json(send, timeout_s + 5.0)
-            got = _agent_json(recv, 10.0)
-        finally:
-            recv.kill()
-        if "error" in sent or "error" in got:
-            raise LabError(f"tcp transfer {src.name} -> {dst.name} failed: "
-                           f"sender {sent}, receiver {got}")
-        seconds = float(got["seconds"]) or 1e-9
-        return TransferResult(got["bytes"] == nbytes == sent["bytes"],
-                              got["sha256"] == sent["sha256"], seconds,
-                              got["bytes"] * 8 / seconds / 1e9)
-
-    def count_arrivals(self, ref: HostRef, marker: bytes,
-                       action: Callable[[], object], seconds: float = 1.5,
-                       iface: str | None = None) -> int:
-        """Packets carrying ``marker`` that arrived on a host's overlay device (or ``iface``)
-        while ``action`` ran and ``seconds`` after: what the daemon wrote into the device."""
-        sniffer = self.agent(ref, "sniff", iface or self.device, marker.hex(), f"{seconds:g}")
-        try:
-            sniffer.wait_ready()
-            action()
-            result = _agent_json(sniffer, seconds + 10.0)
-        finally:
-            sniffer.kill()
-        if "error" in result:
-            raise LabError(f"sniffer on {self.host(ref).name} failed: {result['error']}")
-        return int(result["matches"])
-
-    def inject(self, sender: HostRef, to: HostRef, inner_src: str,
-               inner_dst: str, marker: bytes, *, src_ip: str | None = None,
-               inner_dport: int = 9) -> None:
-        """Send one hand-made tunnel datagram from ``sender``'s namespace (from ``src_ip``,
-        default its underlay address) to ``to``'s daemon: payload = an IPv4/UDP packet
-        inner_src -> inner_dst carrying ``marker``. Bypasses the sender's daemon entirely."""
-        s, t = self.host(sender), self.host(to)
-        result = _agent_json(self.agent(s, "inject", src_ip or s.underlay_ip, t.underlay_ip,
-                                        str(self.port), inner_src, inner_dst, str(inner_dport),
-                                        marker.hex()), 10.0)
-        if "error" in result:
-            raise LabError(f"inject from {s.name} failed: {result['error']}")
-
 
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
@@ -531,23 +301,3 @@ def _signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _agent_json(agent: Agent, timeout_s: float) -> dict[str, Any]:
-    out, err = agent.finish(timeout_s)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    if not lines:
-        return {"error": f"no result (exit {agent.proc.returncode}): {err.strip()[-500:]}"}
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
-
-
-_PING_COUNTS = re.compile(r"(\d+) packets transmitted, (\d+) received")
-_PING_RTT = re.compile(r"= [\d.]+/([\d.]+)/")
-
-
-def _parse_ping(output: str) -> PingResult:
-    counts = _PING_COUNTS.search(output)
-    rtt = _PING_RTT.search(output)
-    tx, rx = (int(counts.group(1)), int(counts.group(2))) if counts else (0, 0)
-    return PingResult(rx > 0, tx, rx, float(rtt.group(1)) if rtt else None, output)
