@@ -1,5 +1,5 @@
 # The forwarder's counter array layout. Must list exactly overlayd/dataplane/counters.py
-# COUNTER_NAMES, in the same order (tests/test_forwarder_unit.py checks both): the metrics
+# COUNTER_NAMES, in the same order (tests/test_forwarder.py checks both): the metrics
 # collector reads counters() by name, and the twin indexes the same positions.
 # Member names are "CTR_" + the counter name upper-cased; the cpdef enum also exposes them as
 # module attributes so the test can check each CTR_<NAME> == COUNTER_NAMES.index(name).

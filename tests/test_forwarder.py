@@ -104,7 +104,7 @@ class Rig:
             self.app.send(p)
 
     def drain_inside(self) -> list[int]:
-        sizes = []
+        sizes: list[int] = []
         for _ in range(1000):
             n = self.fwd.inside_batch()
             if n == 0:

@@ -118,9 +118,9 @@ class _State:
         for key, counts in zip(old.peer_keys, old.peer_counters, strict=True):
             by_key.setdefault(key, counts)
         for index, key in enumerate(self.peer_keys):
-            counts = by_key.pop(key, None)
-            if counts is not None:
-                self.peer_counters[index] = list(counts)
+            inherited = by_key.pop(key, None)   # pop: a duplicate (ip, port) starts at zero
+            if inherited is not None:
+                self.peer_counters[index] = list(inherited)
 
 
 def _check_peer(index: int, ip: int, port: int, mtu: int) -> None:
