@@ -268,9 +268,9 @@ class Daemon:
         for timer in self._timers:
             timer.cancel()
         if self._loop is not None:
+            # The signal handlers stay: a second SIGTERM during shutdown must not kill the
+            # process halfway through removing what it added (uvloop drops them on close).
             self._remove_readers()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                self._loop.remove_signal_handler(sig)
         self.close()
 
     def close(self) -> None:
