@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -606,3 +607,29 @@ def test_capture_refusals(control: Control, tmp_path: Path,
         loop.run(ctl.server.close())
     assert code == EX_UNAVAILABLE
     assert err.strip() == "overlayd capture: capture is not supported by this data plane"
+
+
+# -- the Grafana dashboard -------------------------------------------------------------------
+
+
+def test_grafana_dashboard_queries_only_metrics_that_exist(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    dash = json.loads((repo / "configs" / "grafana-dashboard.json").read_text())
+    d = make_daemon(tmp_path)
+    d.forwarder.hist = ([1] * BATCH_BUCKETS, [1] * BATCH_BUCKETS)
+    exported = {key.split("{")[0] for key in scrape(d, state.RuntimeInfo())}
+    panels = dash["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    assert len(exprs) >= 20
+    for expr in exprs:
+        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
+        names = re.findall(r"\b(?:overlayd|process)_[a-z_]+", expr)
+        assert names, expr
+        for name in names:
+            assert name in exported, f"{name} (in {expr!r}) is not exported"
+    used = {n for e in exprs for n in re.findall(r"\boverlayd_[a-z_]+", e)}
+    for needed in ("overlayd_peer_tx_packets_total", "overlayd_drops_total",
+                   "overlayd_batch_size_packets_bucket", "overlayd_map_current",
+                   "overlayd_routes", "overlayd_build_info"):
+        assert needed in used, needed
