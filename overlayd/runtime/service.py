@@ -161,6 +161,8 @@ class Operations:
 
     def _on_reload(self, phase: str) -> None:
         d = self.daemon
+        if self.info.phase == state.STOPPING:
+            return       # a SIGHUP during shutdown: READY=1 now would contradict STOPPING=1
         if phase == "start":
             self._reload_base = d.map_applied_at
             self.info.phase = state.RELOADING
