@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -81,9 +82,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
-    render = {"status": tables.render_status, "peers": tables.render_peers,
-              "routes": tables.render_routes, "fdb": tables.render_fdb}[args.command]
-    print(render(result))
+    renderers: dict[str, Callable[[Any], str]] = {
+        "status": tables.render_status, "peers": tables.render_peers,
+        "routes": tables.render_routes, "fdb": tables.render_fdb}
+    print(renderers[args.command](result))
     return 0
 
 

@@ -176,8 +176,9 @@ class ControlServer:
             "link": "ip", "direction": req.direction, "peer": req.peer, "count": req.count,
             "seconds": req.seconds}})
         eof = asyncio.ensure_future(reader.read(1))   # the client closing ends the session
+        waiters: set[asyncio.Future[Any]] = {eof, session.done}
         try:
-            await asyncio.wait([eof, session.done], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             eof.cancel()
             self.capture.close(session)

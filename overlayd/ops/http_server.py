@@ -166,8 +166,9 @@ class OpsHttpServer:
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        host_text = f"[{host}]" if ":" in str(host) else str(host)
+        address = self._server.server_address
+        host, port = str(address[0]), int(address[1])    # an AF_INET/AF_INET6 address
+        host_text = f"[{host}]" if ":" in host else host
         return f"http://{host_text}:{port}"
 
     def start(self) -> None:

@@ -34,6 +34,7 @@ the name (``_bytes``, ``_seconds``), one ``_info`` gauge per set of descriptive 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -96,7 +97,8 @@ def read_sample(d: state.DaemonLike, info: state.RuntimeInfo) -> dict[str, Any]:
                    "routes": len(view.tables.routes) if view is not None else 0,
                    "fdb_entries": state.fdb_size(d)},
         "batches": {"inside": inside, "outside": outside},
-        "map": {"source": d.config.map_source, "location": str(d.config.map_file),
+        "map": {"source": d.config.map_source,
+                "location": os.path.normpath(d.config.map_file),
                 "nodes": len(d.smap.nodes), "applied_at": d.map_applied_at,
                 "current": d.map_error is None, "applied": info.reloads_applied,
                 "rejected": info.reloads_rejected},

@@ -38,7 +38,9 @@ class DaemonLike(Protocol):
     map_applied_at: float
     map_error: str | None
     last_loop_tick: float
-    device_broken: bool
+
+    @property
+    def device_broken(self) -> bool: ...
 
 
 @dataclass
@@ -199,7 +201,7 @@ def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[s
                    "port": smap.backend.port,
                    "bind": str(config.bind_address or (node.public_ip if node else ""))},
         "map": {
-            "source": config.map_source, "location": str(config.map_file),
+            "source": config.map_source, "location": os.path.normpath(config.map_file),
             "nodes": len(smap.nodes), "network": str(smap.network),
             "applied_at": d.map_applied_at, "error": d.map_error,
             "reloads_applied": info.reloads_applied, "reloads_rejected": info.reloads_rejected,
