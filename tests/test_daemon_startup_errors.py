@@ -62,7 +62,7 @@ def netns(tmp_path: Path) -> Iterator[tuple[str, Path]]:
                           f'[control]\nsocket = "{tmp_path}/ctl.sock"\n')
         yield name, config
     finally:
-        subprocess.run(["ip", "netns", "del", name], timeout=10, capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], timeout=10, capture_output=True, check=False)
 
 
 def run_daemon(ns: str, config: Path, prefix: tuple[str, ...] = (),
@@ -72,7 +72,7 @@ def run_daemon(ns: str, config: Path, prefix: tuple[str, ...] = (),
     if shell_setup:
         cmd = ["sh", "-c", f'{shell_setup} && exec "$@"', "sh", *cmd]
     return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
-                          timeout=30, cwd=REPO)
+                          timeout=30, cwd=REPO, check=False)
 
 
 def assert_one_clear_line(result: subprocess.CompletedProcess[str], code: int, words: str) -> None:
@@ -86,8 +86,8 @@ def test_udp_port_in_use(netns: tuple[str, Path]) -> None:
     # Hold the port from inside the namespace with a sleeping process that owns the socket.
     holder = subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, "-c",
-         "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-         f"s.bind(('{PUBLIC_IP}', 8285)); print('bound', flush=True); time.sleep(30)"],
+         ("import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+          f"s.bind(('{PUBLIC_IP}', 8285)); print('bound', flush=True); time.sleep(30)")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "bound"
@@ -144,9 +144,10 @@ def test_port_is_free_again_after_failures(netns: tuple[str, Path]) -> None:
     ip("-n", ns, "link", "add", "overlay0", "type", "veth", "peer", "name", "squatter")
     run_daemon(ns, config)
     out = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True,
-                         timeout=10).stdout
+                         timeout=10, check=False).stdout
     assert "tun" not in out
-    probe = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
-                            f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
-                            f".bind(('{PUBLIC_IP}', 8285))"], capture_output=True, timeout=10)
+    bind = ("import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+            f".bind(('{PUBLIC_IP}', 8285))")
+    probe = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", bind],
+                           capture_output=True, timeout=10, check=False)
     assert probe.returncode == 0, probe.stderr

@@ -1,20 +1,36 @@
 """Netlink (pyroute2): the host's addresses and MTUs, and the device's address, MTU and routes.
 
-Called at start, on map changes and at exit — never from the packet path — so the synchronous
-IPRoute API is used directly (its async API does not run under uvloop).
+Called at start, on map changes and when the device is recreated — never from the packet path.
+pyroute2's synchronous IPRoute drives an asyncio loop of its own, which fails inside a thread
+whose (uv)loop is already running, so every call runs in one worker thread and is waited for:
+these are rare, millisecond-long operations, and doing them in order keeps routes consistent.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from overlayd.errors import EX_NOPERM, EX_OSERR, StartupError
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+
+
+def _in_worker(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    @functools.wraps(fn)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return _worker.submit(fn, *args, **kwargs).result()
+    return call
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +40,7 @@ class HostAddress:
     mtu: int
 
 
+@_in_worker
 def host_addresses() -> list[HostAddress]:
     """Every IPv4 address of this host (this network namespace) with its interface's MTU."""
     with IPRoute() as ipr:
@@ -36,11 +53,7 @@ def host_addresses() -> list[HostAddress]:
         return out
 
 
-def underlay_mtu_of(address: ipaddress.IPv4Address) -> int | None:
-    """MTU of the interface that holds ``address``, or None if no interface does."""
-    return next((h.mtu for h in host_addresses() if h.address == address), None)
-
-
+@_in_worker
 def configure_device(name: str, address: ipaddress.IPv4Address, mtu: int, tx_queue_len: int,
                      routes: Iterable[ipaddress.IPv4Network]) -> None:
     """Bring the device up with its overlay address (/32), MTU and a route per overlay prefix.
@@ -60,6 +73,7 @@ def configure_device(name: str, address: ipaddress.IPv4Address, mtu: int, tx_que
         raise _startup_error(f"configuring device {name}", exc) from None
 
 
+@_in_worker
 def set_routes(name: str, address: ipaddress.IPv4Address,
                remove: Iterable[ipaddress.IPv4Network],
                add: Iterable[ipaddress.IPv4Network]) -> None:

@@ -212,7 +212,7 @@ class Daemon:
         try:
             host_network.set_routes(self.config.device_name, me.address,
                                     remove=self.routes - routes, add=routes - self.routes)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - tables are swapped; routes retried next reload
             log.error("map reload (%s): updating kernel routes failed: %s", why, exc)
         self.smap, self.view, self.routes = smap, view, routes
         self.map_applied_at = time.time()
@@ -242,7 +242,7 @@ class Daemon:
         try:
             self.tun.reopen()
             self._configure_device()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - retried every second until it works
             self._ratelimited.warning("recover", "recreating device %s failed (will retry): %s",
                                       self.config.device_name, exc)
             return
