@@ -212,9 +212,10 @@ class Daemon:
         try:
             host_network.set_routes(self.config.device_name, me.address,
                                     remove=self.routes - routes, add=routes - self.routes)
-        except Exception as exc:  # noqa: BLE001 - tables are swapped; routes retried next reload
+            self.routes = routes
+        except Exception as exc:  # noqa: BLE001 - the old route set is kept: the next reload retries
             log.error("map reload (%s): updating kernel routes failed: %s", why, exc)
-        self.smap, self.view, self.routes = smap, view, routes
+        self.smap, self.view = smap, view
         self.map_applied_at = time.time()
         self.map_error = None
         log.info("map reloaded (%s): %d peers, %d routes", why, len(view.peers),
