@@ -17,6 +17,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -633,3 +634,20 @@ def test_grafana_dashboard_queries_only_metrics_that_exist(tmp_path: Path) -> No
                    "overlayd_batch_size_packets_bucket", "overlayd_map_current",
                    "overlayd_routes", "overlayd_build_info"):
         assert needed in used, needed
+
+
+def test_capture_to_stdout_for_a_pipe(control: Control, tmp_path: Path) -> None:
+    """`overlayd capture -w - | tcpdump -r -`: the pcap goes to stdout, the messages to stderr."""
+    packets = [(1, 0, icmp_echo("10.44.2.7", "10.44.1.0", i)) for i in range(3)]
+    feed_while_capturing(control, packets)
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "overlayd", "capture", "--socket", str(control.path), "-w", "-",
+         "--count", "3", "--seconds", "20"], capture_output=True, timeout=60, check=False,
+        cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert proc.returncode == 0, proc.stderr
+    assert b"3 packets written to -" in proc.stderr
+    pcap_file = tmp_path / "piped.pcap"
+    pcap_file.write_bytes(proc.stdout)
+    _, records = read_pcap(pcap_file)
+    assert [bytes(dpkt.sll.SLL(buf).data) for _, buf in records] == [p for _, _, p in packets]
