@@ -2,8 +2,9 @@
 # cython: language_level=3
 """overlayd's compiled data plane: the Cython twins of overlayd/dataplane/*.py.
 
-Exports RouteTable and UdpForwarder with the same names and signatures as the pure-Python
-kernels, plus the C copies of the ICMP builders (for tests against independent parsers).
+Exports RouteTable, UdpForwarder, VxlanRoutedForwarder and VxlanSwitchForwarder with the same
+names and signatures as the pure-Python kernels, plus the C copies of the ICMP builders and the
+VXLAN flow hash (for tests against the twins and independent parsers).
 """
 
 cimport cython
@@ -14,7 +15,12 @@ include "sys.pxi"
 include "counters.pxi"
 include "route_table.pxi"
 include "icmp.pxi"
+include "forwarder_base.pxi"
 include "udp_forwarder.pxi"
+include "vxlan_common.pxi"
+include "fdb.pxi"
+include "vxlan_routed.pxi"
+include "vxlan_switch.pxi"
 
 IMPLEMENTATION = "cython"
 LOCAL = LOCAL_C

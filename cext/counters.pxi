@@ -12,6 +12,8 @@ cpdef enum:
     CTR_FORWARDED_PACKETS
     CTR_DELIVERED_PACKETS
     CTR_ICMP_SENT
+    CTR_FLOODED_COPIES
+    CTR_FDB_FULL
     CTR_INSIDE_TOO_SHORT
     CTR_INSIDE_NOT_IPV4
     CTR_INSIDE_BAD_HEADER
@@ -31,6 +33,13 @@ cpdef enum:
     CTR_OUTSIDE_NOT_FOR_US
     CTR_DEVICE_WRITE_ERROR
     CTR_ICMP_RATE_LIMITED
+    CTR_INSIDE_RUNT_FRAME
+    CTR_INSIDE_BAD_SOURCE_MAC
+    CTR_OUTSIDE_TRUNCATED_VXLAN
+    CTR_OUTSIDE_BAD_VXLAN_FLAGS
+    CTR_OUTSIDE_WRONG_VNI
+    CTR_OUTSIDE_WRONG_INNER_MAC
+    CTR_OUTSIDE_BAD_SOURCE_MAC
     N_COUNTERS
 
 COUNTER_NAMES = (
@@ -41,6 +50,8 @@ COUNTER_NAMES = (
     "forwarded_packets",
     "delivered_packets",
     "icmp_sent",
+    "flooded_copies",
+    "fdb_full",
     "inside_too_short",
     "inside_not_ipv4",
     "inside_bad_header",
@@ -60,6 +71,13 @@ COUNTER_NAMES = (
     "outside_not_for_us",
     "device_write_error",
     "icmp_rate_limited",
+    "inside_runt_frame",
+    "inside_bad_source_mac",
+    "outside_truncated_vxlan",
+    "outside_bad_vxlan_flags",
+    "outside_wrong_vni",
+    "outside_wrong_inner_mac",
+    "outside_bad_source_mac",
 )
 
 cdef enum:

@@ -7,7 +7,8 @@ Which implementation runs is chosen once, at import, by ``OVERLAYD_DATAPLANE``:
   this so a broken build can never fall back silently);
 - ``python``: the pure-Python twins (tests run the whole suite once more this way).
 
-Both implementations expose the same names with the same signatures: RouteTable, UdpForwarder.
+Both implementations expose the same names with the same signatures: RouteTable, UdpForwarder,
+VxlanRoutedForwarder, VxlanSwitchForwarder.
 """
 
 from __future__ import annotations
@@ -15,11 +16,20 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-from overlayd.dataplane.tables import LOCAL, NO_ROUTE, ForwardingTables, PeerEntry
+from overlayd.dataplane.tables import (
+    LOCAL,
+    NO_ROUTE,
+    ForwardingTables,
+    PeerEntry,
+    SwitchTables,
+)
+
+KERNELS = ("RouteTable", "UdpForwarder", "VxlanRoutedForwarder", "VxlanSwitchForwarder")
 
 __all__ = [
-    "IMPLEMENTATION", "LOCAL", "NO_ROUTE", "ForwardingTables", "PeerEntry",
-    "RouteTable", "UdpForwarder", "load_implementation",
+    "IMPLEMENTATION", "KERNELS", "LOCAL", "NO_ROUTE", "ForwardingTables", "PeerEntry",
+    "RouteTable", "SwitchTables", "UdpForwarder", "VxlanRoutedForwarder",
+    "VxlanSwitchForwarder", "load_implementation",
 ]
 
 
@@ -47,7 +57,7 @@ _chosen: tuple[str, ModuleType] | None = None
 def __getattr__(name: str) -> object:
     """Load the kernels on first use, so importing tables or counters never needs them."""
     global _chosen
-    if name not in ("IMPLEMENTATION", "RouteTable", "UdpForwarder"):
+    if name != "IMPLEMENTATION" and name not in KERNELS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _chosen is None:
         _chosen = load_implementation()

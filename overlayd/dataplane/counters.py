@@ -16,6 +16,9 @@ TRAFFIC = (
     "forwarded_packets",     # inside -> sent to a peer
     "delivered_packets",     # outside -> written to the device
     "icmp_sent",             # ICMP errors written back into the device
+    # switched vxlan
+    "flooded_copies",        # datagrams sent by head-end replication (broadcast/multicast/unknown)
+    "fdb_full",              # a new MAC not learned: the FDB is at its cap (the frame still went)
 )
 
 # Every reason a packet can be dropped. Each is exported as overlayd_drops_total{reason=...}.
@@ -24,8 +27,10 @@ DROP_REASONS = (
     "inside_too_short",          # shorter than an IPv4 header
     "inside_not_ipv4",           # version != 4 (e.g. IPv6 from the kernel)
     "inside_bad_header",         # IHL < 5, header longer than the packet, total length != read length
-    "inside_no_route",           # destination in no prefix of the map (answered: net unreachable)
-    "inside_local_destination",  # destination in our own subnet (answered: host unreachable)
+    "inside_no_route",           # destination in no prefix of the map (answered: net unreachable);
+                                 # switched: a flood with no peer to go to
+    "inside_local_destination",  # destination in our own subnet (answered: host unreachable);
+                                 # switched: destination MAC lives behind our own tap
     "inside_ttl_expired",        # TTL <= 1 (answered: time exceeded)
     "inside_too_big",            # DF set and larger than the path MTU (answered: frag needed)
     "tx_error",                  # sendmmsg refused the datagram (socket buffer full, ENOBUFS, ...)
@@ -33,15 +38,24 @@ DROP_REASONS = (
     "outside_unknown_peer",      # source address is not a peer in the map
     "outside_truncated",         # datagram larger than the receive buffer
     "outside_too_short",
-    "outside_not_ipv4",
+    "outside_not_ipv4",          # also routed vxlan: inner ethertype is not IPv4
     "outside_bad_header",        # IHL < 5 or header longer than the packet
     "outside_length_mismatch",   # IPv4 total length != datagram payload length
     "outside_bad_checksum",      # inner IPv4 header checksum wrong
     "outside_spoofed_source",    # inner source not in a prefix of the sending peer
-    "outside_not_for_us",        # inner destination not in our own prefixes
+    "outside_not_for_us",        # inner destination not in our own prefixes; switched: the
+                                 # destination MAC lives at a peer (split horizon)
     "device_write_error",        # the device refused the write
     # ICMP errors we would have sent but did not
     "icmp_rate_limited",         # out of tokens (see add_icmp_tokens)
+    # vxlan (both modes)
+    "inside_runt_frame",         # tap: shorter than an Ethernet header
+    "inside_bad_source_mac",     # tap: multicast or all-zero source MAC (never learned)
+    "outside_truncated_vxlan",   # shorter than the VXLAN header plus the inner frame's headers
+    "outside_bad_vxlan_flags",   # I flag clear
+    "outside_wrong_vni",         # a VNI that is not ours
+    "outside_wrong_inner_mac",   # routed: inner destination MAC neither ours nor broadcast
+    "outside_bad_source_mac",    # switched: multicast or all-zero inner source MAC
 )
 
 COUNTER_NAMES = TRAFFIC + DROP_REASONS

@@ -2,7 +2,10 @@
 
 from overlayd.dataplane.route_table import RouteTable
 from overlayd.dataplane.udp_forwarder import UdpForwarder
+from overlayd.dataplane.vxlan_routed import VxlanRoutedForwarder
+from overlayd.dataplane.vxlan_switch import VxlanSwitchForwarder
 
 IMPLEMENTATION = "python"
 
-__all__ = ["IMPLEMENTATION", "RouteTable", "UdpForwarder"]
+__all__ = ["IMPLEMENTATION", "RouteTable", "UdpForwarder", "VxlanRoutedForwarder",
+           "VxlanSwitchForwarder"]

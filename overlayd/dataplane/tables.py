@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Route targets other than a peer index (peer indices are >= 0).
-LOCAL = -1      # the prefix is ours: deliver to the device (outside) / answer host-unreachable (inside)
+LOCAL = -1      # the prefix is ours: deliver to the device (outside) / answer host-unreachable
+                # (inside); switched: the MAC lives behind our own tap
 NO_ROUTE = -2   # what a lookup returns when no prefix matches
 
 
@@ -22,6 +23,8 @@ class PeerEntry:
     port: int          # its UDP port
     path_mtu: int      # the largest inner IPv4 packet that fits the path to it (bytes)
     name: str = ""     # for humans and metrics only; never read by the packet path
+    mac: bytes = b""   # vxlan: the peer's VTEP MAC (6 bytes), the inner destination MAC of the
+                       # routed path; b"" where unused (udp, switched)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,3 +35,17 @@ class ForwardingTables:
     peers: tuple[PeerEntry, ...] = ()
     # (network, prefix_len, target): target is a peer index, or LOCAL for our own prefixes.
     routes: tuple[tuple[int, int, int], ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchTables:
+    """What the switched (L2) path needs from the map: its peers and the MACs pinned by config.
+
+    Learned MACs are the data plane's own state; a swap keeps them, following each peer by
+    (ip, port) to its new index, and forgets those whose peer left the map.
+    """
+
+    peers: tuple[PeerEntry, ...] = ()
+    # (mac (6 bytes), target): target is a peer index, or LOCAL for a MAC behind our tap.
+    # Static entries never age, and learning never moves them.
+    static_macs: tuple[tuple[bytes, int], ...] = ()

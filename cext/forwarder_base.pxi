@@ -1,0 +1,604 @@
+# What every forwarder shares (twin: overlayd/dataplane/forwarder_base.py).
+#
+# 1. Batches: inside_batch() read()s up to batch_size packets/frames from the device into
+#    preallocated slots, each with HEADROOM_C bytes in front for outer headers (EAGAIN ends
+#    the batch, EINTR retries, another error is raised after the batch went out);
+#    outside_batch() does one recvmmsg(MSG_DONTWAIT). The GIL is released for the whole
+#    batch; each slot goes to the subclass's _inside_one/_outside_one (virtual, nogil).
+# 2. Send queues, one per tunnel socket (the receive socket, or each of tx_fds): _queue adds
+#    an mmsghdr pointing into a slot and at the peer's sockaddr; a full queue or the end of
+#    the batch sends it with sendmmsg (looping on partial sends; a refused datagram is a
+#    tx_error and the next one is tried). Copies of one frame share its slot.
+# 3. Peers: a datagram is accepted only from a peer's IP (any source port, lower_bound over
+#    peers sorted by IP); per-peer counters follow (ip, port) across table swaps.
+# 4. _RoutedBase: the router shared by the udp and vxlan routed paths - LPM, TTL with an
+#    RFC 1624 checksum update, ICMP errors under a token bucket (RFC 1812), and the IPv4
+#    checks of the outside path.
+#
+# Invariants: the per-packet code allocates nothing, logs nothing, touches no Python object;
+# a batch pins its table generation, and set_tables/age refuse to run during a batch; every
+# packet lands in exactly one of forwarded/delivered/a drop reason (floods: one per copy);
+# fds are the caller's and never closed here.
+
+cdef enum:
+    HEADROOM_C = 64            # room for outer headers of encapsulating paths
+    SLOT_SIZE_C = 65536        # any IPv4 packet fits (total length is 16 bits)
+    SLOT_STRIDE = HEADROOM_C + SLOT_SIZE_C
+    MAX_BATCH_C = 512
+    TX_QUEUE_C = 512           # datagrams per socket queue before it is sent mid-batch
+    MAX_TX_SOCKETS_C = 64
+
+HEADROOM = HEADROOM_C
+SLOT_SIZE = SLOT_SIZE_C
+MAX_BATCH = MAX_BATCH_C
+
+ctypedef struct peer_t:
+    sockaddr_in addr           # ready for sendmmsg (network order)
+    uint32_t ip
+    uint32_t port
+    uint32_t path_mtu
+    unsigned char mac[6]       # vxlan: the peer's VTEP MAC (zeros where the map has none)
+    bint has_mac
+    uint64_t tx_packets
+    uint64_t tx_bytes
+    uint64_t rx_packets
+    uint64_t rx_bytes
+
+ctypedef struct ip_index_t:    # peers sorted by (ip, index): source IP -> first peer index
+    uint32_t ip
+    int32_t peer
+
+ctypedef struct fwd_tables_t:
+    const lpm_t *lpm
+    uint32_t local_address
+    int32_t npeers
+    peer_t *peers
+    ip_index_t *by_ip
+
+ctypedef struct txq_t:         # one tunnel socket's send queue
+    int fd
+    int n
+    mmsghdr *msgs
+    iovec *iov
+    int32_t *peer
+
+
+@cython.final
+cdef class _TableGeneration:
+    """Owns one fwd_tables_t and the RouteTable its lpm points into."""
+
+    cdef fwd_tables_t t
+    cdef RouteTable routes
+
+    def __cinit__(self):
+        self.t.peers = NULL
+        self.t.by_ip = NULL
+
+    def __dealloc__(self):
+        free(self.t.peers)
+        free(self.t.by_ip)
+
+
+cdef _TableGeneration build_generation(tables):
+    """ForwardingTables (routed) or SwitchTables (no local address, no routes)."""
+    cdef _TableGeneration gen = _TableGeneration()
+    cdef Py_ssize_t npeers, i
+    cdef const unsigned char[::1] mac_view
+    if tables is None:
+        local_address, peers, routes = 0, (), ()
+    else:
+        local_address = getattr(tables, "local_address", 0)
+        peers = tuple(tables.peers)
+        routes = getattr(tables, "routes", ())
+    local_address = operator_index(local_address)
+    if not 0 <= local_address <= 0xFFFFFFFF:
+        raise ValueError(f"local_address {local_address!r} is not a u32 IPv4 address")
+    npeers = len(peers)
+    if npeers > 0x7FFFFFFF:
+        raise ValueError("too many peers")
+    gen.t.peers = <peer_t *>calloc(max(npeers, 1), sizeof(peer_t))
+    gen.t.by_ip = <ip_index_t *>calloc(max(npeers, 1), sizeof(ip_index_t))
+    if gen.t.peers == NULL or gen.t.by_ip == NULL:
+        raise MemoryError()
+    order = []
+    for i, peer in enumerate(peers):
+        ip = operator_index(peer.ip)
+        port = operator_index(peer.port)
+        mtu = operator_index(peer.path_mtu)
+        mac = bytes(getattr(peer, "mac", b""))
+        if not 0 <= ip <= 0xFFFFFFFF:
+            raise ValueError(f"peer {i}: ip {ip!r} is not a u32 IPv4 address")
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"peer {i}: port {port!r} out of range")
+        if not 0 <= mtu <= 0xFFFFFFFF:
+            raise ValueError(f"peer {i}: path_mtu {mtu!r} out of range")
+        if len(mac) not in (0, 6):
+            raise ValueError(f"peer {i}: mac must be 6 bytes (or empty), got {len(mac)}")
+        gen.t.peers[i].ip = ip
+        gen.t.peers[i].port = port
+        gen.t.peers[i].path_mtu = mtu
+        gen.t.peers[i].has_mac = len(mac) == 6
+        if gen.t.peers[i].has_mac:
+            mac_view = mac
+            memcpy(gen.t.peers[i].mac, &mac_view[0], 6)
+        gen.t.peers[i].addr.sin_family = AF_INET
+        gen.t.peers[i].addr.sin_port = htons(port)
+        gen.t.peers[i].addr.sin_addr.s_addr = htonl(ip)
+        order.append((ip, i))
+    order.sort()
+    for i, (ip, index) in enumerate(order):
+        gen.t.by_ip[i].ip = ip
+        gen.t.by_ip[i].peer = index
+    gen.t.npeers = <int32_t>npeers
+    gen.routes = RouteTable(routes)
+    for network, prefix_len, target in routes:
+        if target >= npeers:
+            raise ValueError(
+                f"route {_format_addr(network)}/{prefix_len}: target {target} is not a peer "
+                f"index (there are {npeers} peers)")
+    gen.t.lpm = gen.routes.lpm()
+    gen.t.local_address = local_address
+    return gen
+
+
+cdef dict peer_index_map(const fwd_tables_t *old, const fwd_tables_t *new):
+    """Old peer index -> new index for peers whose (ip, port) is in both generations (a
+    duplicate (ip, port) maps its first occurrence only)."""
+    cdef int32_t i, j
+    first_new = {}
+    for i in range(new.npeers):
+        first_new.setdefault((new.peers[i].ip, new.peers[i].port), i)
+    out = {}
+    for i in range(old.npeers):
+        j = first_new.pop((old.peers[i].ip, old.peers[i].port), -1)
+        if j >= 0:
+            out[i] = j
+    return out
+
+
+cdef inline int32_t peer_by_ip(const fwd_tables_t *t, uint32_t ip) noexcept nogil:
+    # lower_bound, so among peers sharing an IP the lowest index answers, like the twin's dict.
+    cdef int32_t lo = 0, hi = t.npeers, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if t.by_ip[mid].ip < ip:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < t.npeers and t.by_ip[lo].ip == ip:
+        return t.by_ip[lo].peer
+    return -1
+
+
+cdef extern from *:
+    int __builtin_clz(unsigned int x) nogil
+
+
+cdef inline int batch_bucket(int n) noexcept nogil:
+    if n <= 1:
+        return 0
+    return 32 - __builtin_clz(<unsigned int>(n - 1))
+
+
+cdef inline bint transient_recv_error(int e) noexcept nogil:
+    # Errors about one earlier datagram or a passing underlay state, not about the socket.
+    return (e == EAGAIN or e == EWOULDBLOCK or e == EINTR or e == ECONNREFUSED
+            or e == ECONNRESET or e == EHOSTUNREACH or e == EHOSTDOWN or e == ENETUNREACH
+            or e == ENETDOWN or e == ENOBUFS or e == ENOMEM or e == EMSGSIZE
+            or e == ETIMEDOUT or e == EPROTO)
+
+
+cdef class _ForwarderBase:
+    """Batches, send queues, peers and counters over a device fd and UDP socket fds, all
+    owned by the caller. Subclasses call _setup() from their __cinit__ and implement
+    _inside_one and _outside_one."""
+
+    cdef int dev_fd
+    cdef int sock_fd
+    cdef int batch_size
+    cdef bint busy
+    cdef uint64_t ctr[N_COUNTERS]
+    cdef uint64_t hist_inside[BATCH_BUCKETS_C]
+    cdef uint64_t hist_outside[BATCH_BUCKETS_C]
+    cdef _TableGeneration gen
+    cdef object name
+    # inside
+    cdef unsigned char *in_buf
+    cdef uint32_t *in_len
+    cdef int ntx
+    cdef txq_t txq[MAX_TX_SOCKETS_C]
+    # outside
+    cdef unsigned char *out_buf
+    cdef mmsghdr *rx_msgs
+    cdef iovec *rx_iov
+    cdef sockaddr_in *rx_names
+
+    def __cinit__(self, *args, **kwargs):
+        self.in_buf = NULL
+        self.out_buf = NULL
+        self.ntx = 0
+        self.busy = False
+        memset(self.ctr, 0, sizeof(self.ctr))
+        memset(self.hist_inside, 0, sizeof(self.hist_inside))
+        memset(self.hist_outside, 0, sizeof(self.hist_outside))
+        memset(self.txq, 0, sizeof(self.txq))
+
+    cdef int _setup(self, str name, dev_fd, sock_fd, tx_fds, batch_size) except -1:
+        cdef int i, k
+        self.name = name
+        dev_fd = operator_index(dev_fd)
+        sock_fd = operator_index(sock_fd)
+        batch_size = operator_index(batch_size)
+        fds = [operator_index(fd) for fd in tx_fds]
+        if not 1 <= batch_size <= MAX_BATCH_C:
+            raise ValueError(f"batch_size must be 1..{MAX_BATCH_C}, got {batch_size}")
+        if dev_fd < 0 or sock_fd < 0:
+            raise ValueError("the device fd and sock_fd must be open file descriptors")
+        if len(fds) > MAX_TX_SOCKETS_C:
+            raise ValueError(f"at most {MAX_TX_SOCKETS_C} tx_fds, got {len(fds)}")
+        if any(fd < 0 for fd in fds):
+            raise ValueError("tx_fds must be open file descriptors")
+        self.dev_fd = dev_fd
+        self.sock_fd = sock_fd
+        self.batch_size = batch_size
+        # malloc, not calloc, for the slots: untouched pages cost no RSS until packets use them.
+        self.in_buf = <unsigned char *>malloc(<size_t>SLOT_STRIDE * batch_size)
+        self.out_buf = <unsigned char *>malloc(<size_t>SLOT_STRIDE * batch_size)
+        self.in_len = <uint32_t *>calloc(batch_size, sizeof(uint32_t))
+        self.rx_msgs = <mmsghdr *>calloc(batch_size, sizeof(mmsghdr))
+        self.rx_iov = <iovec *>calloc(batch_size, sizeof(iovec))
+        self.rx_names = <sockaddr_in *>calloc(batch_size, sizeof(sockaddr_in))
+        if (self.in_buf == NULL or self.out_buf == NULL or self.in_len == NULL
+                or self.rx_msgs == NULL or self.rx_iov == NULL or self.rx_names == NULL):
+            raise MemoryError()
+        for i in range(batch_size):
+            self.rx_iov[i].iov_base = self.out_buf + <size_t>i * SLOT_STRIDE + HEADROOM_C
+            self.rx_iov[i].iov_len = SLOT_SIZE_C
+            self.rx_msgs[i].msg_hdr.msg_iov = &self.rx_iov[i]
+            self.rx_msgs[i].msg_hdr.msg_iovlen = 1
+            self.rx_msgs[i].msg_hdr.msg_name = &self.rx_names[i]
+        self.ntx = max(1, len(fds))
+        for k in range(self.ntx):
+            self.txq[k].fd = fds[k] if fds else sock_fd
+            self.txq[k].msgs = <mmsghdr *>calloc(TX_QUEUE_C, sizeof(mmsghdr))
+            self.txq[k].iov = <iovec *>calloc(TX_QUEUE_C, sizeof(iovec))
+            self.txq[k].peer = <int32_t *>calloc(TX_QUEUE_C, sizeof(int32_t))
+            if self.txq[k].msgs == NULL or self.txq[k].iov == NULL or self.txq[k].peer == NULL:
+                raise MemoryError()
+            for i in range(TX_QUEUE_C):
+                self.txq[k].msgs[i].msg_hdr.msg_iov = &self.txq[k].iov[i]
+                self.txq[k].msgs[i].msg_hdr.msg_iovlen = 1
+                self.txq[k].msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        self.gen = build_generation(None)
+        return 0
+
+    def __dealloc__(self):
+        cdef int k
+        free(self.in_buf)
+        free(self.out_buf)
+        free(self.in_len)
+        free(self.rx_msgs)
+        free(self.rx_iov)
+        free(self.rx_names)
+        for k in range(MAX_TX_SOCKETS_C):
+            free(self.txq[k].msgs)
+            free(self.txq[k].iov)
+            free(self.txq[k].peer)
+
+    # --- control (GIL held) ----------------------------------------------------------------
+
+    def counters(self) -> dict:
+        return {name: self.ctr[i] for i, name in enumerate(COUNTER_NAMES)}
+
+    def peer_counters(self) -> list:
+        cdef const fwd_tables_t *t = &self.gen.t
+        return [(t.peers[i].tx_packets, t.peers[i].tx_bytes,
+                 t.peers[i].rx_packets, t.peers[i].rx_bytes) for i in range(t.npeers)]
+
+    def batch_histogram(self) -> tuple:
+        return ([self.hist_inside[i] for i in range(BATCH_BUCKETS_C)],
+                [self.hist_outside[i] for i in range(BATCH_BUCKETS_C)])
+
+    cdef int _enter(self) except -1:
+        # Batches share buffers, counters and (switched) the FDB; a second thread must not run
+        # one concurrently, nor change the FDB while one runs. Check-and-set is atomic here:
+        # no Python code runs between them.
+        if self.busy:
+            raise RuntimeError(f"{self.name}: a batch is already running (not re-entrant)")
+        self.busy = True
+        return 0
+
+    cdef dict _swap(self, _TableGeneration new):
+        """Carry per-peer counters over by (ip, port), swap the generation in; the index map."""
+        cdef _TableGeneration old = self.gen
+        cdef int32_t i, j
+        index_map = peer_index_map(&old.t, &new.t)
+        for i, j in index_map.items():
+            new.t.peers[j].tx_packets = old.t.peers[i].tx_packets
+            new.t.peers[j].tx_bytes = old.t.peers[i].tx_bytes
+            new.t.peers[j].rx_packets = old.t.peers[i].rx_packets
+            new.t.peers[j].rx_bytes = old.t.peers[i].rx_bytes
+        self.gen = new
+        return index_map
+
+    # --- inside: device -> underlay --------------------------------------------------------
+
+    def inside_batch(self) -> int:
+        cdef _TableGeneration gen = self.gen     # pinned for the whole batch
+        cdef const fwd_tables_t *t = &gen.t
+        cdef int n = 0
+        cdef int err = 0
+        self._enter()
+        try:
+            with nogil:
+                n = self._inside_run(t, &err)
+        finally:
+            self.busy = False
+        if err:
+            raise OSError(err, strerror(err))
+        return n
+
+    cdef int _inside_run(self, const fwd_tables_t *t, int *err) noexcept nogil:
+        cdef int n = 0, i
+        cdef ssize_t r
+        cdef unsigned char *slot
+        while n < self.batch_size:
+            slot = self.in_buf + <size_t>n * SLOT_STRIDE + HEADROOM_C
+            r = read(self.dev_fd, slot, SLOT_SIZE_C)
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                if errno != EAGAIN and errno != EWOULDBLOCK:
+                    err[0] = errno
+                break
+            self.in_len[n] = <uint32_t>r
+            n += 1
+        for i in range(n):
+            self._inside_one(t, self.in_buf + <size_t>i * SLOT_STRIDE + HEADROOM_C,
+                             self.in_len[i])
+        self._flush(t)
+        if n:
+            self.hist_inside[batch_bucket(n)] += 1
+        return n
+
+    cdef void _inside_one(self, const fwd_tables_t *t, unsigned char *pkt,
+                          uint32_t n) noexcept nogil:
+        pass
+
+    @cython.final
+    cdef void _queue(self, const fwd_tables_t *t, unsigned char *data, size_t n,
+                            int32_t peer, int sock) noexcept nogil:
+        cdef txq_t *q = &self.txq[sock]
+        q.iov[q.n].iov_base = data
+        q.iov[q.n].iov_len = n
+        q.msgs[q.n].msg_hdr.msg_name = <void *>&t.peers[peer].addr
+        q.peer[q.n] = peer
+        q.n += 1
+        if q.n == TX_QUEUE_C:
+            self._send(t, q)
+
+    @cython.final
+    cdef void _flush(self, const fwd_tables_t *t) noexcept nogil:
+        cdef int k
+        for k in range(self.ntx):
+            if self.txq[k].n:
+                self._send(t, &self.txq[k])
+
+    @cython.final
+    cdef void _send(self, const fwd_tables_t *t, txq_t *q) noexcept nogil:
+        cdef int i = 0, k, sent
+        cdef peer_t *peer
+        while i < q.n:
+            sent = sendmmsg(q.fd, &q.msgs[i], q.n - i, MSG_DONTWAIT)
+            if sent < 0 and errno == EINTR:
+                continue
+            if sent <= 0:
+                # The kernel refused msgs[i] (sendmmsg reports an error only when the first
+                # datagram fails): count it and go on with the rest.
+                self.ctr[CTR_TX_ERROR] += 1
+                i += 1
+                continue
+            for k in range(i, i + sent):
+                peer = &t.peers[q.peer[k]]
+                peer.tx_packets += 1
+                peer.tx_bytes += q.iov[k].iov_len
+            self.ctr[CTR_FORWARDED_PACKETS] += sent
+            i += sent
+        q.n = 0
+
+    @cython.final
+    cdef ssize_t _write_device(self, const unsigned char *data, size_t n) noexcept nogil:
+        cdef ssize_t r
+        while True:
+            r = write(self.dev_fd, data, n)
+            if r >= 0 or errno != EINTR:
+                if r < 0:
+                    self.ctr[CTR_DEVICE_WRITE_ERROR] += 1
+                return r
+
+    # --- outside: underlay -> device -------------------------------------------------------
+
+    def outside_batch(self) -> int:
+        cdef _TableGeneration gen = self.gen     # pinned for the whole batch
+        cdef const fwd_tables_t *t = &gen.t
+        cdef int n = 0
+        cdef int err = 0
+        self._enter()
+        try:
+            with nogil:
+                n = self._outside_run(t, &err)
+        finally:
+            self.busy = False
+        if err:
+            raise OSError(err, strerror(err))
+        return n
+
+    cdef int _outside_run(self, const fwd_tables_t *t, int *err) noexcept nogil:
+        cdef int n, i
+        cdef int32_t peer
+        for i in range(self.batch_size):
+            # The kernel overwrites both on every receive.
+            self.rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+            self.rx_msgs[i].msg_hdr.msg_flags = 0
+        n = recvmmsg(self.sock_fd, self.rx_msgs, self.batch_size, MSG_DONTWAIT, NULL)
+        if n < 0:
+            if not transient_recv_error(errno):
+                err[0] = errno
+            return 0
+        for i in range(n):
+            peer = self._outside_peer(t, i)
+            if peer >= 0:
+                self._outside_one(t, <unsigned char *>self.rx_iov[i].iov_base,
+                                  self.rx_msgs[i].msg_len, peer)
+        if n:
+            self.hist_outside[batch_bucket(n)] += 1
+        return n
+
+    @cython.final
+    cdef int32_t _outside_peer(self, const fwd_tables_t *t, int i) noexcept nogil:
+        """Count received datagram i; the peer it came from, or -1 (dropped and counted as
+        truncated or from an unknown source)."""
+        cdef msghdr *hdr = &self.rx_msgs[i].msg_hdr
+        cdef uint32_t n = self.rx_msgs[i].msg_len
+        cdef const sockaddr_in *name = &self.rx_names[i]
+        cdef int32_t peer = -1
+        self.ctr[CTR_OUTSIDE_PACKETS] += 1
+        self.ctr[CTR_OUTSIDE_BYTES] += n
+        if hdr.msg_flags & MSG_TRUNC:
+            self.ctr[CTR_OUTSIDE_TRUNCATED] += 1
+            return -1
+        if hdr.msg_namelen >= sizeof(sockaddr_in) and name.sin_family == AF_INET:
+            peer = peer_by_ip(t, ntohl(name.sin_addr.s_addr))
+        if peer < 0:
+            self.ctr[CTR_OUTSIDE_UNKNOWN_PEER] += 1
+            return -1
+        t.peers[peer].rx_packets += 1
+        t.peers[peer].rx_bytes += n
+        return peer
+
+    cdef void _outside_one(self, const fwd_tables_t *t, unsigned char *pkt, uint32_t n,
+                           int32_t peer) noexcept nogil:
+        pass
+
+
+cdef class _RoutedBase(_ForwarderBase):
+    """The router shared by the routed paths (udp, vxlan routed) over a tun device."""
+
+    cdef int64_t tokens
+    # one ICMP error at a time, written before the next is built
+    cdef unsigned char icmp_buf[ICMP_MAX_PACKET]
+
+    cdef int _setup_routed(self, str name, tun_fd, sock_fd, tx_fds, batch_size,
+                           icmp_burst) except -1:
+        icmp_burst = operator_index(icmp_burst)
+        batch_size = operator_index(batch_size)
+        if icmp_burst < 0:
+            raise ValueError(f"icmp_burst must be >= 0, got {icmp_burst}")
+        self._setup(name, tun_fd, sock_fd, tx_fds, batch_size)
+        self.tokens = icmp_burst
+        return 0
+
+    def set_tables(self, tables) -> None:
+        """Build the new generation on the side, carry per-peer counters over by (ip, port),
+        then swap it in with one assignment."""
+        cdef _TableGeneration new = build_generation(tables)
+        self._check_generation(new)
+        self._swap(new)
+
+    cdef int _check_generation(self, _TableGeneration gen) except -1:
+        return 0
+
+    def add_icmp_tokens(self, n, cap) -> None:
+        n = operator_index(n)
+        cap = operator_index(cap)
+        if n < 0 or cap < 0:
+            raise ValueError("add_icmp_tokens: n and cap must be >= 0")
+        self.tokens = min(cap, self.tokens + n)
+
+    @cython.final
+    cdef int32_t _route(self, const fwd_tables_t *t, unsigned char *pkt,
+                        uint32_t n) noexcept nogil:
+        """Route one IPv4 packet read from the device; fix its TTL and return its peer, or
+        -1 if dropped (counted, maybe answered)."""
+        cdef uint32_t ihl, ttl, csum
+        cdef int32_t target
+        cdef uint64_t *ctr = self.ctr
+        ctr[CTR_INSIDE_PACKETS] += 1
+        ctr[CTR_INSIDE_BYTES] += n
+        if n < IPV4_MIN_HEADER:
+            ctr[CTR_INSIDE_TOO_SHORT] += 1
+            return -1
+        if (pkt[0] >> 4) != 4:
+            ctr[CTR_INSIDE_NOT_IPV4] += 1
+            return -1
+        ihl = (pkt[0] & 0x0F) * 4
+        if ihl < IPV4_MIN_HEADER or ihl > n or rd16(pkt + 2) != n:
+            ctr[CTR_INSIDE_BAD_HEADER] += 1
+            return -1
+        target = lpm_lookup(t.lpm, rd32(pkt + 16))
+        if target == NO_ROUTE_C:
+            ctr[CTR_INSIDE_NO_ROUTE] += 1
+            self._icmp(t, pkt, n, 3, 0, 0)
+            return -1
+        if target == LOCAL_C:
+            ctr[CTR_INSIDE_LOCAL_DESTINATION] += 1
+            self._icmp(t, pkt, n, 3, 1, 0)
+            return -1
+        ttl = pkt[8]
+        if ttl <= 1:
+            ctr[CTR_INSIDE_TTL_EXPIRED] += 1
+            self._icmp(t, pkt, n, 11, 0, 0)
+            return -1
+        if (rd16(pkt + 6) & IP_DF) and n > t.peers[target].path_mtu:
+            ctr[CTR_INSIDE_TOO_BIG] += 1
+            self._icmp(t, pkt, n, 3, 4, t.peers[target].path_mtu)
+            return -1
+        csum = ttl_decrement_csum(rd16(pkt + 10), ttl, pkt[9])
+        pkt[8] = ttl - 1
+        wr16(pkt + 10, csum)
+        return target
+
+    @cython.final
+    cdef void _icmp(self, const fwd_tables_t *t, const unsigned char *pkt, uint32_t n,
+                    int icmp_type, int code, uint32_t mtu) noexcept nogil:
+        cdef size_t length
+        if not icmp_allowed(pkt, n):
+            return
+        if self.tokens <= 0:
+            self.ctr[CTR_ICMP_RATE_LIMITED] += 1
+            return
+        self.tokens -= 1
+        length = build_icmp(self.icmp_buf, t.local_address, pkt, n, icmp_type, code, mtu)
+        if self._write_device(self.icmp_buf, length) >= 0:
+            self.ctr[CTR_ICMP_SENT] += 1
+
+    @cython.final
+    cdef void _deliver(self, const fwd_tables_t *t, const unsigned char *pkt, uint32_t n,
+                       int32_t peer) noexcept nogil:
+        """Check an inner IPv4 packet from ``peer`` and write it into the device."""
+        cdef uint64_t *ctr = self.ctr
+        cdef uint32_t ihl
+        if n < IPV4_MIN_HEADER:
+            ctr[CTR_OUTSIDE_TOO_SHORT] += 1
+            return
+        if (pkt[0] >> 4) != 4:
+            ctr[CTR_OUTSIDE_NOT_IPV4] += 1
+            return
+        ihl = (pkt[0] & 0x0F) * 4
+        if ihl < IPV4_MIN_HEADER or ihl > n:
+            ctr[CTR_OUTSIDE_BAD_HEADER] += 1
+            return
+        if rd16(pkt + 2) != n:
+            ctr[CTR_OUTSIDE_LENGTH_MISMATCH] += 1
+            return
+        if csum_fold(csum_partial(pkt, ihl, 0)) != 0:
+            ctr[CTR_OUTSIDE_BAD_CHECKSUM] += 1
+            return
+        if lpm_lookup(t.lpm, rd32(pkt + 12)) != peer:
+            ctr[CTR_OUTSIDE_SPOOFED_SOURCE] += 1
+            return
+        if lpm_lookup(t.lpm, rd32(pkt + 16)) != LOCAL_C:
+            ctr[CTR_OUTSIDE_NOT_FOR_US] += 1
+            return
+        if self._write_device(pkt, n) >= 0:
+            ctr[CTR_DELIVERED_PACKETS] += 1

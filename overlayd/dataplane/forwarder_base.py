@@ -1,0 +1,469 @@
+"""What every forwarder shares, pure-Python twin of cext/forwarder_base.pxi.
+
+1. Batches: ``inside_batch`` reads up to batch_size packets/frames from the device into
+   preallocated slots (each with HEADROOM bytes in front for outer headers; EAGAIN ends the
+   batch, EINTR retries, another error is raised after the batch went out); ``outside_batch``
+   receives up to batch_size datagrams (an error met after some datagrams is reported by the
+   next call). Each slot is handed to the subclass's per-packet hook.
+2. Send queues: one per tunnel socket (the receive socket, or each of ``tx_fds``); a datagram
+   is queued with its peer and goes out when the queue is full or the batch ends (the Cython
+   kernel: one sendmmsg per socket used). A refused datagram is a tx_error; the rest still go.
+3. Peers: a received datagram is accepted only from a peer's IP (any source port); per-peer
+   counters follow the peer's (ip, port) across table swaps.
+4. Routed helpers (RoutedForwarderBase): the router part of the inside path (LPM, TTL, ICMP
+   errors under a token bucket, RFC 1812) and the IPv4 checks of the outside path.
+
+Invariants: the fds belong to the caller and are never closed here; a batch is not re-entrant;
+tables are swapped whole; every counter index comes from counters.COUNTER_INDEX.
+"""
+
+from __future__ import annotations
+
+import errno
+import operator
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any, Final
+
+from overlayd.dataplane.counters import BATCH_BUCKETS, COUNTER_INDEX, COUNTER_NAMES
+from overlayd.dataplane.route_table import RouteTable
+from overlayd.dataplane.tables import LOCAL, NO_ROUTE
+from overlayd.wire import ethernet, icmp, ipv4, vxlan
+
+HEADROOM: Final = 64          # bytes before each packet, for outer headers of encapsulating paths
+SLOT_SIZE: Final = 65536      # any IPv4 packet (total length is 16 bits) fits one slot
+MAX_BATCH: Final = 512
+TX_QUEUE: Final = 512         # datagrams per socket queue before it is sent mid-batch
+MAX_TX_SOCKETS: Final = 64
+
+# Receive errors that say something about one earlier datagram or a passing state of the
+# underlay, not about the socket: the next readiness event may well succeed.
+TRANSIENT_RECV_ERRORS: Final = frozenset({
+    errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ECONNREFUSED, errno.ECONNRESET,
+    errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETUNREACH, errno.ENETDOWN, errno.ENOBUFS,
+    errno.ENOMEM, errno.EMSGSIZE, errno.ETIMEDOUT, errno.EPROTO,
+})
+
+C = COUNTER_INDEX
+_INSIDE_DROP: Final = {
+    ipv4.TOO_SHORT: C["inside_too_short"],
+    ipv4.NOT_IPV4: C["inside_not_ipv4"],
+    ipv4.BAD_HEADER: C["inside_bad_header"],
+    ipv4.LENGTH_MISMATCH: C["inside_bad_header"],
+}
+_OUTSIDE_DROP: Final = {
+    ipv4.TOO_SHORT: C["outside_too_short"],
+    ipv4.NOT_IPV4: C["outside_not_ipv4"],
+    ipv4.BAD_HEADER: C["outside_bad_header"],
+    ipv4.LENGTH_MISMATCH: C["outside_length_mismatch"],
+    ipv4.BAD_CHECKSUM: C["outside_bad_checksum"],
+}
+_VXLAN_DROP: Final = {
+    vxlan.TRUNCATED: C["outside_truncated_vxlan"],
+    vxlan.BAD_FLAGS: C["outside_bad_vxlan_flags"],
+    vxlan.WRONG_VNI: C["outside_wrong_vni"],
+}
+# Per-peer counter positions.
+TX_PACKETS, TX_BYTES, RX_PACKETS, RX_BYTES = range(4)
+
+
+def batch_bucket(n: int) -> int:
+    """Histogram bucket of a batch of n >= 1 packets: 2**(i-1) < n <= 2**i."""
+    return (n - 1).bit_length()
+
+
+class State:
+    """One generation of forwarding state; replaced whole by set_tables, never mutated except
+    for its per-peer counters. Reads ``local_address`` and ``routes`` where the tables have
+    them (ForwardingTables), so the switched path's SwitchTables builds one too."""
+
+    __slots__ = (
+        "local_address",
+        "peer_addr",
+        "peer_by_ip",
+        "peer_counters",
+        "peer_keys",
+        "peer_mac",
+        "peer_mtu",
+        "routes",
+    )
+
+    def __init__(self, tables: Any) -> None:
+        peers = tables.peers if tables is not None else ()
+        routes = getattr(tables, "routes", ())
+        local_address = getattr(tables, "local_address", 0)
+        self.local_address: int = operator.index(local_address)
+        if not 0 <= self.local_address <= 0xFFFFFFFF:
+            raise ValueError(f"local_address {local_address!r} is not a u32 IPv4 address")
+        self.peer_keys: list[tuple[int, int]] = []
+        self.peer_mtu: list[int] = []
+        self.peer_mac: list[bytes] = []
+        self.peer_addr: list[tuple[str, int]] = []
+        self.peer_by_ip: dict[int, int] = {}
+        for index, peer in enumerate(peers):
+            ip, port, mtu = (operator.index(v) for v in (peer.ip, peer.port, peer.path_mtu))
+            mac = bytes(getattr(peer, "mac", b""))
+            check_peer(index, ip, port, mtu, mac)
+            self.peer_keys.append((ip, port))
+            self.peer_mtu.append(mtu)
+            self.peer_mac.append(mac)
+            self.peer_addr.append((ipv4.int_to_addr(ip), port))
+            self.peer_by_ip.setdefault(ip, index)  # several ports on one IP: the first wins
+        self.routes = RouteTable(routes)
+        for network, prefix_len, target in routes:
+            if target >= len(self.peer_keys):
+                raise ValueError(
+                    f"route {ipv4.int_to_addr(network)}/{prefix_len}: target {target} is not "
+                    f"a peer index (there are {len(self.peer_keys)} peers)"
+                )
+        self.peer_counters: list[list[int]] = [[0, 0, 0, 0] for _ in self.peer_keys]
+
+    def index_map(self, old: State) -> dict[int, int]:
+        """Old peer index -> new index, for peers whose (ip, port) is in both generations
+        (a duplicate (ip, port) maps its first occurrence only)."""
+        first_new: dict[tuple[int, int], int] = {}
+        for index, key in enumerate(self.peer_keys):
+            first_new.setdefault(key, index)
+        out: dict[int, int] = {}
+        for index, key in enumerate(old.peer_keys):
+            new = first_new.pop(key, None)
+            if new is not None:
+                out[index] = new
+        return out
+
+    def inherit_counters(self, old: State) -> None:
+        """Per-peer counters follow the peer's (ip, port) across a table swap."""
+        for old_index, new_index in self.index_map(old).items():
+            self.peer_counters[new_index] = list(old.peer_counters[old_index])
+
+
+def check_peer(index: int, ip: int, port: int, mtu: int, mac: bytes = b"") -> None:
+    if not 0 <= ip <= 0xFFFFFFFF:
+        raise ValueError(f"peer {index}: ip {ip!r} is not a u32 IPv4 address")
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError(f"peer {index}: port {port!r} out of range")
+    if not 0 <= mtu <= 0xFFFFFFFF:
+        raise ValueError(f"peer {index}: path_mtu {mtu!r} out of range")
+    if len(mac) not in (0, 6):
+        raise ValueError(f"peer {index}: mac must be 6 bytes (or empty), got {len(mac)}")
+
+
+def check_tx_fds(tx_fds: Sequence[int]) -> list[int]:
+    fds = [operator.index(fd) for fd in tx_fds]
+    if len(fds) > MAX_TX_SOCKETS:
+        raise ValueError(f"at most {MAX_TX_SOCKETS} tx_fds, got {len(fds)}")
+    if any(fd < 0 for fd in fds):
+        raise ValueError("tx_fds must be open file descriptors")
+    return fds
+
+
+class ForwarderBase:
+    """Batches, send queues, peers and counters over a device fd and UDP socket fds, all owned
+    by the caller. Subclasses implement ``_inside_one(state, slot, length)`` and
+    ``_outside_one(state, pkt, flags, address)``."""
+
+    _name = "Forwarder"
+
+    def __init__(self, dev_fd: int, sock_fd: int, tx_fds: Sequence[int],
+                 batch_size: int) -> None:
+        dev_fd, sock_fd = operator.index(dev_fd), operator.index(sock_fd)
+        batch_size = operator.index(batch_size)
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be 1..{MAX_BATCH}, got {batch_size}")
+        if dev_fd < 0 or sock_fd < 0:
+            raise ValueError("the device fd and sock_fd must be open file descriptors")
+        fds = check_tx_fds(tx_fds)
+        self._dev_fd = dev_fd
+        # Socket objects only to reach sendto/recvmsg_into; detached in __del__ so the caller's
+        # fds are never closed by us.
+        self._sock: socket.socket | None = socket.socket(fileno=sock_fd)
+        self._tx_socks: list[socket.socket] = [socket.socket(fileno=fd) for fd in fds]
+        self._batch_size = batch_size
+        self._busy = False
+        self._pending_recv_error = 0
+        self._counters = [0] * len(COUNTER_NAMES)
+        self._hist_inside = [0] * BATCH_BUCKETS
+        self._hist_outside = [0] * BATCH_BUCKETS
+        self._state = State(None)
+        self._queues: list[list[tuple[memoryview, int]]] = [[] for _ in range(max(1, len(fds)))]
+        stride = HEADROOM + SLOT_SIZE
+        self._inside_buf = bytearray(stride * batch_size)
+        self._outside_buf = bytearray(stride * batch_size)
+        self._inside_mv = memoryview(self._inside_buf)
+        outside = memoryview(self._outside_buf)
+        self._outside_slots = [outside[i * stride + HEADROOM:(i + 1) * stride]
+                               for i in range(batch_size)]
+
+    def __del__(self) -> None:
+        for sock in [getattr(self, "_sock", None), *getattr(self, "_tx_socks", [])]:
+            if sock is not None:
+                sock.detach()
+        self._sock = None
+        self._tx_socks = []
+
+    # --- control ---------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        return dict(zip(COUNTER_NAMES, self._counters, strict=True))
+
+    def peer_counters(self) -> list[tuple[int, int, int, int]]:
+        return [(c[0], c[1], c[2], c[3]) for c in self._state.peer_counters]
+
+    def batch_histogram(self) -> tuple[list[int], list[int]]:
+        return list(self._hist_inside), list(self._hist_outside)
+
+    def _enter(self) -> None:
+        # Batches share buffers, counters and (switched) the FDB; a second thread must not run
+        # one concurrently, nor change the FDB while one runs.
+        if self._busy:
+            raise RuntimeError(f"{self._name}: a batch is already running (not re-entrant)")
+        self._busy = True
+
+    # --- inside: device -> underlay --------------------------------------------------------
+
+    def _slot(self, index: int, length: int, headroom: int = 0) -> memoryview:
+        """Slot ``index``'s packet of ``length`` bytes, with ``headroom`` bytes in front."""
+        start = index * (HEADROOM + SLOT_SIZE) + HEADROOM
+        return self._inside_mv[start - headroom:start + length]
+
+    def inside_batch(self) -> int:
+        self._enter()
+        try:
+            return self._inside_batch()
+        finally:
+            self._busy = False
+
+    def _inside_batch(self) -> int:
+        state = self._state
+        lengths: list[int] = []
+        read_error = 0
+        while len(lengths) < self._batch_size:
+            try:
+                lengths.append(os.readv(self._dev_fd, [self._slot(len(lengths), SLOT_SIZE)]))
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                read_error = exc.errno or errno.EIO
+                break
+        for index, length in enumerate(lengths):
+            self._inside_one(state, index, length)
+        self._flush(state)
+        if lengths:
+            self._hist_inside[batch_bucket(len(lengths))] += 1
+        if read_error:
+            raise OSError(read_error, os.strerror(read_error))
+        return len(lengths)
+
+    def _inside_one(self, state: State, index: int, length: int) -> None:
+        raise NotImplementedError
+
+    def _queue(self, state: State, datagram: memoryview, peer: int, sock: int) -> None:
+        """Hot: queue one datagram for ``peer`` on tx socket ``sock``."""
+        queue = self._queues[sock]
+        queue.append((datagram, peer))
+        if len(queue) >= TX_QUEUE:
+            self._send(state, sock)
+
+    def _flush(self, state: State) -> None:
+        for sock in range(len(self._queues)):
+            if self._queues[sock]:
+                self._send(state, sock)
+
+    def _send(self, state: State, sock_index: int) -> None:
+        sock = self._tx_socks[sock_index] if self._tx_socks else self._sock
+        assert sock is not None
+        ctr = self._counters
+        for datagram, peer in self._queues[sock_index]:
+            try:
+                sock.sendto(datagram, socket.MSG_DONTWAIT, state.peer_addr[peer])
+            except OSError:
+                ctr[C["tx_error"]] += 1
+                continue
+            ctr[C["forwarded_packets"]] += 1
+            counts = state.peer_counters[peer]
+            counts[TX_PACKETS] += 1
+            counts[TX_BYTES] += len(datagram)
+        self._queues[sock_index].clear()
+
+    def _write_device(self, data: memoryview | bytes) -> bool:
+        try:
+            os.write(self._dev_fd, data)
+        except OSError:
+            self._counters[C["device_write_error"]] += 1
+            return False
+        return True
+
+    # --- outside: underlay -> device -------------------------------------------------------
+
+    def outside_batch(self) -> int:
+        self._enter()
+        try:
+            return self._outside_batch()
+        finally:
+            self._busy = False
+
+    def _outside_batch(self) -> int:
+        assert self._sock is not None
+        if self._pending_recv_error:
+            # recvmmsg reports an error met after some datagrams on the following call.
+            error, self._pending_recv_error = self._pending_recv_error, 0
+            return self._recv_failed(error)
+        received: list[tuple[int, int, object]] = []
+        slots = self._outside_slots
+        while len(received) < self._batch_size:
+            try:
+                nbytes, _, flags, address = self._sock.recvmsg_into(
+                    [slots[len(received)]], 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                error = exc.errno or errno.EIO
+                if not received:
+                    return self._recv_failed(error)
+                self._pending_recv_error = error
+                break
+            received.append((nbytes, flags, address))
+        state = self._state
+        for slot, (nbytes, flags, address) in enumerate(received):
+            self._outside_one(state, slots[slot][:nbytes], flags, address)
+        if received:
+            self._hist_outside[batch_bucket(len(received))] += 1
+        return len(received)
+
+    @staticmethod
+    def _recv_failed(error: int) -> int:
+        if error in TRANSIENT_RECV_ERRORS:
+            return 0
+        raise OSError(error, os.strerror(error))
+
+    def _outside_one(self, state: State, pkt: memoryview, flags: int, address: object) -> None:
+        raise NotImplementedError
+
+    def _outside_vxlan(self, state: State, pkt: memoryview, flags: int, address: object,
+                       vni: int) -> tuple[int, memoryview | None]:
+        """Hot: (peer, inner Ethernet frame) of a VXLAN datagram for ``vni``; frame None when
+        dropped and counted (truncated, unknown peer, short, I flag clear, another VNI)."""
+        peer = self._outside_peer(state, pkt, flags, address)
+        if peer < 0:
+            return peer, None
+        reason = vxlan.check(pkt, vni, ethernet.HEADER_LEN)
+        if reason is not None:
+            self._counters[_VXLAN_DROP[reason]] += 1
+            return peer, None
+        return peer, pkt[vxlan.HEADER_LEN:]
+
+    def _outside_peer(self, state: State, pkt: memoryview, flags: int, address: object) -> int:
+        """Hot: count a received datagram; the index of the peer it came from, or -1 (dropped
+        as truncated or from an unknown source, and counted)."""
+        ctr = self._counters
+        ctr[C["outside_packets"]] += 1
+        ctr[C["outside_bytes"]] += len(pkt)
+        if flags & socket.MSG_TRUNC:
+            ctr[C["outside_truncated"]] += 1
+            return -1
+        peer = -1
+        if isinstance(address, tuple) and len(address) == 2:
+            source_ip = int.from_bytes(socket.inet_aton(address[0]), "big")
+            peer = state.peer_by_ip.get(source_ip, -1)
+        if peer < 0:
+            ctr[C["outside_unknown_peer"]] += 1
+            return -1
+        counts = state.peer_counters[peer]
+        counts[RX_PACKETS] += 1
+        counts[RX_BYTES] += len(pkt)
+        return peer
+
+
+class RoutedForwarderBase(ForwarderBase):
+    """The router shared by the routed paths (udp, vxlan routed) over a tun device."""
+
+    def __init__(self, tun_fd: int, sock_fd: int, tx_fds: Sequence[int], batch_size: int,
+                 icmp_burst: int) -> None:
+        icmp_burst = operator.index(icmp_burst)
+        if icmp_burst < 0:
+            raise ValueError(f"icmp_burst must be >= 0, got {icmp_burst}")
+        super().__init__(tun_fd, sock_fd, tx_fds, batch_size)
+        self._tokens = icmp_burst
+
+    def set_tables(self, tables: Any) -> None:
+        """Build the new state on the side, then swap it in with one assignment."""
+        state = self._check_tables(State(tables))
+        state.inherit_counters(self._state)
+        self._state = state
+
+    def _check_tables(self, state: State) -> State:
+        return state
+
+    def add_icmp_tokens(self, n: int, cap: int) -> None:
+        n, cap = operator.index(n), operator.index(cap)
+        if n < 0 or cap < 0:
+            raise ValueError("add_icmp_tokens: n and cap must be >= 0")
+        self._tokens = min(cap, self._tokens + n)
+
+    def _route(self, state: State, pkt: memoryview) -> int:
+        """Hot: route one IPv4 packet read from the device; return the peer to send it to
+        (after decrementing its TTL in place) or -1 (dropped, counted, maybe answered)."""
+        ctr = self._counters
+        length = len(pkt)
+        ctr[C["inside_packets"]] += 1
+        ctr[C["inside_bytes"]] += length
+        reason = ipv4.validate(pkt)
+        if reason is not None:
+            ctr[_INSIDE_DROP[reason]] += 1
+            return -1
+        target = state.routes.lookup(ipv4.destination(pkt))
+        if target == NO_ROUTE:
+            ctr[C["inside_no_route"]] += 1
+            self._icmp(state, pkt, icmp.DEST_UNREACHABLE, icmp.CODE_NET_UNREACHABLE)
+            return -1
+        if target == LOCAL:
+            ctr[C["inside_local_destination"]] += 1
+            self._icmp(state, pkt, icmp.DEST_UNREACHABLE, icmp.CODE_HOST_UNREACHABLE)
+            return -1
+        ttl = ipv4.ttl(pkt)
+        if ttl <= 1:
+            ctr[C["inside_ttl_expired"]] += 1
+            self._icmp(state, pkt, icmp.TIME_EXCEEDED, icmp.CODE_TTL_EXCEEDED)
+            return -1
+        mtu = state.peer_mtu[target]
+        if ipv4.dont_fragment(pkt) and length > mtu:
+            ctr[C["inside_too_big"]] += 1
+            self._icmp(state, pkt, icmp.DEST_UNREACHABLE, icmp.CODE_FRAGMENTATION_NEEDED, mtu)
+            return -1
+        csum = ipv4.ttl_decrement_checksum(ipv4.header_checksum(pkt), ttl, ipv4.protocol(pkt))
+        pkt[ipv4.OFF_TTL] = ttl - 1
+        pkt[ipv4.OFF_CHECKSUM] = csum >> 8
+        pkt[ipv4.OFF_CHECKSUM + 1] = csum & 0xFF
+        return target
+
+    def _icmp(self, state: State, pkt: memoryview, icmp_type: int, code: int,
+              mtu: int = 0) -> None:
+        ctr = self._counters
+        if not icmp.icmp_error_allowed(pkt):
+            return
+        if self._tokens <= 0:
+            ctr[C["icmp_rate_limited"]] += 1
+            return
+        self._tokens -= 1
+        if self._write_device(icmp.build_icmp_error(state.local_address, pkt, icmp_type, code,
+                                                    mtu)):
+            ctr[C["icmp_sent"]] += 1
+
+    def _deliver(self, state: State, pkt: memoryview, peer: int) -> None:
+        """Hot: check an inner IPv4 packet from ``peer`` and write it into the device."""
+        ctr = self._counters
+        reason = ipv4.validate(pkt, verify_checksum=True)
+        if reason is not None:
+            ctr[_OUTSIDE_DROP[reason]] += 1
+            return
+        if state.routes.lookup(ipv4.source(pkt)) != peer:
+            ctr[C["outside_spoofed_source"]] += 1
+            return
+        if state.routes.lookup(ipv4.destination(pkt)) != LOCAL:
+            ctr[C["outside_not_for_us"]] += 1
+            return
+        if self._write_device(pkt):
+            ctr[C["delivered_packets"]] += 1
