@@ -67,17 +67,23 @@ def udp_socket(ip: str) -> socket.socket:
     return sock
 
 
+def device_pair() -> tuple[socket.socket, socket.socket]:
+    """(application end, device end) of a datagram socketpair standing in for a tun/tap fd."""
+    app, dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for s in (app, dev):
+        s.setblocking(False)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            s.setsockopt(socket.SOL_SOCKET, opt, 1 << 20)
+    return app, dev
+
+
 class Rig:
     """One forwarder with its fds, peers and helpers to push and collect traffic."""
 
     def __init__(self, kernels: ModuleType, *, peers: int = 3, batch_size: int = 64,
                  icmp_burst: int = 100, mtus: tuple[int, ...] = (1400, 1400, 576),
                  tables: bool = True, sock: socket.socket | None = None) -> None:
-        self.app, self.dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        for s in (self.app, self.dev):
-            s.setblocking(False)
-            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                s.setsockopt(socket.SOL_SOCKET, opt, 1 << 20)
+        self.app, self.dev = device_pair()
         self.local = sock if sock is not None else udp_socket(NODE_IP)
         self.peers = [udp_socket(peer_ip(i)) for i in range(peers)]
         self.stranger = udp_socket(STRANGER_IP)

@@ -10,7 +10,6 @@ out, as a dissector that shares no code with ours.
 from __future__ import annotations
 
 import select
-import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from test_forwarder import (
     NODE_IP,
     Rig,
     check_icmp,
+    device_pair,
     inner_packets,
     nonzero,
     overlay,
@@ -62,11 +62,7 @@ class VxRig(Rig):
     def __init__(self, kernels: ModuleType, *, pool: int = POOL, batch_size: int = 64,
                  icmp_burst: int = 100, mtus: tuple[int, ...] = (1400, 1400, 576),
                  peers: int = 3) -> None:
-        self.app, self.dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        for s in (self.app, self.dev):
-            s.setblocking(False)
-            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                s.setsockopt(socket.SOL_SOCKET, opt, 1 << 20)
+        self.app, self.dev = device_pair()
         self.local = udp_socket(NODE_IP)
         self.tx = [udp_socket(NODE_IP) for _ in range(pool)]
         self.peers = [udp_socket(peer_ip(i)) for i in range(peers)]
