@@ -38,7 +38,7 @@ from overlayd.control.local_node import LocalView, build_local_view
 from overlayd.control.subnet_map import SubnetMap, parse_subnet_map
 from overlayd.dataplane.counters import BATCH_BUCKETS, COUNTER_NAMES, DROP_REASONS
 from overlayd.errors import EX_OSERR, EX_UNAVAILABLE, StartupError
-from overlayd.ops import capture, control_socket, health, state
+from overlayd.ops import capture, control_socket, health, state, tables
 from overlayd.ops.http_server import LoopBridge, OpsHttpServer
 from overlayd.ops.metrics import build_registry, read_sample
 
@@ -228,14 +228,20 @@ def test_metric_names_follow_prometheus_conventions(tmp_path: Path) -> None:
 def test_fdb_metric_and_command_follow_a_forwarder_that_has_one(tmp_path: Path) -> None:
     d = make_daemon(tmp_path)
     assert state.fdb(d)["supported"] is False
-    d.forwarder.fdb_entries = lambda: [(bytes.fromhex("020000000001"), 0, 12.5),
-                                       (bytes.fromhex("020000000002"), -1)]
+    now = time.monotonic()
+    d.forwarder.fdb_entries = lambda: [(bytes.fromhex("020000000001"), 0, False, now - 12.5),
+                                       (bytes.fromhex("020000000002"), -1, True, 0.0)]
     assert scrape(d, state.RuntimeInfo())["overlayd_fdb_entries"] == 2
-    got = state.fdb(d)
+    got = state.fdb(d, now)
     assert got["supported"] is True
     assert got["entries"][0] == {"mac": "02:00:00:00:00:01", "target": 0, "peer": "b",
-                                 "kind": "peer", "age_seconds": 12.5}
-    assert got["entries"][1]["kind"] == "local"
+                                 "kind": "peer", "static": False, "age_seconds": 12.5}
+    assert got["entries"][1] == {"mac": "02:00:00:00:00:02", "target": -1, "peer": None,
+                                 "kind": "local", "static": True}
+    text = tables.render_fdb(got).splitlines()
+    assert text[0].split() == ["MAC", "TARGET", "TYPE", "AGE"]
+    assert text[1].split() == ["02:00:00:00:00:01", "b", "learned", "12", "s"]
+    assert text[2].split() == ["02:00:00:00:00:02", "local", "static", "-"]
 
 
 # -- health ------------------------------------------------------------------------------------

@@ -151,6 +151,11 @@ class CaptureHub:
     def supported(self) -> bool:
         return supported(self.daemon.forwarder)
 
+    @property
+    def link(self) -> str:
+        """What a record carries: inner IP packets (routed paths) or Ethernet frames (tap)."""
+        return "ethernet" if getattr(self.daemon.smap.backend, "switched", False) else "ip"
+
     def open(self, writer: asyncio.StreamWriter, request: dict[str, Any]) -> CaptureSession:
         if not self.supported:
             raise CaptureError(NOT_SUPPORTED)
@@ -215,7 +220,8 @@ class CaptureHub:
 
 # -- the client side: pcap with Linux "cooked" headers ---------------------------------------
 
-LINKTYPE_LINUX_SLL = 113        # tcpdump.org link-layer header types
+LINKTYPE_ETHERNET = 1           # tcpdump.org link-layer header types
+LINKTYPE_LINUX_SLL = 113
 SLL_HEADER = struct.Struct("!HHH8sH")
 PACKET_HOST, PACKET_OUTGOING = 0, 4       # <linux/if_packet.h>: shown by tcpdump as In / Out
 ARPHRD_NONE = 0xFFFE                       # what a tun device reports

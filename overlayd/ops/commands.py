@@ -205,12 +205,16 @@ def run_capture(args: argparse.Namespace, path: Path) -> int:
         sock.sendall(json.dumps({"command": "capture", "peer": args.peer,
                                  "direction": args.direction, "count": args.count,
                                  "seconds": args.seconds}).encode() + b"\n")
-        _answer(sock)
+        link = (_answer(sock) or {}).get("link", "ip")
         try:
             out = sys.stdout.buffer if args.write == "-" else open(args.write, "wb")  # noqa: SIM115
         except OSError as exc:
             raise ClientError(f"{args.write}: {exc.strerror or exc}", 73) from None  # EX_CANTCREAT
-        pcap = dpkt.pcap.Writer(out, snaplen=65535, linktype=cap.LINKTYPE_LINUX_SLL)
+        # Routed paths: inner IP packets in Linux cooked headers (direction and peer kept).
+        # A switched (tap) path carries whole Ethernet frames: written as they are.
+        ethernet = link == "ethernet"
+        pcap = dpkt.pcap.Writer(out, snaplen=65535, linktype=cap.LINKTYPE_ETHERNET if ethernet
+                                else cap.LINKTYPE_LINUX_SLL)
         out.flush()
         scope = ", ".join([f"direction {args.direction or 'both'}",
                            f"peer {args.peer or 'any'}"]
@@ -231,7 +235,7 @@ def run_capture(args: argparse.Namespace, path: Path) -> int:
             if kind == cap.END:
                 summary = json.loads(payload or b"{}")
                 break
-            pcap.writepkt(cap.sll_frame(kind, peer_ip, payload), ts=ts)
+            pcap.writepkt(payload if ethernet else cap.sll_frame(kind, peer_ip, payload), ts=ts)
             out.flush()
             written += 1
             if args.count is not None and written >= args.count:

@@ -173,7 +173,7 @@ class ControlServer:
             return
         req = session.request
         await self._answer(writer, {"ok": True, "result": {
-            "link": "ip", "direction": req.direction, "peer": req.peer, "count": req.count,
+            "link": self.capture.link, "direction": req.direction, "peer": req.peer, "count": req.count,
             "seconds": req.seconds}})
         eof = asyncio.ensure_future(reader.read(1))   # the client closing ends the session
         waiters: set[asyncio.Future[Any]] = {eof, session.done}

@@ -126,12 +126,13 @@ def _mac(value: Any) -> str:
     return str(value)
 
 
-def fdb(d: DaemonLike) -> dict[str, Any]:
+def fdb(d: DaemonLike, now: float | None = None) -> dict[str, Any]:
     """The switched path's MAC table, if the running forwarder has one.
 
-    A forwarder with an FDB exposes ``fdb_entries() -> [(mac, target, *extra)]`` where mac is 6
-    bytes (or an int or a string), target a peer index or LOCAL, and an optional first extra
-    item the entry's age in seconds. The routed ``udp`` path has none.
+    A switched forwarder exposes ``fdb_entries() -> [(mac, target, static, last_seen)]``: mac as
+    6 bytes, target a peer index or LOCAL, static for entries from the map (never aged), and
+    last_seen in monotonic seconds (the clock the runtime hands the data plane). The routed
+    paths have none.
     """
     backend = d.smap.backend
     kind = f"{backend.type}" + (f" ({backend.mode})" if backend.type == "vxlan" else "")
@@ -139,15 +140,17 @@ def fdb(d: DaemonLike) -> dict[str, Any]:
     if reader is None:
         return {"supported": False, "backend": kind, "entries": [],
                 "reason": f"the running backend ({kind}) routes by prefix and has no FDB"}
+    mono = time.monotonic() if now is None else now
     names = [p.name for p in d.view.peers] if d.view is not None else []
     entries = []
-    for entry in reader():
-        mac, target, *extra = entry
+    for mac, target, *extra in reader():
         row: dict[str, Any] = {"mac": _mac(mac), "target": target,
                                "peer": names[target] if 0 <= target < len(names) else None,
                                "kind": "local" if target == LOCAL else "peer"}
-        if extra:
-            row["age_seconds"] = float(extra[0])
+        static = bool(extra[0]) if extra else False
+        row["static"] = static
+        if len(extra) > 1 and not static:
+            row["age_seconds"] = round(max(0.0, mono - float(extra[1])), 3)
         entries.append(row)
     return {"supported": True, "backend": kind, "entries": entries}
 

@@ -156,6 +156,7 @@ def render_fdb(fdb: dict[str, Any]) -> str:
     if not fdb["entries"]:
         return f"FDB ({fdb['backend']}): empty"
     rows = [[e["mac"], "local" if e["kind"] == "local" else (e["peer"] or "?"),
+             "static" if e.get("static") else "learned",
              f"{e['age_seconds']:.0f} s" if "age_seconds" in e else None]
             for e in fdb["entries"]]
-    return table(["MAC", "TARGET", "AGE"], rows)
+    return table(["MAC", "TARGET", "TYPE", "AGE"], rows)
