@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from overlayd.control.problems import ConfigError, Problems, read_toml
-from overlayd.control.subnet_map import SubnetMap, parse_subnet_map
+from overlayd.control.problems import ConfigError, Problem, Problems, read_toml
+from overlayd.control.subnet_map import MAC, SubnetMap, parse_subnet_map
 
 DEVICE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/' or whitespace
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -41,6 +41,18 @@ class DaemonConfig:
     metrics_enabled: bool
     metrics_listen: str
     control_socket: Path
+    tx_sockets: int = 8                   # vxlan: sockets outer datagrams leave from, by flow hash
+    mac_ageing_seconds: float = 300.0     # switched: learned MACs not seen this long are forgotten
+    fdb_max_entries: int = 16384          # switched: cap of the MAC table (learned + static)
+    static_macs: tuple[StaticMac, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StaticMac:
+    """A MAC pinned to a node of the map (switched vxlan): never aged, never moved."""
+
+    mac: str          # aa:bb:cc:dd:ee:ff, lower case
+    node: str         # a node name of the map; this node's own name means "behind our tap"
 
 
 def load_config(path: Path) -> tuple[DaemonConfig, SubnetMap]:
@@ -55,6 +67,8 @@ def load_config(path: Path) -> tuple[DaemonConfig, SubnetMap]:
             smap = parse_subnet_map(read_toml(map_file), str(map_file))
         except ConfigError as exc:
             problems = problems + exc.problems
+    if config is not None and smap is not None:
+        problems = problems + static_mac_problems(config, smap)
     if problems or config is None or smap is None:
         raise ConfigError(problems)
     return config, smap
@@ -70,7 +84,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     """Validate a parsed config file; return (config or None, problems)."""
     p = Problems(str(path))
     sections = {"node", "map", "device", "tunnel", "dataplane", "runtime", "log", "metrics",
-                "control"}
+                "control", "switch"}
     p.unknown_keys(data, sections)
     node = p.table(data, "node")
     p.unknown_keys(node, {"name"}, "node")
@@ -92,10 +106,11 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     tx_queue_len = p.integer(dev, "tx_queue_len", "device", default=1000, low=1, high=1_000_000)
 
     tun = p.table(data, "tunnel")
-    p.unknown_keys(tun, {"bind", "socket_buffer_bytes"}, "tunnel")
+    p.unknown_keys(tun, {"bind", "socket_buffer_bytes", "tx_sockets"}, "tunnel")
     bind = p.ipv4_address(tun, "bind", "tunnel")
     sockbuf = p.integer(tun, "socket_buffer_bytes", "tunnel", default=4 << 20,
                         low=64 << 10, high=1 << 30)
+    tx_sockets = p.integer(tun, "tx_sockets", "tunnel", default=8, low=0, high=64)
 
     dp = p.table(data, "dataplane")
     p.unknown_keys(dp, {"implementation", "batch_size", "icmp_rate_per_second"}, "dataplane")
@@ -119,6 +134,15 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     if _host_port(listen) is None:
         p.add("metrics.listen", f"{listen!r}: expected HOST:PORT, e.g. 127.0.0.1:9585")
 
+    sw = p.table(data, "switch")
+    p.unknown_keys(sw, {"mac_ageing_seconds", "fdb_max_entries", "static_macs"}, "switch")
+    ageing = p.number(sw, "mac_ageing_seconds", "switch", default=300.0, low=1.0,
+                      high=1_000_000.0)
+    fdb_max = p.integer(sw, "fdb_max_entries", "switch", default=16384, low=1, high=1 << 24)
+    static_macs = _static_macs(p, sw.get("static_macs", []))
+    if fdb_max is not None and len(static_macs) > fdb_max:
+        p.add("switch.static_macs", f"{len(static_macs)} entries exceed fdb_max_entries {fdb_max}")
+
     ctl = p.table(data, "control")
     p.unknown_keys(ctl, {"socket"}, "control")
     sock_text = p.string(ctl, "socket", "control",
@@ -134,7 +158,44 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         batch_size=batch, dataplane=impl, icmp_rate_per_second=icmp_rate, keep_device=keep,
         log_level=level, metrics_enabled=metrics_enabled, metrics_listen=listen,
         control_socket=Path(sock_text or "/run/overlayd/overlayd.sock"),
+        tx_sockets=tx_sockets if tx_sockets is not None else 8,
+        mac_ageing_seconds=ageing, fdb_max_entries=fdb_max or 16384,
+        static_macs=tuple(static_macs),
     ), []
+
+
+def _static_macs(p: Problems, raw: Any) -> list[StaticMac]:
+    if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
+        p.add("switch.static_macs", 'must be an array of tables: [{ mac = "...", node = "..." }]')
+        return []
+    out: list[StaticMac] = []
+    seen: dict[str, str] = {}
+    for i, entry in enumerate(raw):
+        path = f"switch.static_macs[{i}]"
+        p.unknown_keys(entry, {"mac", "node"}, path)
+        mac = p.string(entry, "mac", path, required=True)
+        node = p.string(entry, "node", path, required=True)
+        if mac is None or node is None:
+            continue
+        mac = mac.lower()
+        if not MAC.match(mac):
+            p.add(f"{path}.mac", f"{mac!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+        elif int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+            p.add(f"{path}.mac", f"{mac} is not a unicast MAC")
+        elif mac in seen:
+            p.add(f"{path}.mac", f"{mac} is already pinned by {seen[mac]}")
+        else:
+            seen[mac] = path
+            out.append(StaticMac(mac, node))
+    return out
+
+
+def static_mac_problems(config: DaemonConfig, smap: SubnetMap) -> list[Problem]:
+    """Static MACs must name nodes of the map."""
+    names = {n.name for n in smap.nodes}
+    return [Problem(str(config.path), f"switch.static_macs[{i}].node",
+                    f"unknown node {s.node!r} (the map has: {', '.join(sorted(names))})")
+            for i, s in enumerate(config.static_macs) if s.node not in names]
 
 
 def _host_port(text: str) -> tuple[str, int] | None:

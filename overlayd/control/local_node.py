@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from overlayd.control.problems import ConfigError, Problem
 from overlayd.control.subnet_map import Node, SubnetMap
-from overlayd.dataplane.tables import LOCAL, ForwardingTables, PeerEntry
+from overlayd.dataplane.tables import LOCAL, ForwardingTables, PeerEntry, SwitchTables
+from overlayd.wire.ethernet import parse_mac
 
 
 def find_local_node(smap: SubnetMap, map_file: str, name: str | None,
@@ -58,7 +59,18 @@ def build_local_view(smap: SubnetMap, me: Node, underlay_mtu: int) -> LocalView:
                                           for p in me.prefixes]
     for index, peer in enumerate(peers):
         path_mtu = min(underlay_mtu, smap.underlay_mtu_of(peer)) - overhead
-        entries.append(PeerEntry(int(peer.public_ip), smap.backend.port, path_mtu, peer.name))
+        entries.append(PeerEntry(int(peer.public_ip), smap.backend.port, path_mtu, peer.name,
+                                 parse_mac(peer.vtep_mac) if peer.vtep_mac else b""))
         routes.extend((int(p.network_address), p.prefixlen, index) for p in peer.prefixes)
     tables = ForwardingTables(int(me.address), tuple(entries), tuple(routes))
     return LocalView(me, peers, tables, underlay_mtu - overhead)
+
+
+def build_switch_tables(view: LocalView, static_macs: Iterable[tuple[str, str]]) -> SwitchTables:
+    """The switched path's tables: the view's peers, and (mac, node name) pins resolved to a
+    peer index, or LOCAL for this node. Pins naming a node no longer in the map are left out
+    (the config check names them; a map reload must not fail over them)."""
+    index = {node.name: i for i, node in enumerate(view.peers)}
+    index[view.node.name] = LOCAL
+    static = tuple((parse_mac(mac), index[node]) for mac, node in static_macs if node in index)
+    return SwitchTables(view.tables.peers, static)

@@ -55,8 +55,11 @@ def host_addresses() -> list[HostAddress]:
 
 @_in_worker
 def configure_device(name: str, address: ipaddress.IPv4Address, mtu: int, tx_queue_len: int,
-                     routes: Iterable[ipaddress.IPv4Network]) -> None:
-    """Bring the device up with its overlay address (/32), MTU and a route per overlay prefix.
+                     routes: Iterable[ipaddress.IPv4Network], *, prefixlen: int = 32,
+                     mac: str | None = None) -> None:
+    """Bring the device up with its overlay address (/32 when routed), MTU and a route per
+    overlay prefix; a tap also gets its MAC, and (switched: one L2 segment) the network's
+    prefix length, whose connected route is the only route it needs.
 
     Routes carry ``src`` = the overlay address, so this host's own traffic into the overlay leaves
     with an address the peers accept (inside its subnet) rather than the underlay address.
@@ -65,7 +68,9 @@ def configure_device(name: str, address: ipaddress.IPv4Address, mtu: int, tx_que
         with IPRoute() as ipr:
             index = _index(ipr, name)
             ipr.link("set", index=index, mtu=mtu, txqlen=tx_queue_len)
-            ipr.addr("replace", index=index, address=str(address), prefixlen=32)
+            if mac is not None:
+                ipr.link("set", index=index, address=mac)
+            ipr.addr("replace", index=index, address=str(address), prefixlen=prefixlen)
             ipr.link("set", index=index, state="up")
             for route in routes:
                 _route(ipr, "replace", index, route, address)

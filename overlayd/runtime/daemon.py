@@ -23,22 +23,33 @@ from typing import Any
 
 from overlayd.control.config import DaemonConfig
 from overlayd.control.file_source import FileMapSource
-from overlayd.control.local_node import LocalView, build_local_view, find_local_node
+from overlayd.control.local_node import (
+    LocalView,
+    build_local_view,
+    build_switch_tables,
+    find_local_node,
+)
 from overlayd.control.problems import ConfigError
 from overlayd.control.subnet_map import SubnetMap
 from overlayd.io import host_network
 from overlayd.io.device import OverlayDevice, tune_device_sysctls
 from overlayd.io.tunnel_socket import open_tunnel_socket
 from overlayd.runtime.logs import RateLimitedLog
+from overlayd.wire.ethernet import parse_mac
 
 log = logging.getLogger("overlayd")
 
 ICMP_REFILL_SECONDS = 0.1     # token bucket granularity for ICMP errors
 HEALTH_CHECK_SECONDS = 1.0    # how often the device's existence is checked
+FDB_TICK_SECONDS = 0.5        # switched: the data plane's clock (set_now) and MAC ageing
 
 
 def kernel_routes(smap: SubnetMap, view: LocalView) -> set[ipaddress.IPv4Network]:
-    """Prefixes the kernel must send into the device: the network, and peers' extra prefixes."""
+    """Prefixes the kernel must send into the device: the network, and peers' extra prefixes.
+    None on the switched path: its address carries the network's prefix length, and the
+    connected route that comes with it is all one L2 segment needs."""
+    if smap.backend.switched:
+        return set()
     routes = {smap.network}
     for peer in view.peers:
         routes.update(r for r in peer.routes if not r.subnet_of(smap.network))
@@ -56,6 +67,7 @@ class Daemon:
         self.view: LocalView | None = None
         self.tun: OverlayDevice | None = None
         self.sock: socket.socket | None = None
+        self.tx_socks: list[socket.socket] = []   # vxlan: outer source ports by flow hash
         self.forwarder: Any = None
         self.routes: set[ipaddress.IPv4Network] = set()
         self.started_at = time.monotonic()
@@ -82,17 +94,47 @@ class Daemon:
         underlay_mtu = self._underlay_mtu(me.public_ip, addresses)
         self.view = build_local_view(self.smap, me, underlay_mtu)
         bind = self.config.bind_address or me.public_ip
-        self.sock = open_tunnel_socket(bind, self.smap.backend.port,
-                                       self.config.socket_buffer_bytes)
-        self.tun = OverlayDevice(self.config.device_name, "tun", persist=self.config.keep_device)
+        backend = self.smap.backend
+        self.sock = open_tunnel_socket(bind, backend.port, self.config.socket_buffer_bytes)
+        if backend.type == "vxlan":
+            # RFC 7348 wants the outer source port to follow the inner flow; one socket has one
+            # port, so datagrams leave from a small pool of sockets on kernel-chosen ephemeral
+            # ports, picked per packet by flow hash. Receiving stays on the VXLAN port.
+            self.tx_socks = [open_tunnel_socket(bind, 0, self.config.socket_buffer_bytes)
+                             for _ in range(self.config.tx_sockets)]
+        self.tun = OverlayDevice(self.config.device_name, "tap" if backend.switched else "tun",
+                                 persist=self.config.keep_device)
         self._configure_device()
-        rate = self.config.icmp_rate_per_second
-        self.forwarder = self.kernels.UdpForwarder(self.tun.fileno(), self.sock.fileno(),
-                                                   self.config.batch_size, rate)
-        self.forwarder.set_tables(self.view.tables)
-        log.info("node %s: subnet %s, device %s (%s, mtu %d), udp %s:%d, %d peers, data plane %s",
+        self.forwarder = self._make_forwarder(me.vtep_mac)
+        if backend.switched:
+            self.forwarder.set_now(time.monotonic())
+        self.forwarder.set_tables(self._tables(self.view))
+        mode = f"vxlan {backend.mode} vni {backend.vni}" if backend.type == "vxlan" else "udp"
+        log.info("node %s: subnet %s, device %s (%s, mtu %d), %s %s:%d, %d peers, data plane %s",
                  me.name, me.subnet, self.config.device_name, me.address, self.view.device_mtu,
-                 bind, self.smap.backend.port, len(self.view.peers), self.implementation)
+                 mode, bind, backend.port, len(self.view.peers), self.implementation)
+
+    def _make_forwarder(self, vtep_mac: str) -> Any:
+        """The kernel for the map's backend: udp, vxlan routed (tun) or vxlan switched (tap)."""
+        assert self.tun is not None and self.sock is not None
+        backend, config = self.smap.backend, self.config
+        dev, sock = self.tun.fileno(), self.sock.fileno()
+        tx_fds = [s.fileno() for s in self.tx_socks]
+        if backend.type == "udp":
+            return self.kernels.UdpForwarder(dev, sock, config.batch_size,
+                                             config.icmp_rate_per_second)
+        if backend.switched:
+            return self.kernels.VxlanSwitchForwarder(
+                dev, sock, vni=backend.vni, tx_fds=tx_fds, batch_size=config.batch_size,
+                fdb_max_entries=config.fdb_max_entries)
+        return self.kernels.VxlanRoutedForwarder(
+            dev, sock, parse_mac(vtep_mac), vni=backend.vni, tx_fds=tx_fds,
+            batch_size=config.batch_size, icmp_burst=config.icmp_rate_per_second)
+
+    def _tables(self, view: LocalView) -> Any:
+        if self.smap.backend.switched:
+            return build_switch_tables(view, [(s.mac, s.node) for s in self.config.static_macs])
+        return view.tables
 
     def _underlay_mtu(self, public_ip: ipaddress.IPv4Address,
                       addresses: list[host_network.HostAddress]) -> int:
@@ -106,9 +148,12 @@ class Daemon:
         assert self.view is not None and self.tun is not None
         tune_device_sysctls(self.config.device_name)
         self.routes = kernel_routes(self.smap, self.view)
-        host_network.configure_device(self.config.device_name, self.view.node.address,
-                                      self.view.device_mtu, self.config.tx_queue_len,
-                                      sorted(self.routes))
+        switched = self.smap.backend.switched
+        host_network.configure_device(
+            self.config.device_name, self.view.node.address, self.view.device_mtu,
+            self.config.tx_queue_len, sorted(self.routes),
+            prefixlen=self.smap.network.prefixlen if switched else 32,
+            mac=self.view.node.vtep_mac if switched else None)
 
     # -- 2. forward -----------------------------------------------------------------------------
 
@@ -120,7 +165,10 @@ class Daemon:
         for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
                              (signal.SIGHUP, lambda: self.reload("SIGHUP"))):
             loop.add_signal_handler(sig, handler)
-        self._every(ICMP_REFILL_SECONDS, self._refill_icmp)
+        if self.smap.backend.switched:
+            self._every(FDB_TICK_SECONDS, self._fdb_tick)
+        else:
+            self._every(ICMP_REFILL_SECONDS, self._refill_icmp)
         self._every(HEALTH_CHECK_SECONDS, self._check_health)
         if self.config.map_poll_seconds > 0:
             self._every(self.config.map_poll_seconds, self._poll_map)
@@ -172,6 +220,11 @@ class Daemon:
         rate = self.config.icmp_rate_per_second
         self.forwarder.add_icmp_tokens(max(1, int(rate * ICMP_REFILL_SECONDS)), rate)
 
+    def _fdb_tick(self) -> None:
+        now = time.monotonic()
+        self.forwarder.set_now(now)
+        self.forwarder.age(now, self.config.mac_ageing_seconds)
+
     # -- 3. reload ------------------------------------------------------------------------------
 
     def _poll_map(self) -> None:
@@ -200,14 +253,15 @@ class Daemon:
                       why, exc)
             return False
         if (smap.backend != self.smap.backend or me.subnet != self.view.node.subnet
-                or me.address != self.view.node.address):
-            self.map_error = ("this node's subnet/address or the backend changed: restart "
-                              "overlayd to apply")
+                or me.address != self.view.node.address or me.vtep_mac != self.view.node.vtep_mac
+                or (smap.network != self.smap.network and smap.backend.switched)):
+            self.map_error = ("this node's subnet/address/VTEP MAC or the backend changed: "
+                              "restart overlayd to apply")
             log.error("map reload (%s): %s", why, self.map_error)
             return False
         underlay = self.view.device_mtu + self.smap.backend.overhead
         view = build_local_view(smap, me, underlay)
-        self.forwarder.set_tables(view.tables)     # the one-step swap
+        self.forwarder.set_tables(self._tables(view))     # the one-step swap
         routes = kernel_routes(smap, view)
         try:
             host_network.set_routes(self.config.device_name, me.address,
@@ -279,6 +333,9 @@ class Daemon:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        for sock in self.tx_socks:
+            sock.close()
+        self.tx_socks = []
         if self.tun is not None:
             self.tun.close(keep=self.config.keep_device)
             self.tun = None
