@@ -80,3 +80,38 @@ def drop_counters_or_skip(lab: Lab, host: LabHost | str | int) -> dict[str, int]
         return read_drop_counters(lab, host)
     except CountersUnavailable as exc:
         pytest.skip(f"drop counters not readable yet: {exc}")
+
+
+def vxlan_datagrams(pcap: Any, port: int) -> list[Any]:
+    """The VXLAN datagrams to ``port`` in a capture, decoded by scapy (an independent
+    dissector: it knows VXLAN on 4789 and 8472 by itself)."""
+    from scapy.layers.inet import UDP
+    from scapy.layers.vxlan import VXLAN
+    from scapy.utils import rdpcap
+
+    out = []
+    for pkt in rdpcap(str(pcap)):
+        if UDP in pkt and pkt[UDP].dport == port:
+            assert VXLAN in pkt, f"scapy does not see VXLAN in {pkt.summary()}"
+            out.append(pkt)
+    return out
+
+
+def outside_drops(lab: Lab, host: LabHost | str | int) -> dict[str, int]:
+    """The daemon's nonzero drop counters of the outside (underlay) direction."""
+    return {k: v for k, v in read_drop_counters(lab, host).items()
+            if v and k.startswith("outside")}
+
+
+def stop_cleanly(lab: Lab, daemons: tuple[str, ...]) -> None:
+    """SIGTERM every daemon: each exits 0 and takes its device with it."""
+    codes = lab.stop_daemons(grace_s=5.0)
+    assert codes == dict.fromkeys(daemons, 0), f"{codes}\n{logs(lab)}"
+    for name in daemons:
+        assert lab.device_info(name) is None, f"{name}: device still there"
+
+
+def close_leaving_nothing(lab: Lab, namespaces_before: set[str]) -> None:
+    lab.close()
+    assert lab.leftovers() == []
+    assert own_namespaces() - namespaces_before == set()

@@ -11,6 +11,8 @@ bounded by the TIMEOUT/SECONDS argument.
   inject SRC_IP DST_IP DST_PORT IN_SRC IN_DST IN_DPORT MARKER_HEX
         send one UDP datagram from SRC_IP to DST_IP:DST_PORT whose payload is a hand-built
         IPv4/UDP packet IN_SRC -> IN_DST:IN_DPORT carrying MARKER (the flannel udp wire format)
+  garp IFACE IP                                         broadcast one gratuitous ARP for IP from
+        IFACE's MAC (what a VM does when it comes up on a new host)
 """
 
 from __future__ import annotations
@@ -143,7 +145,18 @@ def inject(src_ip: str, dst_ip: str, dst_port: str, in_src: str, in_dst: str, in
     return _result(sent=sent)
 
 
-COMMANDS: dict[str, Callable[..., int]] = {"tcp-recv": tcp_recv, "tcp-send": tcp_send, "sniff": sniff, "inject": inject}
+def garp(iface: str, ip: str) -> int:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind((iface, 0))
+        mac = sock.getsockname()[4][:6]
+        addr = socket.inet_aton(ip)
+        arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, addr, b"\0" * 6, addr)
+        sent = sock.send(b"\xff" * 6 + mac + struct.pack("!H", 0x0806) + arp)
+    return _result(sent=sent, mac=mac.hex(":"))
+
+
+COMMANDS: dict[str, Callable[..., int]] = {"tcp-recv": tcp_recv, "tcp-send": tcp_send,
+                                           "sniff": sniff, "inject": inject, "garp": garp}
 
 
 def main(argv: list[str]) -> int:

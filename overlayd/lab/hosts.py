@@ -19,6 +19,7 @@ from overlayd.lab.processes import DaemonProcess
 # Per backend: default UDP port and bytes of outer headers over IPv4 (DESIGN.md section 2).
 # Kept here rather than imported so the lab stays an outside observer of the daemon.
 DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472}
+SWITCHED_PORT = 4789       # vxlan mode "switched": IANA's VXLAN port, as a plain kernel vxlan
 ENCAP_OVERHEAD = {"udp": 28, "vxlan": 50}
 CONTROL_TIMEOUT_S = 5.0
 CONTROL_MAX_BYTES = 16 << 20
@@ -33,6 +34,13 @@ class HostSpec:
     node_extra: dict[str, Any] = field(default_factory=dict)    # merged into its [[nodes]]
     config_extra: dict[str, Any] = field(default_factory=dict)  # merged into its config
     start_daemon: bool = True
+    # vxlan: no overlayd here but the kernel's own VXLAN, configured as flannel's vxlan backend
+    # configures a host (routed) or as a plain kernel VTEP with flood entries (switched).
+    kernel_vxlan: bool = False
+
+    @property
+    def runs_daemon(self) -> bool:
+        return self.start_daemon and not self.kernel_vxlan
 
 
 @dataclass
@@ -46,6 +54,7 @@ class LabHost:
     overlay_ip: str | None = None
     spec: HostSpec | None = None
     daemon: DaemonProcess | None = None
+    vtep_mac: str | None = None                     # vxlan: the MAC the map gives it
 
     @property
     def config_path(self) -> Path:
@@ -68,6 +77,7 @@ class HostsView:
 
     hosts: list[LabHost]
     bystanders: list[LabHost]
+    vms: list[LabHost]
     device: str
     backend: str
     port: int
@@ -80,7 +90,7 @@ class HostsView:
             if not 1 <= ref <= len(self.hosts):
                 raise IndexError(f"host index {ref}: the lab has hosts 1..{len(self.hosts)}")
             return self.hosts[ref - 1]
-        for host in (*self.hosts, *self.bystanders):
+        for host in (*self.hosts, *self.bystanders, *self.vms):
             if host.name == ref:
                 return host
         raise KeyError(ref)

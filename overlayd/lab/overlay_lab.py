@@ -34,15 +34,16 @@ from typing import Any, Self
 
 import overlayd
 from overlayd.lab import configs, netns
-from overlayd.lab.hosts import DEFAULT_PORTS, HostRef, HostSpec, LabHost
+from overlayd.lab.hosts import DEFAULT_PORTS, SWITCHED_PORT, HostRef, HostSpec, LabHost
 from overlayd.lab.netns import LabError
 from overlayd.lab.processes import DEFAULT_LIFETIME_S, Agent, DaemonProcess
 from overlayd.lab.traffic import Traffic
+from overlayd.lab.vxlan_hosts import VxlanHosts
 
 READY_POLL_S = 0.05
 
 
-class Lab(Traffic):
+class Lab(Traffic, VxlanHosts):
     """A multi-host overlay testbed; use as ``with Lab(3) as lab: lab.ping("host1", "host2")``."""
 
     def __init__(self, hosts: int | Sequence[HostSpec] = 3, *, backend: str = "udp",
@@ -64,8 +65,9 @@ class Lab(Traffic):
             raise ValueError(f"backend {backend!r}: one of {', '.join(DEFAULT_PORTS)}")
         self.specs = specs
         self.backend = backend
-        self.port = port or DEFAULT_PORTS[backend]
         self.backend_extra = dict(backend_extra or {})
+        switched = backend == "vxlan" and self.backend_extra.get("mode") == "switched"
+        self.port = port or (SWITCHED_PORT if switched else DEFAULT_PORTS[backend])
         self.map_extra = dict(map_extra or {})
         self.subnet_len = subnet_len
         self.device = device
@@ -81,6 +83,7 @@ class Lab(Traffic):
         self.hub = f"{self.prefix}-hub"
         self.hosts: list[LabHost] = []
         self.bystanders: list[LabHost] = []
+        self.vms: list[LabHost] = []
         self.exit_codes: dict[str, int | None] = {}
         self.workdir: Path | None = None
         self._namespaces: list[str] = []     # everything we created, in creation order
@@ -117,8 +120,14 @@ class Lab(Traffic):
             host = self._add_underlay_host(name, str(self.underlay.network_address + i),
                                            spec.underlay_mtu or 1500, f"p{i}")
             host.subnet, host.overlay_ip, host.spec = subnet, str(subnet.network_address), spec
+            if backend_is_vxlan := self.backend == "vxlan":
+                host.vtep_mac = f"02:4c:41:42:{i // 256:02x}:{i % 256:02x}"
             self.hosts.append(host)
         self.write_configs()
+        if backend_is_vxlan:
+            for host in self.hosts:
+                if host.spec is not None and host.spec.kernel_vxlan:
+                    self.setup_kernel_vtep(host)
 
     def _add_ns(self, name: str) -> None:
         netns.add_netns(name)
@@ -155,7 +164,11 @@ class Lab(Traffic):
                                     "public_ip": host.underlay_ip}
             if host.spec.underlay_mtu is not None:
                 node["underlay_mtu"] = host.spec.underlay_mtu
-            nodes.append(configs.merge(node, host.spec.node_extra))
+            if host.vtep_mac is not None:
+                node["vtep_mac"] = host.vtep_mac
+            node = configs.merge(node, host.spec.node_extra)
+            host.vtep_mac = node.get("vtep_mac", host.vtep_mac)
+            nodes.append(node)
         backend = {"type": self.backend, "port": self.port, **self.backend_extra}
         doc = configs.subnet_map(str(self.network), self.subnet_len, backend, nodes,
                                  self.map_extra)
@@ -234,7 +247,7 @@ class Lab(Traffic):
 
     def start_daemons(self) -> None:
         started = [self.start_daemon(h, wait=False) for h in self.hosts
-                   if h.spec is None or h.spec.start_daemon]
+                   if h.spec is None or h.spec.runs_daemon]
         for host in started:         # started all first: they come up in parallel
             self.wait_ready(host)
 

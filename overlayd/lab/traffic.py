@@ -122,9 +122,10 @@ class Traffic(HostsView):
             raise LabError(f"inject from {s.name} failed: {result['error']}")
 
     def wait_mesh(self, timeout_s: float = 15.0) -> None:
-        """Bounded wait until every ordered pair of running hosts answers one overlay ping (the
-        first echoes can be lost while the underlay resolves ARP)."""
-        running = [h for h in self.hosts if h.daemon is not None and h.daemon.alive()]
+        """Bounded wait until every ordered pair of running hosts (and kernel VTEP hosts) answers
+        one overlay ping (the first echoes can be lost while the underlay resolves ARP)."""
+        running = [h for h in self.hosts if (h.daemon is not None and h.daemon.alive())
+                   or (h.spec is not None and h.spec.kernel_vxlan)]
         pending = [(a, b) for a in running for b in running if a is not b]
         deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:
