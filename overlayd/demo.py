@@ -30,9 +30,13 @@ EX_UNAVAILABLE = 69
 EX_NOPERM = 77
 EX_INTERRUPTED = 130
 
-# Backend name -> extra [backend] keys for the map. Adding vxlan means one entry here (and the
-# lab's DEFAULT_PORTS); the rest of the demo does not care which encapsulation runs.
-BACKENDS: dict[str, dict[str, object]] = {"udp": {}}
+# Demo backend -> (map backend type, extra [backend] keys); the rest of the demo does not care
+# which encapsulation runs.
+BACKENDS: dict[str, tuple[str, dict[str, object]]] = {
+    "udp": ("udp", {}),
+    "vxlan": ("vxlan", {}),                                 # routed, flannel.1 compatible
+    "vxlan-switched": ("vxlan", {"mode": "switched"}),      # one L2 segment over taps
+}
 WARMUP_TRIES = 5          # pings per pair until the first answer (ARP, daemons settling)
 
 
@@ -71,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pings", type=int, default=3, choices=range(1, 21), metavar="N",
                         help="echo requests per pair (default 3)")
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="udp",
-                        help="encapsulation (default udp)")
+                        help="data path: udp, vxlan (routed) or vxlan-switched (L2, tap) "
+                             "(default udp)")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR",
                         help="copy the configs and daemon logs to DIR before removing the lab")
     parser.add_argument("--overlayd", default=None, metavar="CMD",
@@ -111,7 +116,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         return EX_NOPERM if "root" in why else EX_UNAVAILABLE
     cmd = shlex.split(args.overlayd) if args.overlayd else None
     specs = [HostSpec() for _ in range(args.hosts)]
-    lab = Lab(specs, backend=args.backend, backend_extra=BACKENDS[args.backend],
+    backend, backend_extra = BACKENDS[args.backend]
+    lab = Lab(specs, backend=backend, backend_extra=backend_extra,
               overlayd_cmd=cmd, start=False, keep_logs=args.keep_logs)
     try:
         with _signals_unwind():
@@ -144,7 +150,7 @@ def _run(lab: Lab, args: argparse.Namespace) -> bool:
     """Steps 1-4 inside the lab; True when every check passed. Raises LabError on setup."""
     with lab:
         _say(f"== building {len(lab.specs)} hosts: namespaces {lab.prefix}-host1.. on a bridged "
-             f"underlay {lab.underlay}, overlay {lab.network}, backend {lab.backend} "
+             f"underlay {lab.underlay}, overlay {lab.network}, backend {args.backend} "
              f"port {lab.port}")
         t0 = time.monotonic()
         lab.start_daemons()
@@ -185,7 +191,7 @@ def _run(lab: Lab, args: argparse.Namespace) -> bool:
     stop_ok = all(code == 0 for code in codes.values()) and not leftovers
     _say("== summary")
     rows = [
-        ("hosts", f"{len(lab.hosts)} ({lab.backend} backend)", True),
+        ("hosts", f"{len(lab.hosts)} ({args.backend} backend)", True),
         ("ping", f"{sum(r is not None for r in rtts.values())}/{len(rtts)} pairs answered",
          pings_ok),
         ("tcp", (f"{args.nbytes:,} B {'arrived' if transfer.bytes_ok else 'NOT all arrived'}, "

@@ -34,9 +34,11 @@ def test_byte_counts(text: str, value: int) -> None:
 
 
 @netns_required
-def test_demo_runs_and_leaves_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("backend", ["udp", "vxlan-switched"])
+def test_demo_runs_and_leaves_nothing(capsys: pytest.CaptureFixture[str], backend: str) -> None:
     before = own_namespaces()
-    assert demo.main(["--hosts", "2", "--bytes", "5M", "--pings", "1"]) == 0
+    assert demo.main(["--hosts", "2", "--bytes", "5M", "--pings", "1",
+                      "--backend", backend]) == 0
     out = capsys.readouterr().out
     assert "== PASS" in out and "sha256 matches" in out
     assert own_namespaces() == before
