@@ -160,3 +160,69 @@ def test_check_exits_78_with_lines_not_tracebacks(tmp_path: Path) -> None:
     assert result.returncode == 78 and f"{broken}: invalid TOML" in result.stderr
     result = run_cli("check", "-c", str(tmp_path / "missing.toml"))
     assert result.returncode == 78 and "file not found" in result.stderr
+
+
+VXLAN_MAP = GOOD_MAP.replace('type = "udp"', 'type = "vxlan"\nmode = "switched"\nvni = 7')
+
+
+def test_switch_keys_defaults_and_values(tmp_path: Path) -> None:
+    config, smap = load_config(write(tmp_path, '[map]\nfile = "map.toml"\n', VXLAN_MAP))
+    assert (config.mac_ageing_seconds, config.fdb_max_entries, config.static_macs) == (
+        300.0, 16384, ())
+    assert config.tx_sockets == 8
+    assert smap.backend.port == 4789 and smap.backend.switched
+    config, _ = load_config(write(tmp_path, '[map]\nfile = "map.toml"\n[tunnel]\ntx_sockets = 0\n'
+                                  '[switch]\nmac_ageing_seconds = 30\nfdb_max_entries = 2\n'
+                                  'static_macs = [{ mac = "02:AA:00:00:00:01", node = "b" },'
+                                  ' { mac = "02:aa:00:00:00:02", node = "a" }]\n', VXLAN_MAP))
+    assert (config.tx_sockets, config.mac_ageing_seconds, config.fdb_max_entries) == (0, 30.0, 2)
+    assert [(s.mac, s.node) for s in config.static_macs] == [
+        ("02:aa:00:00:00:01", "b"), ("02:aa:00:00:00:02", "a")]
+
+
+@pytest.mark.parametrize(("switch", "key", "words"), [
+    ('static_macs = [{ mac = "01:00:5e:00:00:01", node = "a" }]', "switch.static_macs[0].mac",
+     "not a unicast"),
+    ('static_macs = [{ mac = "02:00:00:00:00", node = "a" }]', "switch.static_macs[0].mac",
+     "not a MAC"),
+    ('static_macs = [{ mac = "02:00:00:00:00:01", node = "zz" }]',
+     "switch.static_macs[0].node", "unknown node 'zz'"),
+    (('static_macs = [{ mac = "02:00:00:00:00:01", node = "a" },'
+     ' { mac = "02:00:00:00:00:01", node = "b" }]'), "switch.static_macs[1].mac", "already"),
+    ('static_macs = [{ mac = "02:00:00:00:00:01" }]', "switch.static_macs[0].node", "missing"),
+    ('static_macs = "02:00:00:00:00:01"', "switch.static_macs", "array of tables"),
+    (('fdb_max_entries = 1\nstatic_macs = [{ mac = "02:00:00:00:00:01", node = "a" },'
+     ' { mac = "02:00:00:00:00:02", node = "b" }]'), "switch.static_macs", "exceed"),
+    ("mac_ageing_seconds = 0", "switch.mac_ageing_seconds", "out of range"),
+    ("colour = 1", "switch.colour", "unknown key"),
+])
+def test_switch_key_problems(tmp_path: Path, switch: str, key: str, words: str) -> None:
+    path = write(tmp_path, f'[map]\nfile = "map.toml"\n[switch]\n{switch}\n', VXLAN_MAP)
+    found = problems_of(path)
+    assert any(p.startswith(f"{path}: {key}: ") and words in p for p in found), found
+
+
+def test_vxlan_local_view_carries_vtep_macs() -> None:
+    import tomllib
+
+    from overlayd.control.local_node import build_switch_tables
+    from overlayd.control.subnet_map import derive_vtep_mac
+    smap = parse_subnet_map(tomllib.loads(VXLAN_MAP), "m.toml")
+    view = build_local_view(smap, smap.nodes[0], underlay_mtu=1500)
+    assert view.device_mtu == 1450                       # underlay - 50 for vxlan
+    (peer,) = view.tables.peers
+    assert peer.path_mtu == 1400 - 50 and peer.port == 4789
+    assert peer.mac == bytes.fromhex(derive_vtep_mac(smap.nodes[1].public_ip, 7).replace(":", ""))
+    tables = build_switch_tables(view, [("02:aa:00:00:00:01", "b"), ("02:aa:00:00:00:02", "a"),
+                                        ("02:aa:00:00:00:03", "gone")])
+    assert tables.peers == view.tables.peers
+    assert tables.static_macs == ((bytes.fromhex("02aa00000001"), 0),
+                                  (bytes.fromhex("02aa00000002"), LOCAL))
+
+
+@pytest.mark.parametrize("map_name", ["map-vxlan.toml", "map-vxlan-switched.toml"])
+def test_check_accepts_shipped_vxlan_maps(tmp_path: Path, map_name: str) -> None:
+    config = tmp_path / "overlayd.toml"
+    config.write_text(f'[map]\nfile = "{REPO / "configs" / map_name}"\n')
+    result = run_cli("check", "-c", str(config), "--any-host")
+    assert result.returncode == 0, result.stderr

@@ -310,3 +310,71 @@ def _allowed_oracle(data: bytes) -> bool:
         if ihl < 20 or len(data) <= ihl or data[ihl] in (3, 4, 5, 11, 12):
             return False
     return True
+
+
+# --- VXLAN and Ethernet ------------------------------------------------------------------------
+
+def test_vxlan_header_is_rfc7348() -> None:
+    from scapy.layers.vxlan import VXLAN
+
+    from overlayd.wire import vxlan
+    header = vxlan.build_header(0xABCDEF)
+    assert header == bytes([0x08, 0, 0, 0, 0xAB, 0xCD, 0xEF, 0])
+    parsed = VXLAN(header)
+    assert (parsed.flags, parsed.vni) == (0x08, 0xABCDEF)
+    with pytest.raises(ValueError):
+        vxlan.build_header(1 << 24)
+    assert vxlan.check(header + b"\0" * 14, 0xABCDEF, 14) is None
+    assert vxlan.check(header + b"\0" * 13, 0xABCDEF, 14) == vxlan.TRUNCATED
+    assert vxlan.check(header, 0xABCDEE, 0) == vxlan.WRONG_VNI
+    assert vxlan.check(b"\x00" + header[1:], 0xABCDEF, 0) == vxlan.BAD_FLAGS
+    assert vxlan.check(header[:7], 0xABCDEF, 0) == vxlan.TRUNCATED
+
+
+def test_ethernet_helpers() -> None:
+    from overlayd.wire import ethernet
+    mac = ethernet.parse_mac("02:AB:00:00:00:01")
+    assert mac == bytes.fromhex("02ab00000001") and ethernet.format_mac(mac) == "02:ab:00:00:00:01"
+    assert ethernet.mac_to_int(mac) == 0x02AB00000001 and ethernet.int_to_mac(0x02AB00000001) == mac
+    for bad in ("02:ab:00:00:00", "02-ab-00-00-00-01", "zz:ab:00:00:00:01"):
+        with pytest.raises(ValueError):
+            ethernet.parse_mac(bad)
+    assert ethernet.is_valid_source(mac)
+    assert not ethernet.is_valid_source(ethernet.BROADCAST)
+    assert not ethernet.is_valid_source(ethernet.ZERO)
+    assert ethernet.is_multicast(bytes.fromhex("01005e000001"))
+    frame = ethernet.build_header(ethernet.BROADCAST, mac, ethernet.ETHERTYPE_ARP)
+    assert (ethernet.destination(frame), ethernet.source(frame), ethernet.ethertype(frame)) == (
+        ethernet.BROADCAST, mac, 0x0806)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(data=st.one_of(
+    st.binary(min_size=20, max_size=64),
+    st.builds(lambda p, b: p + b, headers, st.binary(max_size=8)),
+), frame_prefix=st.sampled_from([b"", b"\x02" * 12 + b"\x08\x00", b"\x02" * 12 + b"\x08\x06"]))
+def test_flow_hash_c_equals_python(kernel_pair: tuple[ModuleType, ModuleType], data: bytes,
+                                   frame_prefix: bytes) -> None:
+    from overlayd.wire import vxlan
+    cython_kernels, _ = kernel_pair
+    if frame_prefix:
+        frame = frame_prefix + data
+        assert cython_kernels.flow_hash_frame(frame) == vxlan.flow_hash_frame(frame)
+    else:
+        assert cython_kernels.flow_hash_ipv4(data) == vxlan.flow_hash_ipv4(data)
+
+
+def test_flow_hash_is_a_flow_property() -> None:
+    """Same 5-tuple, other payload/TTL/ID: same hash; other ports: (here) another hash;
+    fragments hash without ports."""
+    from overlayd.wire import vxlan
+
+    def udp(sport: int, payload: bytes, ttl: int = 64, frag: int = 0) -> bytes:
+        body = struct.pack("!HHHH", sport, 53, 8 + len(payload), 0) + payload
+        return ipv4.build_header(source=A("10.0.0.1"), destination=A("10.0.1.1"),
+                                 payload_length=len(body), protocol=17, ttl=ttl,
+                                 flags_fragment=frag) + body
+    assert vxlan.flow_hash_ipv4(udp(1000, b"a")) == vxlan.flow_hash_ipv4(udp(1000, b"bb", 3))
+    assert len({vxlan.flow_hash_ipv4(udp(p, b"a")) for p in range(1000, 1016)}) == 16
+    assert vxlan.flow_hash_ipv4(udp(1000, b"a", frag=0x2000)) == \
+        vxlan.flow_hash_ipv4(udp(2000, b"a", frag=0x2000))
