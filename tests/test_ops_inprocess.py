@@ -459,7 +459,7 @@ def test_status_peers_routes_fdb_as_text(control: Control,
         ["PREFIX", "TARGET"], ["10.44.1.0/24", "local"], ["10.44.2.0/24", "b"],
         ["10.44.3.0/24", "c"], ["172.20.0.0/16", "c"]]
     code, out, _ = cli(capsys, "fdb", "--socket", sock)
-    assert code == 0 and out.startswith("no FDB: the running backend (udp)")
+    assert code == 0 and out.startswith("no FDB: the running backend, udp, routes by prefix")
 
 
 def test_status_peers_routes_fdb_as_json(control: Control,

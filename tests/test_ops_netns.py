@@ -349,3 +349,23 @@ def test_capture_during_traffic(lab2: Lab, tmp_path: Path) -> None:
     # The session is over: the daemon copies nothing any more.
     wait_until("capture to switch off", lambda: json.loads(overlayd_cli(
         "status", "--socket", sock, "--json").stdout)["capture"]["sessions"] == 0)
+
+
+def test_switched_backend_shows_its_fdb() -> None:
+    """A switched vxlan overlay: no prefix routes, the learned MACs in `fdb` and the metrics."""
+    with Lab([HostSpec(config_extra=METRICS), HostSpec()], backend="vxlan", port=4789,
+             backend_extra={"mode": "switched"}) as lab:
+        assert lab.ping(1, 2, count=3, interval_s=0.1).received == 3
+        sock = control(lab, 1)
+        fdb = json.loads(overlayd_cli("fdb", "--socket", sock, "--json").stdout)
+        assert fdb["supported"] is True and fdb["backend"] == "vxlan switched"
+        kinds = {(e["kind"], e["peer"]) for e in fdb["entries"]}
+        assert ("local", None) in kinds and ("peer", "host2") in kinds
+        text = overlayd_cli("fdb", "--socket", sock).stdout.splitlines()
+        assert text[0].split() == ["MAC", "TARGET", "TYPE", "AGE"] and len(text) >= 3
+        assert "no routes: a switched backend" in overlayd_cli("routes", "--socket", sock).stdout
+        m = scrape(lab, 1)
+        assert m["overlayd_fdb_entries"] == len(fdb["entries"]) >= 2
+        assert m["overlayd_routes"] == 0
+        assert m["overlayd_peer_tx_packets_total{peer=host2}"] >= 3
+        assert "overlayd_flooded_copies_total" in m

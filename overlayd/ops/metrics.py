@@ -100,7 +100,7 @@ def read_sample(d: state.DaemonLike, info: state.RuntimeInfo) -> dict[str, Any]:
         "traffic": traffic,
         "drops": drops,
         "tables": {"peers": len(view.peers) if view is not None else 0,
-                   "routes": len(view.tables.routes) if view is not None else 0,
+                   "routes": state.route_count(d),
                    "fdb_entries": state.fdb_size(d)},
         "batches": {"inside": inside, "outside": outside},
         "map": {"source": d.config.map_source,
@@ -181,7 +181,8 @@ class OverlaydCollector(Collector):
 
         gauge("overlayd_peers", "Peers in the forwarding table.",
               None if s is None else s["tables"]["peers"])
-        gauge("overlayd_routes", "Prefixes in the forwarding table (own and peers').",
+        gauge("overlayd_routes",
+              "Prefixes in the forwarding table (own and peers'; 0 on the switched path).",
               None if s is None else s["tables"]["routes"])
         gauge("overlayd_fdb_entries", "MAC addresses in the FDB (0 on routed backends).",
               None if s is None else s["tables"]["fdb_entries"])

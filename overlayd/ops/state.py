@@ -98,8 +98,11 @@ def peers(d: DaemonLike) -> list[dict[str, Any]]:
 
 
 def routes(d: DaemonLike) -> list[dict[str, Any]]:
-    """The forwarding table as the data plane has it, most specific prefixes first."""
-    if d.view is None:
+    """The forwarding table as the data plane has it, most specific prefixes first.
+
+    Empty on the switched path: it forwards by MAC address (``fdb``), not by prefix.
+    """
+    if d.view is None or getattr(d.smap.backend, "switched", False):
         return []
     names = [p.name for p in d.view.peers]
     entries = d.view.tables.peers
@@ -118,6 +121,17 @@ def routes(d: DaemonLike) -> list[dict[str, Any]]:
     return out
 
 
+def backend_name(d: DaemonLike) -> str:
+    backend = d.smap.backend
+    return f"vxlan {backend.mode}" if backend.type == "vxlan" else str(backend.type)
+
+
+def route_count(d: DaemonLike) -> int:
+    if d.view is None or getattr(d.smap.backend, "switched", False):
+        return 0
+    return len(d.view.tables.routes)
+
+
 def _mac(value: Any) -> str:
     if isinstance(value, bytes | bytearray) and len(value) == 6:
         return ":".join(f"{b:02x}" for b in value)
@@ -134,12 +148,11 @@ def fdb(d: DaemonLike, now: float | None = None) -> dict[str, Any]:
     last_seen in monotonic seconds (the clock the runtime hands the data plane). The routed
     paths have none.
     """
-    backend = d.smap.backend
-    kind = f"{backend.type}" + (f" ({backend.mode})" if backend.type == "vxlan" else "")
+    kind = backend_name(d)
     reader = getattr(d.forwarder, "fdb_entries", None)
     if reader is None:
         return {"supported": False, "backend": kind, "entries": [],
-                "reason": f"the running backend ({kind}) routes by prefix and has no FDB"}
+                "reason": f"the running backend, {kind}, routes by prefix and has no FDB"}
     mono = time.monotonic() if now is None else now
     names = [p.name for p in d.view.peers] if d.view is not None else []
     entries = []
@@ -201,6 +214,7 @@ def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[s
         "device": {"name": config.device_name, "ok": device_ok(d),
                    "mtu": view.device_mtu if view is not None else None},
         "tunnel": {"backend": smap.backend.type, "mode": smap.backend.mode,
+                   "vni": smap.backend.vni if smap.backend.type == "vxlan" else None,
                    "port": smap.backend.port,
                    "bind": str(config.bind_address or (node.public_ip if node else ""))},
         "map": {
@@ -210,7 +224,7 @@ def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[s
             "reloads_applied": info.reloads_applied, "reloads_rejected": info.reloads_rejected,
         },
         "tables": {"peers": len(view.peers) if view is not None else 0,
-                   "routes": len(view.tables.routes) if view is not None else 0,
+                   "routes": route_count(d),
                    "fdb_entries": fdb_size(d)},
         "traffic": traffic,
         "drops": drops,

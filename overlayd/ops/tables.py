@@ -97,8 +97,9 @@ def render_status(s: dict[str, Any], now: float | None = None) -> str:
                               f"{node['address']}, public IP {node['public_ip']}")))
     mtu = f", mtu {dev['mtu']}" if dev["mtu"] is not None else ""
     lines.append(("device", f"{dev['name']}{mtu}, {'up' if dev['ok'] else 'BEING RECREATED'}"))
-    backend = tun["backend"] + (f" ({tun['mode']})" if tun["backend"] == "vxlan" else "")
-    lines.append(("tunnel", f"{backend} backend, udp {tun['bind']}:{tun['port']}"))
+    backend = (f"vxlan {tun['mode']} backend, VNI {tun.get('vni')}" if tun["backend"] == "vxlan"
+               else f"{tun['backend']} backend")
+    lines.append(("tunnel", f"{backend}, udp {tun['bind']}:{tun['port']}"))
     map_line = (f"{smap['source']} {smap['location']}: network {smap['network']}, "
                 f"{smap['nodes']} nodes, applied {_ago(smap['applied_at'], now)}")
     lines.append(("map", map_line))
@@ -144,7 +145,7 @@ def render_peers(peers: list[dict[str, Any]]) -> str:
 
 def render_routes(routes: list[dict[str, Any]]) -> str:
     if not routes:
-        return "no routes"
+        return "no routes: a switched backend forwards by MAC address (see `overlayd fdb`)"
     rows = [[r["prefix"], "local" if r["kind"] == "local" else (r["peer"] or "?"), r["via"]]
             for r in routes]
     return table(["PREFIX", "TARGET", "VIA"], rows)
