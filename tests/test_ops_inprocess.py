@@ -114,9 +114,10 @@ class FakeDaemon:
     device_broken: bool = False
 
 
-def make_daemon(tmp_path: Path, with_capture: bool = True, **config_extra: Any) -> FakeDaemon:
-    (tmp_path / "map.toml").write_text(MAP)
-    smap = parse_subnet_map(tomllib.loads(MAP), "map.toml")
+def make_daemon(tmp_path: Path, with_capture: bool = True, map_text: str = MAP,
+                **config_extra: Any) -> FakeDaemon:
+    (tmp_path / "map.toml").write_text(map_text)
+    smap = parse_subnet_map(tomllib.loads(map_text), "map.toml")
     data = {"map": {"file": "map.toml"}, "node": {"name": "a"},
             "control": {"socket": str(tmp_path / "run" / "ctl.sock")}, **config_extra}
     config, problems = parse_config(data, tmp_path / "overlayd.toml")
@@ -657,3 +658,22 @@ def test_capture_to_stdout_for_a_pipe(control: Control, tmp_path: Path) -> None:
     pcap_file.write_bytes(proc.stdout)
     _, records = read_pcap(pcap_file)
     assert [bytes(dpkt.sll.SLL(buf).data) for _, buf in records] == [p for _, _, p in packets]
+
+
+def test_capture_on_a_switched_backend_writes_ethernet_frames(
+        tmp_path: Path, loop: LoopThread, capsys: pytest.CaptureFixture[str]) -> None:
+    switched = MAP.replace("subnet_len = 24\n", "subnet_len = 24\n[backend]\ntype = \"vxlan\"\n"
+                           "mode = \"switched\"\n", 1).replace('routes = ["172.20.0.0/16"]', "")
+    ctl = start_control(make_daemon(tmp_path, map_text=switched), loop)
+    frame = bytes(dpkt.ethernet.Ethernet(dst=b"\xff" * 6, src=bytes.fromhex("020000000002"),
+                                         type=0x0806, data=b"\0" * 28))
+    try:
+        feed_while_capturing(ctl, [(1, 0, frame)])
+        code, _, err = cli(capsys, "capture", "--socket", str(ctl.path), "-w",
+                           str(tmp_path / "l2.pcap"), "--count", "1", "--seconds", "10")
+    finally:
+        loop.run(ctl.server.close())
+    assert code == 0, err
+    linktype, records = read_pcap(tmp_path / "l2.pcap")
+    assert linktype == capture.LINKTYPE_ETHERNET
+    assert [buf for _, buf in records] == [frame]
