@@ -7,7 +7,7 @@ from typing import Any, TypeVar, cast
 
 import pytest
 
-from overlayd.lab import Lab, LabError, LabHost, lab_unavailable
+from overlayd.lab import Lab, LabError, LabHost, lab_unavailable, vxlan_unavailable
 
 # Evaluated once per session: the probe creates and deletes one namespace when we are root.
 # Skip only for what the machine cannot give (root, tun, a working `ip netns`); a missing
@@ -20,6 +20,15 @@ T = TypeVar("T")
 NETNS_MARKS = [
     pytest.mark.netns,
     pytest.mark.skipif(NETNS_UNAVAILABLE is not None, reason=f"netns tests: {NETNS_UNAVAILABLE}"),
+]
+
+
+# The vxlan interop tests also need the kernel's own VXLAN (the vxlan module).
+VXLAN_UNAVAILABLE = NETNS_UNAVAILABLE or vxlan_unavailable()
+VXLAN_MARKS = [
+    pytest.mark.netns,
+    pytest.mark.skipif(VXLAN_UNAVAILABLE is not None,
+                       reason=f"vxlan netns tests: {VXLAN_UNAVAILABLE}"),
 ]
 
 

@@ -15,7 +15,7 @@ from itertools import permutations
 
 import pytest
 from netns_helpers import (
-    NETNS_MARKS,
+    VXLAN_MARKS,
     close_leaving_nothing,
     logs,
     outside_drops,
@@ -25,7 +25,7 @@ from netns_helpers import (
 
 from overlayd.lab import HostSpec, Lab, list_netns
 
-pytestmark = NETNS_MARKS
+pytestmark = VXLAN_MARKS
 
 NAMES = ("host1", "host2", "host3")
 PAIRS = list(permutations(NAMES, 2))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Any
 
 from overlayd.dataplane.tables import (
     LOCAL,
@@ -54,7 +55,7 @@ def load_implementation(choice: str | None = None) -> tuple[str, ModuleType]:
 _chosen: tuple[str, ModuleType] | None = None
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
     """Load the kernels on first use, so importing tables or counters never needs them."""
     global _chosen
     if name != "IMPLEMENTATION" and name not in KERNELS:

@@ -14,12 +14,12 @@ import shutil
 from collections.abc import Sequence
 
 from overlayd.lab.hosts import HostSpec, LabHost
-from overlayd.lab.netns import LabError, add_netns, del_netns, list_netns, run_prefix
+from overlayd.lab.netns import LabError, add_netns, del_netns, ip, list_netns, run_prefix
 from overlayd.lab.overlay_lab import Lab
 from overlayd.lab.traffic import PingResult, TransferResult
 
 __all__ = ["HostSpec", "Lab", "LabError", "LabHost", "PingResult", "TransferResult",
-           "lab_unavailable", "list_netns", "run_prefix"]
+           "lab_unavailable", "list_netns", "run_prefix", "vxlan_unavailable"]
 
 
 def lab_unavailable(tools: Sequence[str] = ("ip", "ping", "timeout")) -> str | None:
@@ -38,4 +38,18 @@ def lab_unavailable(tools: Sequence[str] = ("ip", "ping", "timeout")) -> str | N
         del_netns(probe)
     except LabError as exc:
         return f"`ip netns` is unusable here: {exc}"
+    return None
+
+
+def vxlan_unavailable() -> str | None:
+    """Why this kernel cannot give a lab kernel VXLAN devices (no vxlan module), or None.
+    Call only where ``lab_unavailable()`` is None: it creates and deletes one namespace."""
+    probe = run_prefix("ovd-probe")
+    try:
+        add_netns(probe)
+        ip("-n", probe, "link", "add", "vxprobe", "type", "vxlan", "id", "1", "dstport", "4789")
+    except LabError as exc:
+        return f"the kernel has no usable vxlan devices: {exc}"
+    finally:
+        del_netns(probe)
     return None
