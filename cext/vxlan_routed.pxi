@@ -45,16 +45,17 @@ cdef class VxlanRoutedForwarder(_RoutedBase):
                           uint32_t n) noexcept nogil:
         cdef int32_t peer = self._route(t, pkt, n)
         cdef unsigned char *out
-        cdef uint32_t h
+        cdef int sock = 0
         if peer < 0:
             return
-        h = flow_hash_ipv4_c(pkt, n)
+        if self.ntx > 1:
+            sock = flow_hash_ipv4_c(pkt, n) % <uint32_t>self.ntx
         out = pkt - ROUTED_ENCAP
         vxlan_header(out, self.vni)
         memcpy(out + VXLAN_HEADER, t.peers[peer].mac, 6)
         memcpy(out + VXLAN_HEADER + 6, self.mac, 6)
         wr16(out + VXLAN_HEADER + 12, ETHERTYPE_IPV4)
-        self._queue(t, out, n + ROUTED_ENCAP, peer, h % <uint32_t>self.ntx)
+        self._queue(t, out, n + ROUTED_ENCAP, peer, sock)
 
     cdef void _outside_one(self, const fwd_tables_t *t, unsigned char *pkt, uint32_t n,
                            int32_t peer) noexcept nogil:

@@ -132,7 +132,7 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
         cdef uint64_t src, dst
         cdef int32_t target, peer
         cdef unsigned char *out
-        cdef int sock
+        cdef int sock = 0
         self.ctr[CTR_INSIDE_PACKETS] += 1
         self.ctr[CTR_INSIDE_BYTES] += n
         if n < ETH_HEADER:
@@ -153,7 +153,8 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
             return
         out = frame - VXLAN_HEADER
         vxlan_header(out, self.vni)
-        sock = flow_hash_frame_c(frame, n) % <uint32_t>self.ntx
+        if self.ntx > 1:
+            sock = flow_hash_frame_c(frame, n) % <uint32_t>self.ntx
         if target >= 0:
             self._queue(t, out, n + VXLAN_HEADER, target, sock)
             return

@@ -80,7 +80,8 @@ class VxlanRoutedForwarder(RoutedForwarderBase):
         datagram[14:20] = self._mac
         datagram[20] = ethernet.ETHERTYPE_IPV4 >> 8
         datagram[21] = ethernet.ETHERTYPE_IPV4 & 0xFF
-        sock = vxlan.flow_hash_ipv4(pkt) % len(self._queues)
+        nsocks = len(self._queues)
+        sock = vxlan.flow_hash_ipv4(pkt) % nsocks if nsocks > 1 else 0
         self._queue(state, datagram, peer, sock)
 
     def _outside_one(self, state: State, pkt: memoryview, flags: int, address: object) -> None:

@@ -150,7 +150,8 @@ class VxlanSwitchForwarder(ForwarderBase):
             return
         datagram = self._slot(index, length, _HDR)
         datagram[:_HDR] = self._vxlan_header
-        sock = vxlan.flow_hash_frame(frame) % len(self._queues)
+        nsocks = len(self._queues)
+        sock = vxlan.flow_hash_frame(frame) % nsocks if nsocks > 1 else 0
         if target >= 0:
             self._queue(state, datagram, target, sock)
             return
