@@ -40,6 +40,7 @@ cpdef enum:
     CTR_OUTSIDE_WRONG_VNI
     CTR_OUTSIDE_WRONG_INNER_MAC
     CTR_OUTSIDE_BAD_SOURCE_MAC
+    CTR_CAPTURE_DROPPED
     N_COUNTERS
 
 COUNTER_NAMES = (
@@ -78,6 +79,7 @@ COUNTER_NAMES = (
     "outside_wrong_vni",
     "outside_wrong_inner_mac",
     "outside_bad_source_mac",
+    "capture_dropped",
 )
 
 cdef enum:

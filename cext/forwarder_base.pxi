@@ -11,7 +11,13 @@
 #    tx_error and the next one is tried). Copies of one frame share its slot.
 # 3. Peers: a datagram is accepted only from a peer's IP (any source port, lower_bound over
 #    peers sorted by IP); per-peer counters follow (ip, port) across table swaps.
-# 4. _RoutedBase: the router shared by the udp and vxlan routed paths - LPM, TTL with an
+# 4. Capture (overlayd capture): while set_capture(True), each forwarded packet (inside, as
+#    queued for its peer; a flood once, peer -1) and each delivered one (outside, as written
+#    to the device) is copied into a bounded ring allocated when capture is first enabled;
+#    what does not fit is counted as capture_dropped. drain_capture (GIL held, never during
+#    a batch) turns the ring into Python objects and empties it. While disabled, the cost is
+#    one branch on capture_on.
+# 5. _RoutedBase: the router shared by the udp and vxlan routed paths - LPM, TTL with an
 #    RFC 1624 checksum update, ICMP errors under a token bucket (RFC 1812), and the IPv4
 #    checks of the outside path.
 #
@@ -27,10 +33,14 @@ cdef enum:
     MAX_BATCH_C = 512
     TX_QUEUE_C = 512           # datagrams per socket queue before it is sent mid-batch
     MAX_TX_SOCKETS_C = 64
+    CAPTURE_BYTES_C = 4 << 20      # capture ring: packet bytes held between two drains
+    CAPTURE_RECORDS_C = 4096       # ... and packets
 
 HEADROOM = HEADROOM_C
 SLOT_SIZE = SLOT_SIZE_C
 MAX_BATCH = MAX_BATCH_C
+CAPTURE_BYTES = CAPTURE_BYTES_C
+CAPTURE_RECORDS = CAPTURE_RECORDS_C
 
 ctypedef struct peer_t:
     sockaddr_in addr           # ready for sendmmsg (network order)
@@ -54,6 +64,12 @@ ctypedef struct fwd_tables_t:
     int32_t npeers
     peer_t *peers
     ip_index_t *by_ip
+
+ctypedef struct capture_rec_t:  # one captured packet: cap_buf[offset:offset + length]
+    uint32_t offset
+    uint32_t length
+    int32_t peer
+    int32_t direction
 
 ctypedef struct txq_t:         # one tunnel socket's send queue
     int fd
@@ -212,10 +228,21 @@ cdef class _ForwarderBase:
     cdef mmsghdr *rx_msgs
     cdef iovec *rx_iov
     cdef sockaddr_in *rx_names
+    # capture
+    cdef bint capture_on
+    cdef unsigned char *cap_buf
+    cdef capture_rec_t *cap_recs
+    cdef uint32_t cap_n
+    cdef uint32_t cap_used
 
     def __cinit__(self, *args, **kwargs):
         self.in_buf = NULL
         self.out_buf = NULL
+        self.capture_on = False
+        self.cap_buf = NULL
+        self.cap_recs = NULL
+        self.cap_n = 0
+        self.cap_used = 0
         self.ntx = 0
         self.busy = False
         memset(self.ctr, 0, sizeof(self.ctr))
@@ -280,6 +307,8 @@ cdef class _ForwarderBase:
         free(self.rx_msgs)
         free(self.rx_iov)
         free(self.rx_names)
+        free(self.cap_buf)
+        free(self.cap_recs)
         for k in range(MAX_TX_SOCKETS_C):
             free(self.txq[k].msgs)
             free(self.txq[k].iov)
@@ -298,6 +327,40 @@ cdef class _ForwarderBase:
     def batch_histogram(self) -> tuple:
         return ([self.hist_inside[i] for i in range(BATCH_BUCKETS_C)],
                 [self.hist_outside[i] for i in range(BATCH_BUCKETS_C)])
+
+    def set_capture(self, enabled) -> None:
+        """Start or stop copying packets for capture; what was copied stays until drained."""
+        if enabled and self.cap_buf == NULL:
+            # malloc: untouched pages of the ring cost no RSS until packets fill them.
+            self.cap_buf = <unsigned char *>malloc(CAPTURE_BYTES_C)
+            self.cap_recs = <capture_rec_t *>malloc(CAPTURE_RECORDS_C * sizeof(capture_rec_t))
+            if self.cap_buf == NULL or self.cap_recs == NULL:
+                free(self.cap_buf)
+                free(self.cap_recs)
+                self.cap_buf = NULL
+                self.cap_recs = NULL
+                raise MemoryError()
+        self.capture_on = bool(enabled)
+
+    def drain_capture(self) -> list:
+        """[(direction, peer, packet)] copied since the last drain, oldest first; empties the
+        ring. direction 0 = inside (to ``peer``), 1 = outside (from ``peer``); peer -1 = a flood."""
+        cdef uint32_t i
+        cdef capture_rec_t *r
+        if self.cap_n == 0:
+            return []
+        self._enter()
+        try:
+            out = []
+            for i in range(self.cap_n):
+                r = &self.cap_recs[i]
+                out.append((r.direction, r.peer,
+                            (<char *>self.cap_buf)[r.offset:r.offset + r.length]))
+            self.cap_n = 0
+            self.cap_used = 0
+        finally:
+            self.busy = False
+        return out
 
     cdef int _enter(self) except -1:
         # Batches share buffers, counters and (switched) the FDB; a second thread must not run
@@ -320,6 +383,24 @@ cdef class _ForwarderBase:
             new.t.peers[j].rx_bytes = old.t.peers[i].rx_bytes
         self.gen = new
         return index_map
+
+    @cython.final
+    cdef inline void _capture(self, int direction, int32_t peer, const unsigned char *data,
+                              uint32_t n) noexcept nogil:
+        """Hot: copy one packet into the capture ring, or count it as not captured. Call only
+        while capture_on (the caller's branch is the whole cost of a disabled capture)."""
+        cdef capture_rec_t *r
+        if self.cap_n >= CAPTURE_RECORDS_C or n > CAPTURE_BYTES_C - self.cap_used:
+            self.ctr[CTR_CAPTURE_DROPPED] += 1
+            return
+        r = &self.cap_recs[self.cap_n]
+        r.offset = self.cap_used
+        r.length = n
+        r.peer = peer
+        r.direction = direction
+        memcpy(self.cap_buf + self.cap_used, data, n)
+        self.cap_used += n
+        self.cap_n += 1
 
     # --- inside: device -> underlay --------------------------------------------------------
 
@@ -602,3 +683,5 @@ cdef class _RoutedBase(_ForwarderBase):
             return
         if self._write_device(pkt, n) >= 0:
             ctr[CTR_DELIVERED_PACKETS] += 1
+            if self.capture_on:
+                self._capture(1, peer, pkt, n)

@@ -31,6 +31,8 @@ cdef class UdpForwarder(_RoutedBase):
                           uint32_t n) noexcept nogil:
         cdef int32_t peer = self._route(t, pkt, n)
         if peer >= 0:
+            if self.capture_on:
+                self._capture(0, peer, pkt, n)
             self._queue(t, pkt, n, peer, 0)
 
     cdef void _outside_one(self, const fwd_tables_t *t, unsigned char *pkt, uint32_t n,

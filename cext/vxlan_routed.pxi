@@ -48,6 +48,8 @@ cdef class VxlanRoutedForwarder(_RoutedBase):
         cdef int sock = 0
         if peer < 0:
             return
+        if self.capture_on:
+            self._capture(0, peer, pkt, n)
         if self.ntx > 1:
             sock = flow_hash_ipv4_c(pkt, n) % <uint32_t>self.ntx
         out = pkt - ROUTED_ENCAP

@@ -155,6 +155,8 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
         vxlan_header(out, self.vni)
         if self.ntx > 1:
             sock = flow_hash_frame_c(frame, n) % <uint32_t>self.ntx
+        if self.capture_on:
+            self._capture(0, target if target >= 0 else -1, frame, n)
         if target >= 0:
             self._queue(t, out, n + VXLAN_HEADER, target, sock)
             return
@@ -181,3 +183,5 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
             return
         if self._write_device(frame, n - VXLAN_HEADER) >= 0:
             self.ctr[CTR_DELIVERED_PACKETS] += 1
+            if self.capture_on:
+                self._capture(1, peer, frame, n - VXLAN_HEADER)

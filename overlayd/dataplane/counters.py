@@ -58,7 +58,12 @@ DROP_REASONS = (
     "outside_bad_source_mac",    # switched: multicast or all-zero inner source MAC
 )
 
-COUNTER_NAMES = TRAFFIC + DROP_REASONS
+# Capture (``overlayd capture``): neither traffic nor a drop - the packet itself went on.
+CAPTURE = (
+    "capture_dropped",           # not copied for capture: the capture buffer was full
+)
+
+COUNTER_NAMES = TRAFFIC + DROP_REASONS + CAPTURE
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 
 # Batch sizes are counted in power-of-two buckets: bucket i counts batches of size n with

@@ -10,7 +10,13 @@
    kernel: one sendmmsg per socket used). A refused datagram is a tx_error; the rest still go.
 3. Peers: a received datagram is accepted only from a peer's IP (any source port); per-peer
    counters follow the peer's (ip, port) across table swaps.
-4. Routed helpers (RoutedForwarderBase): the router part of the inside path (LPM, TTL, ICMP
+4. Capture (``overlayd capture``): while ``set_capture(True)``, each forwarded packet (inside,
+   as queued for its peer; a flood once, with peer -1) and each delivered one (outside, as
+   written to the device) is copied into a buffer bounded like the Cython kernel's ring
+   (CAPTURE_BYTES of packets, CAPTURE_RECORDS records); what does not fit is counted as
+   capture_dropped. ``drain_capture`` returns the records and empties the buffer. While
+   disabled, the cost is one test of ``_capture_on``.
+5. Routed helpers (RoutedForwarderBase): the router part of the inside path (LPM, TTL, ICMP
    errors under a token bucket, RFC 1812) and the IPv4 checks of the outside path.
 
 Invariants: the fds belong to the caller and are never closed here; a batch is not re-entrant;
@@ -36,6 +42,8 @@ SLOT_SIZE: Final = 65536      # any IPv4 packet (total length is 16 bits) fits o
 MAX_BATCH: Final = 512
 TX_QUEUE: Final = 512         # datagrams per socket queue before it is sent mid-batch
 MAX_TX_SOCKETS: Final = 64
+CAPTURE_BYTES: Final = 4 << 20    # capture buffer: packet bytes held between two drains
+CAPTURE_RECORDS: Final = 4096     # ... and packets
 
 # Receive errors that say something about one earlier datagram or a passing state of the
 # underlay, not about the socket: the next readiness event may well succeed.
@@ -186,6 +194,9 @@ class ForwarderBase:
         self._hist_inside = [0] * BATCH_BUCKETS
         self._hist_outside = [0] * BATCH_BUCKETS
         self._state = State(None)
+        self._capture_on = False
+        self._captured: list[tuple[int, int, bytes]] = []
+        self._captured_bytes = 0
         self._queues: list[list[tuple[memoryview, int]]] = [[] for _ in range(max(1, len(fds)))]
         stride = HEADROOM + SLOT_SIZE
         self._inside_buf = bytearray(stride * batch_size)
@@ -212,6 +223,34 @@ class ForwarderBase:
 
     def batch_histogram(self) -> tuple[list[int], list[int]]:
         return list(self._hist_inside), list(self._hist_outside)
+
+    def set_capture(self, enabled: bool) -> None:
+        """Start or stop copying packets for capture; what was copied stays until drained."""
+        self._capture_on = bool(enabled)
+
+    def drain_capture(self) -> list[tuple[int, int, bytes]]:
+        """[(direction, peer, packet)] copied since the last drain, oldest first; empties the
+        buffer. direction 0 = inside (to ``peer``), 1 = outside (from ``peer``); peer -1 = a
+        flood."""
+        if not self._captured:
+            return []
+        self._enter()
+        try:
+            out, self._captured, self._captured_bytes = self._captured, [], 0
+        finally:
+            self._busy = False
+        return out
+
+    def _capture(self, direction: int, peer: int, data: memoryview | bytes) -> None:
+        """Hot: copy one packet for capture, or count it as not captured. Call only while
+        ``_capture_on``."""
+        n = len(data)
+        if (len(self._captured) >= CAPTURE_RECORDS
+                or n > CAPTURE_BYTES - self._captured_bytes):
+            self._counters[C["capture_dropped"]] += 1
+            return
+        self._captured.append((direction, peer, bytes(data)))
+        self._captured_bytes += n
 
     def _enter(self) -> None:
         # Batches share buffers, counters and (switched) the FDB; a second thread must not run
@@ -467,3 +506,5 @@ class RoutedForwarderBase(ForwarderBase):
             return
         if self._write_device(pkt):
             ctr[C["delivered_packets"]] += 1
+            if self._capture_on:
+                self._capture(1, peer, pkt)

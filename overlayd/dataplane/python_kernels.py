@@ -1,5 +1,6 @@
 """The pure-Python twins of the Cython kernels, gathered under the names the extension exports."""
 
+from overlayd.dataplane.forwarder_base import CAPTURE_BYTES, CAPTURE_RECORDS
 from overlayd.dataplane.route_table import RouteTable
 from overlayd.dataplane.udp_forwarder import UdpForwarder
 from overlayd.dataplane.vxlan_routed import VxlanRoutedForwarder
@@ -7,5 +8,5 @@ from overlayd.dataplane.vxlan_switch import VxlanSwitchForwarder
 
 IMPLEMENTATION = "python"
 
-__all__ = ["IMPLEMENTATION", "RouteTable", "UdpForwarder", "VxlanRoutedForwarder",
-           "VxlanSwitchForwarder"]
+__all__ = ["CAPTURE_BYTES", "CAPTURE_RECORDS", "IMPLEMENTATION", "RouteTable", "UdpForwarder",
+           "VxlanRoutedForwarder", "VxlanSwitchForwarder"]

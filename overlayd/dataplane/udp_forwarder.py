@@ -49,6 +49,8 @@ class UdpForwarder(RoutedForwarderBase):
         pkt = self._slot(index, length)
         peer = self._route(state, pkt)
         if peer >= 0:
+            if self._capture_on:
+                self._capture(0, peer, pkt)
             self._queue(state, pkt, peer, 0)
 
     def _outside_one(self, state: State, pkt: memoryview, flags: int, address: object) -> None:

@@ -74,6 +74,8 @@ class VxlanRoutedForwarder(RoutedForwarderBase):
         peer = self._route(state, pkt)
         if peer < 0:
             return
+        if self._capture_on:
+            self._capture(0, peer, pkt)
         datagram = self._slot(index, length, _ENCAP)
         datagram[:vxlan.HEADER_LEN] = self._vxlan_header
         datagram[8:14] = state.peer_mac[peer]

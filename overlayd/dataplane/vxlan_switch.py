@@ -152,6 +152,8 @@ class VxlanSwitchForwarder(ForwarderBase):
         datagram[:_HDR] = self._vxlan_header
         nsocks = len(self._queues)
         sock = vxlan.flow_hash_frame(frame) % nsocks if nsocks > 1 else 0
+        if self._capture_on:
+            self._capture(0, max(target, -1), frame)
         if target >= 0:
             self._queue(state, datagram, target, sock)
             return
@@ -176,3 +178,5 @@ class VxlanSwitchForwarder(ForwarderBase):
             return
         if self._write_device(frame):
             ctr[C["delivered_packets"]] += 1
+            if self._capture_on:
+                self._capture(1, peer, frame)

@@ -31,6 +31,7 @@ the name (``_bytes``, ``_seconds``), one ``_info`` gauge per set of descriptive 
 | overlayd_map_current | gauge (0/1) | |
 | overlayd_map_reloads_total | counter | result (applied, rejected) |
 | overlayd_capture_sessions | gauge | |
+| overlayd_capture_dropped_packets_total | counter | |
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
     "icmp_sent": ("overlayd_icmp_errors_sent",
                   ("ICMP errors (unreachable, time exceeded, fragmentation needed) written to "
                   "the device.")),
+    "capture_dropped": ("overlayd_capture_dropped_packets",
+                        ("Packets not copied for `overlayd capture` because the data plane's "
+                         "capture buffer was full (the packets themselves went on).")),
 }
 
 PEER_METRICS = (  # (position in peer_counters() tuples, name, help)
