@@ -226,3 +226,18 @@ def test_check_accepts_shipped_vxlan_maps(tmp_path: Path, map_name: str) -> None
     config.write_text(f'[map]\nfile = "{REPO / "configs" / map_name}"\n')
     result = run_cli("check", "-c", str(config), "--any-host")
     assert result.returncode == 0, result.stderr
+
+
+def test_overlap_found_among_thousands_of_nodes() -> None:
+    """The overlap check scales to a fleet map (a sort, not all pairs) and still names the node."""
+    import tomllib
+    nodes = "".join(
+        f'[[nodes]]\nname="n{i}"\nsubnet="10.{i // 256}.{i % 256}.0/24"\n'
+        f'public_ip="172.16.{i // 256}.{i % 256}"\n' for i in range(5000))
+    nodes += '[[nodes]]\nname="late"\nsubnet="10.3.7.0/24"\npublic_ip="172.31.0.1"\n'
+    text = f'[network]\ncidr="10.0.0.0/8"\nsubnet_len=24\n{nodes}'
+    with pytest.raises(ConfigError) as info:
+        parse_subnet_map(tomllib.loads(text), "m.toml")
+    (problem,) = info.value.problems
+    assert problem.key == "nodes[5000].subnet"
+    assert "overlaps 10.3.7.0/24 of nodes[775]" in problem.reason

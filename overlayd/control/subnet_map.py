@@ -200,15 +200,34 @@ def _check_unique(p: Problems, nodes: list[tuple[str, Node]]) -> None:
             p.add(f"{path}.public_ip", f"duplicate public IP {node.public_ip} "
                                        f"(also {ips[node.public_ip]})")
         ips.setdefault(node.public_ip, path)
-        for other, other_path in subnets:
-            if node.subnet.overlaps(other):
-                p.add(f"{path}.subnet", f"{node.subnet} overlaps {other} of {other_path}")
         subnets.append((node.subnet, path))
         for route in node.routes:
             if route in prefixes:
                 p.add(f"{path}.routes", f"{route} is already routed to {prefixes[route]}")
             prefixes.setdefault(route, path)
+    _check_overlaps(p, subnets)
     for path, node in nodes:
         if node.subnet in prefixes and prefixes[node.subnet] != path:
             p.add(f"{prefixes[node.subnet]}.routes",
                   f"{node.subnet} is the subnet of {path} ({node.name})")
+
+
+def _check_overlaps(p: Problems, subnets: list[tuple[ipaddress.IPv4Network, str]]) -> None:
+    """Report each subnet that overlaps one listed before it; O(n log n) for fleet-sized maps.
+
+    Sorted by start address, a subnet overlaps an earlier-starting one exactly when it starts
+    before the furthest end seen so far; the problem is reported on the later-listed node.
+    """
+    order = sorted(range(len(subnets)), key=lambda i: (int(subnets[i][0].network_address), i))
+    widest: int | None = None        # index of the subnet reaching furthest so far
+    for i in order:
+        subnet = subnets[i][0]
+        if widest is not None and int(subnet.network_address) <= int(
+                subnets[widest][0].broadcast_address):
+            first, second = sorted((widest, i))
+            (a, a_path), (b, b_path) = subnets[first], subnets[second]
+            p.add(f"{b_path}.subnet", f"{b} overlaps {a} of {a_path}")
+        if widest is None or int(subnet.broadcast_address) > int(
+                subnets[widest][0].broadcast_address):
+            widest = i
+
