@@ -40,7 +40,15 @@ cpdef enum:
     CTR_OUTSIDE_WRONG_VNI
     CTR_OUTSIDE_WRONG_INNER_MAC
     CTR_OUTSIDE_BAD_SOURCE_MAC
+    CTR_INSIDE_BAD_OFFLOAD
     CTR_CAPTURE_DROPPED
+    CTR_OFFLOAD_SUPERPACKETS
+    CTR_OFFLOAD_SEGMENTS
+    CTR_OFFLOAD_GSO_SENDS
+    CTR_OFFLOAD_GSO_REFUSED
+    CTR_OFFLOAD_GRO_RECEIVES
+    CTR_OFFLOAD_COALESCED_WRITES
+    CTR_OFFLOAD_COALESCED_SEGMENTS
     N_COUNTERS
 
 COUNTER_NAMES = (
@@ -79,7 +87,15 @@ COUNTER_NAMES = (
     "outside_wrong_vni",
     "outside_wrong_inner_mac",
     "outside_bad_source_mac",
+    "inside_bad_offload",
     "capture_dropped",
+    "offload_superpackets",
+    "offload_segments",
+    "offload_gso_sends",
+    "offload_gso_refused",
+    "offload_gro_receives",
+    "offload_coalesced_writes",
+    "offload_coalesced_segments",
 )
 
 cdef enum:

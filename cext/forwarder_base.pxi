@@ -35,6 +35,9 @@ cdef enum:
     MAX_TX_SOCKETS_C = 64
     CAPTURE_BYTES_C = 4 << 20      # capture ring: packet bytes held between two drains
     CAPTURE_RECORDS_C = 4096       # ... and packets
+    TX_CTRL_C = 32                 # >= CMSG_SPACE(sizeof(uint16_t))
+    RX_CTRL_C = 32                 # >= CMSG_SPACE(sizeof(int))
+    BAD_READ_C = 0xFFFFFFFF        # in_len of a read too short to hold a virtio-net header
 
 HEADROOM = HEADROOM_C
 SLOT_SIZE = SLOT_SIZE_C
@@ -77,6 +80,10 @@ ctypedef struct txq_t:         # one tunnel socket's send queue
     mmsghdr *msgs
     iovec *iov
     int32_t *peer
+    uint32_t *seg_size         # UDP GSO: size of the entry's first datagram
+    uint32_t *segs             # ... datagrams in the entry (1: a plain datagram)
+    unsigned char *open        # ... whether the next segment may still join it
+    unsigned char *ctrl        # ... TX_CTRL_C bytes per entry: the UDP_SEGMENT cmsg
 
 
 @cython.final
@@ -228,6 +235,16 @@ cdef class _ForwarderBase:
     cdef mmsghdr *rx_msgs
     cdef iovec *rx_iov
     cdef sockaddr_in *rx_names
+    # offloads (offload.pxi)
+    cdef bint vnet             # device reads and writes carry a virtio-net header
+    cdef bint gso              # UDP_SEGMENT on sends (turned off if the kernel refuses)
+    cdef bint gro              # the receive socket has UDP_GRO: split coalesced receives
+    cdef uint32_t encap_len    # outer header bytes the path writes in front of a packet
+    cdef uint32_t l2_len       # 0 (tun) or 14 (tap): link header in front of IPv4
+    cdef unsigned char *arena  # segments of superpackets, until the queues are sent
+    cdef size_t arena_used
+    cdef unsigned char *rx_ctrl
+    cdef gro_t pending         # coalescer of delivered packets, written at the end of a batch
     # capture
     cdef bint capture_on
     cdef unsigned char *cap_buf
@@ -238,6 +255,13 @@ cdef class _ForwarderBase:
     def __cinit__(self, *args, **kwargs):
         self.in_buf = NULL
         self.out_buf = NULL
+        self.arena = NULL
+        self.rx_ctrl = NULL
+        self.pending.items = NULL
+        self.pending.recs = NULL
+        self.vnet = False
+        self.gso = False
+        self.gro = False
         self.capture_on = False
         self.cap_buf = NULL
         self.cap_recs = NULL
@@ -250,9 +274,17 @@ cdef class _ForwarderBase:
         memset(self.hist_outside, 0, sizeof(self.hist_outside))
         memset(self.txq, 0, sizeof(self.txq))
 
-    cdef int _setup(self, str name, dev_fd, sock_fd, tx_fds, batch_size) except -1:
+    cdef int _setup(self, str name, dev_fd, sock_fd, tx_fds, batch_size, offloads,
+                    uint32_t encap_len, uint32_t l2_len) except -1:
+        """offloads: (vnet_hdr, udp_gso, udp_gro) as the caller configured the fds."""
         cdef int i, k
         self.name = name
+        vnet_hdr, udp_gso, udp_gro = offloads
+        self.vnet = bool(vnet_hdr)
+        self.gso = bool(udp_gso)
+        self.gro = bool(udp_gro)
+        self.encap_len = encap_len
+        self.l2_len = l2_len
         dev_fd = operator_index(dev_fd)
         sock_fd = operator_index(sock_fd)
         batch_size = operator_index(batch_size)
@@ -278,6 +310,15 @@ cdef class _ForwarderBase:
         if (self.in_buf == NULL or self.out_buf == NULL or self.in_len == NULL
                 or self.rx_msgs == NULL or self.rx_iov == NULL or self.rx_names == NULL):
             raise MemoryError()
+        if self.vnet:
+            self.arena = <unsigned char *>malloc(SEG_ARENA_BYTES_C)
+            if self.arena == NULL:
+                raise MemoryError()
+            gro_init(&self.pending, l2_len)
+        if self.gro:
+            self.rx_ctrl = <unsigned char *>calloc(batch_size, RX_CTRL_C)
+            if self.rx_ctrl == NULL:
+                raise MemoryError()
         for i in range(batch_size):
             self.rx_iov[i].iov_base = self.out_buf + <size_t>i * SLOT_STRIDE + HEADROOM_C
             self.rx_iov[i].iov_len = SLOT_SIZE_C
@@ -290,7 +331,13 @@ cdef class _ForwarderBase:
             self.txq[k].msgs = <mmsghdr *>calloc(TX_QUEUE_C, sizeof(mmsghdr))
             self.txq[k].iov = <iovec *>calloc(TX_QUEUE_C, sizeof(iovec))
             self.txq[k].peer = <int32_t *>calloc(TX_QUEUE_C, sizeof(int32_t))
-            if self.txq[k].msgs == NULL or self.txq[k].iov == NULL or self.txq[k].peer == NULL:
+            self.txq[k].seg_size = <uint32_t *>calloc(TX_QUEUE_C, sizeof(uint32_t))
+            self.txq[k].segs = <uint32_t *>calloc(TX_QUEUE_C, sizeof(uint32_t))
+            self.txq[k].open = <unsigned char *>calloc(TX_QUEUE_C, 1)
+            self.txq[k].ctrl = <unsigned char *>calloc(TX_QUEUE_C, TX_CTRL_C)
+            if (self.txq[k].msgs == NULL or self.txq[k].iov == NULL or self.txq[k].peer == NULL
+                    or self.txq[k].seg_size == NULL or self.txq[k].segs == NULL
+                    or self.txq[k].open == NULL or self.txq[k].ctrl == NULL):
                 raise MemoryError()
             for i in range(TX_QUEUE_C):
                 self.txq[k].msgs[i].msg_hdr.msg_iov = &self.txq[k].iov[i]
@@ -309,10 +356,17 @@ cdef class _ForwarderBase:
         free(self.rx_names)
         free(self.cap_buf)
         free(self.cap_recs)
+        free(self.arena)
+        free(self.rx_ctrl)
+        gro_release(&self.pending)
         for k in range(MAX_TX_SOCKETS_C):
             free(self.txq[k].msgs)
             free(self.txq[k].iov)
             free(self.txq[k].peer)
+            free(self.txq[k].seg_size)
+            free(self.txq[k].segs)
+            free(self.txq[k].open)
+            free(self.txq[k].ctrl)
 
     # --- control (GIL held) ----------------------------------------------------------------
 
@@ -323,6 +377,10 @@ cdef class _ForwarderBase:
         cdef const fwd_tables_t *t = &self.gen.t
         return [(t.peers[i].tx_packets, t.peers[i].tx_bytes,
                  t.peers[i].rx_packets, t.peers[i].rx_bytes) for i in range(t.npeers)]
+
+    def offloads(self) -> dict:
+        """Which offloads are in use now (udp_gso turns off if the kernel refused it)."""
+        return {"vnet_hdr": bool(self.vnet), "udp_gso": bool(self.gso), "udp_gro": bool(self.gro)}
 
     def batch_histogram(self) -> tuple:
         return ([self.hist_inside[i] for i in range(BATCH_BUCKETS_C)],
@@ -423,20 +481,26 @@ cdef class _ForwarderBase:
         cdef int n = 0, i
         cdef ssize_t r
         cdef unsigned char *slot
+        cdef size_t hdr = VNET_HDR_LEN_C if self.vnet else 0
         while n < self.batch_size:
+            # With a virtio-net header, it lands in the last bytes of the headroom.
             slot = self.in_buf + <size_t>n * SLOT_STRIDE + HEADROOM_C
-            r = read(self.dev_fd, slot, SLOT_SIZE_C)
+            r = read(self.dev_fd, slot - hdr, SLOT_SIZE_C + hdr)
             if r < 0:
                 if errno == EINTR:
                     continue
                 if errno != EAGAIN and errno != EWOULDBLOCK:
                     err[0] = errno
                 break
-            self.in_len[n] = <uint32_t>r
+            self.in_len[n] = <uint32_t>(r - hdr) if <size_t>r >= hdr else BAD_READ_C
             n += 1
+        self.arena_used = 0
         for i in range(n):
-            self._inside_one(t, self.in_buf + <size_t>i * SLOT_STRIDE + HEADROOM_C,
-                             self.in_len[i])
+            slot = self.in_buf + <size_t>i * SLOT_STRIDE + HEADROOM_C
+            if self.vnet:
+                self._inside_offloaded(t, slot, self.in_len[i])
+            else:
+                self._inside_one(t, slot, self.in_len[i])
         self._flush(t)
         if n:
             self.hist_inside[batch_bucket(n)] += 1
@@ -447,13 +511,78 @@ cdef class _ForwarderBase:
         pass
 
     @cython.final
+    cdef void _inside_offloaded(self, const fwd_tables_t *t, unsigned char *pkt,
+                                uint32_t n) noexcept nogil:
+        """A read with a virtio-net header in front: finish its checksum, or cut a TCP
+        superpacket into segments laid out for UDP GSO; each goes to _inside_one."""
+        cdef vnet_hdr_t h
+        cdef tso_plan_t plan
+        cdef unsigned char *run
+        cdef uint32_t i
+        if n == BAD_READ_C:
+            self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
+            return
+        memcpy(&h, pkt - VNET_HDR_LEN_C, VNET_HDR_LEN_C)
+        if (h.gso_type & ~VNET_GSO_ECN_C) == VNET_GSO_NONE_C:
+            if (h.flags & VNET_F_NEEDS_CSUM_C) and complete_csum(pkt, n, h.csum_start,
+                                                                 h.csum_offset) < 0:
+                self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
+                return
+            self._inside_one(t, pkt, n)
+            return
+        if ((h.gso_type & ~VNET_GSO_ECN_C) != VNET_GSO_TCPV4_C
+                or tso_plan(&plan, pkt, n, self.l2_len, h.gso_size, self.encap_len) < 0
+                or plan.need > SEG_ARENA_BYTES_C):
+            self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
+            return
+        if plan.need > SEG_ARENA_BYTES_C - self.arena_used:
+            self._flush(t)          # queued datagrams may point into the arena
+            self.arena_used = 0
+        run = self.arena + self.arena_used
+        self.arena_used += (plan.need + 15) & ~(<size_t>15)
+        tso_write(&plan, pkt, run)
+        self.ctr[CTR_OFFLOAD_SUPERPACKETS] += 1
+        self.ctr[CTR_OFFLOAD_SEGMENTS] += plan.nseg
+        for i in range(plan.nseg):
+            self._inside_one(t, run + plan.prefix + <size_t>i * plan.stride,
+                             tso_segment_len(&plan, i))
+
+    @cython.final
     cdef void _queue(self, const fwd_tables_t *t, unsigned char *data, size_t n,
                             int32_t peer, int sock) noexcept nogil:
         cdef txq_t *q = &self.txq[sock]
-        q.iov[q.n].iov_base = data
-        q.iov[q.n].iov_len = n
-        q.msgs[q.n].msg_hdr.msg_name = <void *>&t.peers[peer].addr
-        q.peer[q.n] = peer
+        cdef int k = q.n - 1
+        cdef cmsghdr *cm
+        cdef uint16_t seg
+        if (self.gso and k >= 0 and q.open[k] and q.peer[k] == peer
+                and <unsigned char *>q.iov[k].iov_base + q.iov[k].iov_len == data
+                and n <= q.seg_size[k] and q.segs[k] < GSO_MAX_SEGS_C
+                and q.iov[k].iov_len + n <= GSO_MAX_BYTES_C):
+            # The next segment of the same superpacket to the same peer: one GSO send.
+            q.iov[k].iov_len += n
+            q.segs[k] += 1
+            if n < q.seg_size[k]:
+                q.open[k] = False
+            if q.segs[k] == 2:
+                q.msgs[k].msg_hdr.msg_control = q.ctrl + <size_t>k * TX_CTRL_C
+                q.msgs[k].msg_hdr.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
+                cm = CMSG_FIRSTHDR(&q.msgs[k].msg_hdr)
+                cm.cmsg_level = SOL_UDP_C
+                cm.cmsg_type = UDP_SEGMENT_C
+                cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+                seg = <uint16_t>q.seg_size[k]
+                memcpy(CMSG_DATA(cm), &seg, sizeof(uint16_t))
+            return
+        k = q.n
+        q.iov[k].iov_base = data
+        q.iov[k].iov_len = n
+        q.msgs[k].msg_hdr.msg_name = <void *>&t.peers[peer].addr
+        q.msgs[k].msg_hdr.msg_control = NULL
+        q.msgs[k].msg_hdr.msg_controllen = 0
+        q.peer[k] = peer
+        q.seg_size[k] = n
+        q.segs[k] = 1
+        q.open[k] = True
         q.n += 1
         if q.n == TX_QUEUE_C:
             self._send(t, q)
@@ -476,22 +605,60 @@ cdef class _ForwarderBase:
             if sent <= 0:
                 # The kernel refused msgs[i] (sendmmsg reports an error only when the first
                 # datagram fails): count it and go on with the rest.
-                self.ctr[CTR_TX_ERROR] += 1
+                if q.segs[i] > 1:
+                    self._send_gso_singly(t, q, i, errno)
+                else:
+                    self.ctr[CTR_TX_ERROR] += 1
                 i += 1
                 continue
             for k in range(i, i + sent):
                 peer = &t.peers[q.peer[k]]
-                peer.tx_packets += 1
+                peer.tx_packets += q.segs[k]
                 peer.tx_bytes += q.iov[k].iov_len
-            self.ctr[CTR_FORWARDED_PACKETS] += sent
+                self.ctr[CTR_FORWARDED_PACKETS] += q.segs[k]
+                if q.segs[k] > 1:
+                    self.ctr[CTR_OFFLOAD_GSO_SENDS] += 1
             i += sent
         q.n = 0
 
     @cython.final
+    cdef void _send_gso_singly(self, const fwd_tables_t *t, txq_t *q, int i,
+                               int error) noexcept nogil:
+        """The kernel refused GSO entry i: send its datagrams one by one; a kernel that
+        cannot do GSO at all will not be asked again."""
+        cdef unsigned char *data = <unsigned char *>q.iov[i].iov_base
+        cdef size_t left = q.iov[i].iov_len, size
+        cdef peer_t *peer = &t.peers[q.peer[i]]
+        cdef ssize_t r
+        self.ctr[CTR_OFFLOAD_GSO_REFUSED] += 1
+        if error == EIO or error == EINVAL or error == ENOPROTOOPT or error == EOPNOTSUPP:
+            self.gso = False
+        while left:
+            size = q.seg_size[i] if left > q.seg_size[i] else left
+            r = sendto(q.fd, data, size, MSG_DONTWAIT, &peer.addr, sizeof(sockaddr_in))
+            if r < 0 and errno == EINTR:
+                continue
+            if r < 0:
+                self.ctr[CTR_TX_ERROR] += 1
+            else:
+                peer.tx_packets += 1
+                peer.tx_bytes += size
+                self.ctr[CTR_FORWARDED_PACKETS] += 1
+            data += size
+            left -= size
+
+    @cython.final
     cdef ssize_t _write_device(self, const unsigned char *data, size_t n) noexcept nogil:
         cdef ssize_t r
+        cdef vnet_hdr_t plain
+        cdef iovec iov[2]
+        memset(&plain, 0, sizeof(plain))
+        iov[0].iov_base = &plain
+        iov[0].iov_len = VNET_HDR_LEN_C
+        iov[1].iov_base = <void *>data
+        iov[1].iov_len = n
         while True:
-            r = write(self.dev_fd, data, n)
+            r = writev(self.dev_fd, iov, 2) if self.vnet else write(self.dev_fd, data, n)
             if r >= 0 or errno != EINTR:
                 if r < 0:
                     self.ctr[CTR_DEVICE_WRITE_ERROR] += 1
@@ -517,30 +684,62 @@ cdef class _ForwarderBase:
     cdef int _outside_run(self, const fwd_tables_t *t, int *err) noexcept nogil:
         cdef int n, i
         cdef int32_t peer
+        cdef uint32_t size, offset, length
+        cdef unsigned char *data
         for i in range(self.batch_size):
-            # The kernel overwrites both on every receive.
+            # The kernel overwrites these on every receive.
             self.rx_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
             self.rx_msgs[i].msg_hdr.msg_flags = 0
+            if self.gro:
+                self.rx_msgs[i].msg_hdr.msg_control = self.rx_ctrl + <size_t>i * RX_CTRL_C
+                self.rx_msgs[i].msg_hdr.msg_controllen = RX_CTRL_C
         n = recvmmsg(self.sock_fd, self.rx_msgs, self.batch_size, MSG_DONTWAIT, NULL)
         if n < 0:
             if not transient_recv_error(errno):
                 err[0] = errno
             return 0
         for i in range(n):
-            peer = self._outside_peer(t, i)
-            if peer >= 0:
-                self._outside_one(t, <unsigned char *>self.rx_iov[i].iov_base,
-                                  self.rx_msgs[i].msg_len, peer)
+            data = <unsigned char *>self.rx_iov[i].iov_base
+            length = self.rx_msgs[i].msg_len
+            size = self._gro_size(i) if self.gro else 0
+            if size == 0 or length <= size or (self.rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC):
+                peer = self._outside_peer(t, i, length)
+                if peer >= 0:
+                    self._outside_one(t, data, length, peer)
+                continue
+            # UDP GRO: a run of datagrams of `size` bytes (the last may be shorter).
+            self.ctr[CTR_OFFLOAD_GRO_RECEIVES] += 1
+            offset = 0
+            while offset < length:
+                size = min(size, length - offset)
+                peer = self._outside_peer(t, i, size)
+                if peer >= 0:
+                    self._outside_one(t, data + offset, size, peer)
+                offset += size
+        if self.vnet:
+            self._pending_flush()
         if n:
             self.hist_outside[batch_bucket(n)] += 1
         return n
 
     @cython.final
-    cdef int32_t _outside_peer(self, const fwd_tables_t *t, int i) noexcept nogil:
-        """Count received datagram i; the peer it came from, or -1 (dropped and counted as
-        truncated or from an unknown source)."""
+    cdef uint32_t _gro_size(self, int i) noexcept nogil:
+        """The UDP_GRO segment size of receive i, or 0."""
         cdef msghdr *hdr = &self.rx_msgs[i].msg_hdr
-        cdef uint32_t n = self.rx_msgs[i].msg_len
+        cdef cmsghdr *cm = CMSG_FIRSTHDR(hdr)
+        cdef int size
+        while cm != NULL:
+            if cm.cmsg_level == SOL_UDP_C and cm.cmsg_type == UDP_GRO_C:
+                memcpy(&size, CMSG_DATA(cm), sizeof(int))
+                return <uint32_t>size if size > 0 else 0
+            cm = CMSG_NXTHDR(hdr, cm)
+        return 0
+
+    @cython.final
+    cdef int32_t _outside_peer(self, const fwd_tables_t *t, int i, uint32_t n) noexcept nogil:
+        """Count a datagram of n bytes from receive i; the peer it came from, or -1 (dropped
+        and counted as truncated or from an unknown source)."""
+        cdef msghdr *hdr = &self.rx_msgs[i].msg_hdr
         cdef const sockaddr_in *name = &self.rx_names[i]
         cdef int32_t peer = -1
         self.ctr[CTR_OUTSIDE_PACKETS] += 1
@@ -561,6 +760,47 @@ cdef class _ForwarderBase:
                            int32_t peer) noexcept nogil:
         pass
 
+    @cython.final
+    cdef void _emit(self, unsigned char *pkt, uint32_t n, int32_t peer) noexcept nogil:
+        """Deliver a checked packet (tun) or frame (tap) into the device: at once, or with a
+        virtio-net header through the coalescer, written when the batch ends."""
+        if not self.vnet:
+            if self._write_device(pkt, n) >= 0:
+                self.ctr[CTR_DELIVERED_PACKETS] += 1
+                if self.capture_on:
+                    self._capture(1, peer, pkt, n)
+            return
+        if self.capture_on:
+            self._capture(1, peer, pkt, n)
+        if gro_full(&self.pending):
+            self._pending_flush()
+        gro_add(&self.pending, pkt, n)
+
+    @cython.final
+    cdef void _pending_flush(self) noexcept nogil:
+        cdef vnet_hdr_t hdr
+        cdef iovec iov[GRO_MAX_SEGS_C + 2]
+        cdef int32_t i
+        cdef int niov
+        cdef uint32_t segs
+        cdef ssize_t r
+        for i in range(self.pending.nitems):
+            niov = gro_prepare(&self.pending, i, &hdr, iov)
+            segs = self.pending.items[i].segs
+            while True:
+                r = writev(self.dev_fd, iov, niov)
+                if r >= 0 or errno != EINTR:
+                    break
+            if r < 0:
+                self.ctr[CTR_DEVICE_WRITE_ERROR] += segs
+                continue
+            self.ctr[CTR_DELIVERED_PACKETS] += segs
+            if segs > 1:
+                self.ctr[CTR_OFFLOAD_COALESCED_WRITES] += 1
+                self.ctr[CTR_OFFLOAD_COALESCED_SEGMENTS] += segs
+        self.pending.nitems = 0
+        self.pending.nrecs = 0
+
 
 cdef class _RoutedBase(_ForwarderBase):
     """The router shared by the routed paths (udp, vxlan routed) over a tun device."""
@@ -570,12 +810,12 @@ cdef class _RoutedBase(_ForwarderBase):
     cdef unsigned char icmp_buf[ICMP_MAX_PACKET]
 
     cdef int _setup_routed(self, str name, tun_fd, sock_fd, tx_fds, batch_size,
-                           icmp_burst) except -1:
+                           icmp_burst, offloads, uint32_t encap_len) except -1:
         icmp_burst = operator_index(icmp_burst)
         batch_size = operator_index(batch_size)
         if icmp_burst < 0:
             raise ValueError(f"icmp_burst must be >= 0, got {icmp_burst}")
-        self._setup(name, tun_fd, sock_fd, tx_fds, batch_size)
+        self._setup(name, tun_fd, sock_fd, tx_fds, batch_size, offloads, encap_len, 0)
         self.tokens = icmp_burst
         return 0
 
@@ -681,7 +921,4 @@ cdef class _RoutedBase(_ForwarderBase):
         if lpm_lookup(t.lpm, rd32(pkt + 16)) != LOCAL_C:
             ctr[CTR_OUTSIDE_NOT_FOR_US] += 1
             return
-        if self._write_device(pkt, n) >= 0:
-            ctr[CTR_DELIVERED_PACKETS] += 1
-            if self.capture_on:
-                self._capture(1, peer, pkt, n)
+        self._emit(<unsigned char *>pkt, n, peer)

@@ -41,8 +41,24 @@ cdef inline void wr32(unsigned char *p, uint32_t v) noexcept nogil:
     p[3] = v & 0xFF
 
 
+cdef extern from *:
+    uint32_t __builtin_bswap32(uint32_t x) nogil
+
+
 cdef inline uint64_t csum_partial(const unsigned char *p, size_t n, uint64_t total) noexcept nogil:
+    # Big-endian 32-bit words, two accumulators: the sum of 16-bit words and the sum of 32-bit
+    # words fold to the same value (2**16 == 1 mod 0xFFFF), and this runs at memory speed over
+    # the 64 kB superpackets the offload path checksums.
     cdef size_t i = 0
+    cdef uint32_t w0, w1
+    cdef uint64_t a = 0, b = 0
+    while i + 8 <= n:
+        memcpy(&w0, p + i, 4)
+        memcpy(&w1, p + i + 4, 4)
+        a += __builtin_bswap32(w0)
+        b += __builtin_bswap32(w1)
+        i += 8
+    total += a + b
     while i + 1 < n:
         total += (<uint32_t>p[i] << 8) | p[i + 1]
         i += 2

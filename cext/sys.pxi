@@ -5,8 +5,8 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport (
-    EAGAIN, ECONNREFUSED, ECONNRESET, EHOSTDOWN, EHOSTUNREACH, EINTR, EIO, EMSGSIZE, ENETDOWN,
-    ENETUNREACH, ENOBUFS, ENOMEM, EPROTO, ETIMEDOUT, errno,
+    EAGAIN, ECONNREFUSED, ECONNRESET, EHOSTDOWN, EHOSTUNREACH, EINTR, EINVAL, EIO, EMSGSIZE,
+    ENETDOWN, ENETUNREACH, ENOBUFS, ENOMEM, ENOPROTOOPT, EOPNOTSUPP, EPROTO, ETIMEDOUT, errno,
 )
 
 cdef extern from "<errno.h>" nogil:
@@ -20,6 +20,7 @@ cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
         void *iov_base
         size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -44,6 +45,19 @@ cdef extern from "<sys/socket.h>" nogil:
     struct timespec:
         pass
 
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
+    cmsghdr *CMSG_FIRSTHDR(msghdr *msg)
+    cmsghdr *CMSG_NXTHDR(msghdr *msg, cmsghdr *cmsg)
+    unsigned char *CMSG_DATA(cmsghdr *cmsg)
+    size_t CMSG_SPACE(size_t length)
+    size_t CMSG_LEN(size_t length)
+
+    ssize_t sendto(int sockfd, const void *buf, size_t len, int flags, const void *dest_addr,
+                   socklen_t addrlen)
     int sendmmsg(int sockfd, mmsghdr *msgvec, unsigned int vlen, int flags)
     int recvmmsg(int sockfd, mmsghdr *msgvec, unsigned int vlen, int flags, timespec *timeout)
 

@@ -24,8 +24,10 @@ cdef class UdpForwarder(_RoutedBase):
     socket is, add_icmp_tokens from a timer, set_tables on map changes.
     """
 
-    def __cinit__(self, tun_fd, sock_fd, batch_size=64, icmp_burst=100):
-        self._setup_routed("UdpForwarder", tun_fd, sock_fd, (), batch_size, icmp_burst)
+    def __cinit__(self, tun_fd, sock_fd, batch_size=64, icmp_burst=100, *, vnet_hdr=False,
+                  udp_gso=False, udp_gro=False):
+        self._setup_routed("UdpForwarder", tun_fd, sock_fd, (), batch_size, icmp_burst,
+                           (vnet_hdr, udp_gso, udp_gro), 0)
 
     cdef void _inside_one(self, const fwd_tables_t *t, unsigned char *pkt,
                           uint32_t n) noexcept nogil:

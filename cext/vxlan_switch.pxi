@@ -25,14 +25,15 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
     cdef double now
 
     def __cinit__(self, tap_fd, sock_fd, vni=1, tx_fds=(), batch_size=64,
-                  fdb_max_entries=16384):
+                  fdb_max_entries=16384, *, vnet_hdr=False, udp_gso=False, udp_gro=False):
         self.fdb.slots = NULL
         self.vni = check_vni_arg(vni)
         fdb_max_entries = operator_index(fdb_max_entries)
         if not 1 <= fdb_max_entries <= (1 << 24):
             raise ValueError(f"fdb_max_entries must be 1..{1 << 24}, got {fdb_max_entries}")
         self.now = 0.0
-        self._setup("VxlanSwitchForwarder", tap_fd, sock_fd, tx_fds, batch_size)
+        self._setup("VxlanSwitchForwarder", tap_fd, sock_fd, tx_fds, batch_size,
+                    (vnet_hdr, udp_gso, udp_gro), VXLAN_HEADER, ETH_HEADER)
         fdb_init(&self.fdb, fdb_max_entries)
 
     def __dealloc__(self):
@@ -181,7 +182,4 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
         if not ((dst >> 40) & 1) and fdb_lookup(&self.fdb, dst) >= 0:
             self.ctr[CTR_OUTSIDE_NOT_FOR_US] += 1
             return
-        if self._write_device(frame, n - VXLAN_HEADER) >= 0:
-            self.ctr[CTR_DELIVERED_PACKETS] += 1
-            if self.capture_on:
-                self._capture(1, peer, frame, n - VXLAN_HEADER)
+        self._emit(<unsigned char *>frame, n - VXLAN_HEADER, peer)

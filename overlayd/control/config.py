@@ -45,6 +45,7 @@ class DaemonConfig:
     mac_ageing_seconds: float = 300.0     # switched: learned MACs not seen this long are forgotten
     fdb_max_entries: int = 16384          # switched: cap of the MAC table (learned + static)
     static_macs: tuple[StaticMac, ...] = ()
+    offloads: bool = True                 # TSO/checksum from the device, UDP GSO/GRO, coalescing
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +114,13 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     tx_sockets = p.integer(tun, "tx_sockets", "tunnel", default=8, low=0, high=64)
 
     dp = p.table(data, "dataplane")
-    p.unknown_keys(dp, {"implementation", "batch_size", "icmp_rate_per_second"}, "dataplane")
+    p.unknown_keys(dp, {"implementation", "batch_size", "icmp_rate_per_second", "offloads"},
+                   "dataplane")
     impl = p.string(dp, "implementation", "dataplane", default="auto", choices=DATAPLANES)
     batch = p.integer(dp, "batch_size", "dataplane", default=64, low=1, high=512)
     icmp_rate = p.integer(dp, "icmp_rate_per_second", "dataplane", default=1000, low=0,
                           high=1_000_000)
+    offloads = p.boolean(dp, "offloads", "dataplane", default=True)
 
     rt = p.table(data, "runtime")
     p.unknown_keys(rt, {"keep_device"}, "runtime")
@@ -160,7 +163,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         control_socket=Path(sock_text or "/run/overlayd/overlayd.sock"),
         tx_sockets=tx_sockets if tx_sockets is not None else 8,
         mac_ageing_seconds=ageing, fdb_max_entries=fdb_max or 16384,
-        static_macs=tuple(static_macs),
+        static_macs=tuple(static_macs), offloads=bool(offloads),
     ), []
 
 

@@ -56,6 +56,10 @@ DROP_REASONS = (
     "outside_wrong_vni",         # a VNI that is not ours
     "outside_wrong_inner_mac",   # routed: inner destination MAC neither ours nor broadcast
     "outside_bad_source_mac",    # switched: multicast or all-zero inner source MAC
+    # offloads (the device opened with a virtio-net header)
+    "inside_bad_offload",        # a virtio-net header the data plane cannot honour: checksum
+                                 # offsets outside the packet, a GSO type other than TCPv4, a
+                                 # TCPv4 superpacket that is not one, or too many segments
 )
 
 # Capture (``overlayd capture``): neither traffic nor a drop - the packet itself went on.
@@ -63,7 +67,19 @@ CAPTURE = (
     "capture_dropped",           # not copied for capture: the capture buffer was full
 )
 
-COUNTER_NAMES = TRAFFIC + DROP_REASONS + CAPTURE
+# Offloads (cext/offload.pxi): how much work the kernel's segmentation and coalescing saved.
+# Neither traffic nor drops: every segment is also counted as the packet it is.
+OFFLOAD = (
+    "offload_superpackets",        # TCP superpackets (TSO) read from the device
+    "offload_segments",            # segments cut from them (each also in inside_packets)
+    "offload_gso_sends",           # UDP GSO sends: one sendmsg carrying several datagrams
+    "offload_gso_refused",         # GSO sends the kernel refused; their datagrams went singly
+    "offload_gro_receives",        # UDP GRO receives that carried several datagrams
+    "offload_coalesced_writes",    # TCP superpackets written to the device (GRO on writes)
+    "offload_coalesced_segments",  # segments inside them (each also in delivered_packets)
+)
+
+COUNTER_NAMES = TRAFFIC + DROP_REASONS + CAPTURE + OFFLOAD
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 
 # Batch sizes are counted in power-of-two buckets: bucket i counts batches of size n with

@@ -18,6 +18,14 @@ from overlayd.errors import EX_NOPERM, EX_OSERR, EX_UNAVAILABLE, StartupError
 
 TUN_PATH = "/dev/net/tun"
 TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int), <linux/if_tun.h>
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+IFF_VNET_HDR = 0x4000
+# What the kernel may hand us: packets with a partial checksum (we finish it) and TCPv4
+# superpackets, ECN-marked ones included (we cut them into segments, cext/offload.pxi).
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO_ECN = 0x08
+OFFLOAD_FLAGS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN
 
 
 class OverlayDevice:
@@ -26,22 +34,39 @@ class OverlayDevice:
 
     Not persistent unless ``persist`` is set: closing the fd (or the daemon dying) removes the
     device with its addresses and routes.
+
+    With ``offload``, the device is opened with IFF_VNET_HDR (every read and write carries a
+    10-byte virtio-net header) and TUNSETOFFLOAD lets the kernel hand over TCP superpackets
+    and unfinished checksums. ``vnet_hdr`` says whether reads carry the header; ``tso``
+    whether the kernel accepted the offload flags (it may refuse on an old kernel, and then
+    sends plain packets, still behind a header).
     """
 
-    def __init__(self, name: str, kind: str = "tun", persist: bool = False) -> None:
+    def __init__(self, name: str, kind: str = "tun", persist: bool = False,
+                 offload: bool = False) -> None:
         if kind not in ("tun", "tap"):
             raise ValueError(f"device kind {kind!r}: expected tun or tap")
         self.name = name
         self.kind = kind
         self.persist = persist
+        self.vnet_hdr = offload
+        self.tso = False
         self.fd = self._open_dup()
 
     def _open_dup(self) -> int:
-        flag = pytun.IFF_TUN if self.kind == "tun" else pytun.IFF_TAP
-        dev = _open(self.name, self.kind, flag | pytun.IFF_NO_PI)
+        flags = (pytun.IFF_TUN if self.kind == "tun" else pytun.IFF_TAP) | pytun.IFF_NO_PI
+        if self.vnet_hdr:
+            flags |= IFF_VNET_HDR
+        dev = _open(self.name, self.kind, flags)
         try:
             if self.persist:
                 dev.persist(True)
+            if self.vnet_hdr:
+                try:
+                    fcntl.ioctl(dev.fileno(), TUNSETOFFLOAD, OFFLOAD_FLAGS)
+                    self.tso = True
+                except OSError:
+                    self.tso = False
             fd = os.dup(dev.fileno())
         finally:
             dev.close()   # our dup keeps the device attached

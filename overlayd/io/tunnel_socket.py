@@ -14,6 +14,9 @@ IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_DONT = getattr(socket, "IP_PMTUDISC_DONT", 0)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)   # Linux 4.18
+UDP_GRO = getattr(socket, "UDP_GRO", 104)           # Linux 5.0
 
 
 def open_tunnel_socket(address: ipaddress.IPv4Address, port: int,
@@ -46,3 +49,24 @@ def _set_buffers(sock: socket.socket, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, force, size)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+def udp_gso_supported(sock: socket.socket) -> bool:
+    """Whether the kernel does UDP GSO (the data plane then asks for it per send, by cmsg).
+    The socket-wide option is set and cleared again: it only probes."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_SEGMENT, 1400)
+        sock.setsockopt(SOL_UDP, UDP_SEGMENT, 0)
+    except OSError:
+        return False
+    return True
+
+
+def enable_udp_gro(sock: socket.socket) -> bool:
+    """Let the kernel hand over runs of datagrams from one sender in one receive (the data
+    plane splits them by the UDP_GRO cmsg); False where the kernel has no UDP_GRO."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True

@@ -33,7 +33,7 @@ from overlayd.control.problems import ConfigError
 from overlayd.control.subnet_map import SubnetMap
 from overlayd.io import host_network
 from overlayd.io.device import OverlayDevice, tune_device_sysctls
-from overlayd.io.tunnel_socket import open_tunnel_socket
+from overlayd.io.tunnel_socket import enable_udp_gro, open_tunnel_socket, udp_gso_supported
 from overlayd.runtime.logs import RateLimitedLog
 from overlayd.wire.ethernet import parse_mac
 
@@ -68,6 +68,7 @@ class Daemon:
         self.tun: OverlayDevice | None = None
         self.sock: socket.socket | None = None
         self.tx_socks: list[socket.socket] = []   # vxlan: outer source ports by flow hash
+        self.offloads: dict[str, bool] = {"vnet_hdr": False, "udp_gso": False, "udp_gro": False}
         self.forwarder: Any = None
         self.routes: set[ipaddress.IPv4Network] = set()
         self.started_at = time.monotonic()
@@ -103,7 +104,7 @@ class Daemon:
             self.tx_socks = [open_tunnel_socket(bind, 0, self.config.socket_buffer_bytes)
                              for _ in range(self.config.tx_sockets)]
         self.tun = OverlayDevice(self.config.device_name, "tap" if backend.switched else "tun",
-                                 persist=self.config.keep_device)
+                                 persist=self.config.keep_device, offload=self.config.offloads)
         self._configure_device()
         self.forwarder = self._make_forwarder(me.vtep_mac)
         if backend.switched:
@@ -113,6 +114,7 @@ class Daemon:
         log.info("node %s: subnet %s, device %s (%s, mtu %d), %s %s:%d, %d peers, data plane %s",
                  me.name, me.subnet, self.config.device_name, me.address, self.view.device_mtu,
                  mode, bind, backend.port, len(self.view.peers), self.implementation)
+        log.info("offloads: %s", describe_offloads(self.offloads, self.tun.tso))
 
     def _make_forwarder(self, vtep_mac: str) -> Any:
         """The kernel for the map's backend: udp, vxlan routed (tun) or vxlan switched (tap)."""
@@ -120,16 +122,23 @@ class Daemon:
         backend, config = self.smap.backend, self.config
         dev, sock = self.tun.fileno(), self.sock.fileno()
         tx_fds = [s.fileno() for s in self.tx_socks]
+        # GSO is asked for per send on whichever socket sends; GRO is a receive-socket option.
+        self.offloads = {
+            "vnet_hdr": self.tun.vnet_hdr,
+            "udp_gso": config.offloads and udp_gso_supported(self.sock),
+            "udp_gro": config.offloads and enable_udp_gro(self.sock),
+        }
         if backend.type == "udp":
             return self.kernels.UdpForwarder(dev, sock, config.batch_size,
-                                             config.icmp_rate_per_second)
+                                             config.icmp_rate_per_second, **self.offloads)
         if backend.switched:
             return self.kernels.VxlanSwitchForwarder(
                 dev, sock, vni=backend.vni, tx_fds=tx_fds, batch_size=config.batch_size,
-                fdb_max_entries=config.fdb_max_entries)
+                fdb_max_entries=config.fdb_max_entries, **self.offloads)
         return self.kernels.VxlanRoutedForwarder(
             dev, sock, parse_mac(vtep_mac), vni=backend.vni, tx_fds=tx_fds,
-            batch_size=config.batch_size, icmp_burst=config.icmp_rate_per_second)
+            batch_size=config.batch_size, icmp_burst=config.icmp_rate_per_second,
+            **self.offloads)
 
     def _tables(self, view: LocalView) -> Any:
         if self.smap.backend.switched:
@@ -339,3 +348,13 @@ class Daemon:
         if self.tun is not None:
             self.tun.close(keep=self.config.keep_device)
             self.tun = None
+
+
+def describe_offloads(offloads: dict[str, bool], tso: bool) -> str:
+    """One log line's worth: which offloads the data plane runs with."""
+    if not offloads.get("vnet_hdr"):
+        return "off"
+    parts = ["device checksum" + (" + TSO" if tso else " (kernel refused TSO)")]
+    parts.append("UDP GSO" if offloads.get("udp_gso") else "no UDP GSO")
+    parts.append("UDP GRO" if offloads.get("udp_gro") else "no UDP GRO")
+    return ", ".join(parts)
