@@ -78,6 +78,20 @@ TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
     "capture_dropped": ("overlayd_capture_dropped_packets",
                         ("Packets not copied for `overlayd capture` because the data plane's "
                          "capture buffer was full (the packets themselves went on).")),
+    "offload_superpackets": ("overlayd_offload_superpackets",
+                             "TCP superpackets (TSO) read from the device."),
+    "offload_segments": ("overlayd_offload_segments",
+                         "Segments cut from TCP superpackets (each also an inside packet)."),
+    "offload_gso_sends": ("overlayd_offload_gso_sends",
+                          "UDP GSO sends: one sendmsg carrying several datagrams."),
+    "offload_gso_refused": ("overlayd_offload_gso_refused",
+                            "UDP GSO sends the kernel refused; their datagrams went one by one."),
+    "offload_gro_receives": ("overlayd_offload_gro_receives",
+                             "UDP GRO receives that carried several datagrams."),
+    "offload_coalesced_writes": ("overlayd_offload_coalesced_writes",
+                                 "TCP superpackets written to the device (coalesced segments)."),
+    "offload_coalesced_segments": ("overlayd_offload_coalesced_segments",
+                                   "Segments written inside coalesced superpackets."),
 }
 
 PEER_METRICS = (  # (position in peer_counters() tuples, name, help)
@@ -107,6 +121,7 @@ def read_sample(d: state.DaemonLike, info: state.RuntimeInfo) -> dict[str, Any]:
                    "routes": state.route_count(d),
                    "fdb_entries": state.fdb_size(d)},
         "batches": {"inside": inside, "outside": outside},
+        "offloads": state.offloads(d),
         "map": {"source": d.config.map_source,
                 "location": os.path.normpath(d.config.map_file),
                 "nodes": len(d.smap.nodes), "applied_at": d.map_applied_at,
@@ -209,10 +224,15 @@ class OverlaydCollector(Collector):
         reloads = counter("overlayd_map_reloads", "Map reloads, by outcome.", labels=["result"])
         gauge("overlayd_capture_sessions", "Running `overlayd capture` sessions.",
               None if s is None else s["capture_sessions"])
+        offloads = gauge("overlayd_offload_enabled",
+                         "1 for each offload the data plane runs with (udp_gso turns 0 if the "
+                         "kernel refuses it).", labels=["offload"])
 
         if s is None:
             return fams
         build.add_metric([__version__, s["dataplane"]], 1)
+        for name, enabled in s["offloads"].items():
+            offloads.add_metric([name], float(enabled))
         for peer in s["peers"]:
             info.add_metric([peer["name"], peer["public_ip"], peer["subnet"]], 1)
             mtu.add_metric([peer["name"]], peer["path_mtu"])

@@ -184,6 +184,13 @@ def counters(d: DaemonLike) -> tuple[dict[str, int], dict[str, int]]:
     return traffic, drops
 
 
+def offloads(d: DaemonLike) -> dict[str, bool]:
+    """Offloads in use now: vnet_hdr (device TSO/checksum + coalescing), udp_gso, udp_gro."""
+    if d.forwarder is None:
+        return {"vnet_hdr": False, "udp_gso": False, "udp_gro": False}
+    return {name: bool(on) for name, on in d.forwarder.offloads().items()}
+
+
 def batches(d: DaemonLike) -> tuple[list[int], list[int]]:
     if d.forwarder is None:
         return [], []
@@ -226,6 +233,7 @@ def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[s
         "tables": {"peers": len(view.peers) if view is not None else 0,
                    "routes": route_count(d),
                    "fdb_entries": fdb_size(d)},
+        "offloads": offloads(d),
         "traffic": traffic,
         "drops": drops,
         "health": {"healthy": verdict.healthy, "ready": verdict.ready,

@@ -120,6 +120,7 @@ def render_status(s: dict[str, Any], now: float | None = None) -> str:
     more = f", {len(nonzero) - 6} more reasons" if len(nonzero) > 6 else ""
     lines.append(("drops", f"{human_count(total)}" + (f" ({detail}{more})" if detail else "")))
     lines.append(("icmp", f"{human_count(traffic.get('icmp_sent', 0))} errors sent"))
+    lines.append(("offloads", render_offloads(s.get("offloads", {}), traffic)))
     lines.append(("metrics", f"{s['metrics']}/metrics" if s["metrics"] else "disabled"))
     cap = s["capture"]
     lines.append(("capture", ("not supported by this data plane" if not cap["supported"]
@@ -130,6 +131,18 @@ def render_status(s: dict[str, Any], now: float | None = None) -> str:
         lines.append(("systemd", f"notify{wd}"))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in lines)
+
+
+def render_offloads(offloads: dict[str, bool], traffic: dict[str, int]) -> str:
+    """Which offloads run and how much they merged, e.g. "tso+gso+gro; 1.2k superpackets ..."."""
+    on = [name for key, name in (("vnet_hdr", "tso/csum+coalescing"), ("udp_gso", "udp-gso"),
+                                 ("udp_gro", "udp-gro")) if offloads.get(key)]
+    if not on:
+        return "off"
+    return (f"{' '.join(on)}; {human_count(traffic.get('offload_superpackets', 0))} "
+            f"superpackets cut, {human_count(traffic.get('offload_gso_sends', 0))} GSO sends, "
+            f"{human_count(traffic.get('offload_gro_receives', 0))} GRO receives, "
+            f"{human_count(traffic.get('offload_coalesced_writes', 0))} coalesced writes")
 
 
 def render_peers(peers: list[dict[str, Any]]) -> str:
