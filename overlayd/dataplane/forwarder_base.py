@@ -18,6 +18,16 @@
    disabled, the cost is one test of ``_capture_on``.
 5. Routed helpers (RoutedForwarderBase): the router part of the inside path (LPM, TTL, ICMP
    errors under a token bucket, RFC 1812) and the IPv4 checks of the outside path.
+6. Offloads (cext/offload.pxi, twin offload.py), each off unless the constructor asks:
+   ``vnet_hdr`` - every device read and write carries a virtio-net header; TCP superpackets
+   are cut into segments, laid out back to back with the path's outer-header room in front
+   of each in one arena per inside batch (each superpacket's run at the next 16-byte
+   boundary, as in the Cython kernel), and delivered packets are coalesced into superpackets
+   written when the outside batch ends. ``udp_gso`` - a datagram that starts where the
+   previous entry of its queue ends in the arena (same peer, not longer) is merged into it
+   and the entry goes out in one UDP_SEGMENT sendmsg. ``udp_gro`` - the caller enabled
+   UDP_GRO on the receive socket; a receive that carries several datagrams is split and each
+   is handled as if received alone.
 
 Invariants: the fds belong to the caller and are never closed here; a batch is not re-entrant;
 tables are swapped whole; every counter index comes from counters.COUNTER_INDEX.
@@ -29,9 +39,11 @@ import errno
 import operator
 import os
 import socket
+import struct
 from collections.abc import Sequence
 from typing import Any, Final
 
+from overlayd.dataplane import offload
 from overlayd.dataplane.counters import BATCH_BUCKETS, COUNTER_INDEX, COUNTER_NAMES
 from overlayd.dataplane.route_table import RouteTable
 from overlayd.dataplane.tables import LOCAL, NO_ROUTE
@@ -52,6 +64,14 @@ TRANSIENT_RECV_ERRORS: Final = frozenset({
     errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETUNREACH, errno.ENETDOWN, errno.ENOBUFS,
     errno.ENOMEM, errno.EMSGSIZE, errno.ETIMEDOUT, errno.EPROTO,
 })
+
+# A refused UDP GSO send with one of these says the kernel or route cannot do GSO at all (not
+# that this one send failed): stop trying.
+GSO_UNSUPPORTED_ERRORS: Final = frozenset({
+    errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP,
+})
+_GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
+_GRO_SIZE: Final = struct.Struct("=i")
 
 C = COUNTER_INDEX
 _INSIDE_DROP: Final = {
@@ -157,6 +177,23 @@ def check_peer(index: int, ip: int, port: int, mtu: int, mac: bytes = b"") -> No
         raise ValueError(f"peer {index}: mac must be 6 bytes (or empty), got {len(mac)}")
 
 
+class TxEntry:
+    """One send-queue entry: ``buf[start:end]`` for ``peer``, ``count`` datagrams of
+    ``segment_size`` bytes (the last may be shorter) - more than one only after UDP GSO merged
+    segments that lie back to back in one segmentation arena."""
+
+    __slots__ = ("buf", "count", "end", "open", "peer", "segment_size", "start")
+
+    def __init__(self, buf: memoryview, start: int, end: int, peer: int) -> None:
+        self.buf = buf
+        self.start = start
+        self.end = end
+        self.peer = peer
+        self.segment_size = end - start
+        self.count = 1
+        self.open = True
+
+
 def check_tx_fds(tx_fds: Sequence[int]) -> list[int]:
     fds = [operator.index(fd) for fd in tx_fds]
     if len(fds) > MAX_TX_SOCKETS:
@@ -168,13 +205,17 @@ def check_tx_fds(tx_fds: Sequence[int]) -> list[int]:
 
 class ForwarderBase:
     """Batches, send queues, peers and counters over a device fd and UDP socket fds, all owned
-    by the caller. Subclasses implement ``_inside_one(state, slot, length)`` and
-    ``_outside_one(state, pkt, flags, address)``."""
+    by the caller. Subclasses implement ``_inside_one(state, buf, start, length)`` and
+    ``_outside_one(state, pkt, flags, address)``, and say how long the device's link header is
+    (``_LINK_HEADER_LEN``) and how much room their outer header needs (``_OUTER_PREFIX``)."""
 
     _name = "Forwarder"
+    _LINK_HEADER_LEN = 0
+    _OUTER_PREFIX = 0
 
     def __init__(self, dev_fd: int, sock_fd: int, tx_fds: Sequence[int],
-                 batch_size: int) -> None:
+                 batch_size: int, *, vnet_hdr: bool = False, udp_gso: bool = False,
+                 udp_gro: bool = False) -> None:
         dev_fd, sock_fd = operator.index(dev_fd), operator.index(sock_fd)
         batch_size = operator.index(batch_size)
         if not 1 <= batch_size <= MAX_BATCH:
@@ -197,7 +238,16 @@ class ForwarderBase:
         self._capture_on = False
         self._captured: list[tuple[int, int, bytes]] = []
         self._captured_bytes = 0
-        self._queues: list[list[tuple[memoryview, int]]] = [[] for _ in range(max(1, len(fds)))]
+        self._queues: list[list[TxEntry]] = [[] for _ in range(max(1, len(fds)))]
+        self._vnet_hdr = bool(vnet_hdr)
+        self._gso_on = bool(udp_gso)
+        self._gro_cmsg_space = _GRO_CMSG_SPACE if udp_gro else 0
+        self._coalescer = offload.Coalescer(self._LINK_HEADER_LEN) if vnet_hdr else None
+        # Segments of the batch's superpackets, laid out as the Cython kernel's arena is: one
+        # buffer, each superpacket's run at the next aligned offset, so that which datagrams
+        # lie back to back (and UDP GSO merges) is the same in both kernels.
+        self._arena = memoryview(bytearray(offload.SEG_ARENA_BYTES if vnet_hdr else 0))
+        self._arena_used = 0
         stride = HEADROOM + SLOT_SIZE
         self._inside_buf = bytearray(stride * batch_size)
         self._outside_buf = bytearray(stride * batch_size)
@@ -220,6 +270,11 @@ class ForwarderBase:
 
     def peer_counters(self) -> list[tuple[int, int, int, int]]:
         return [(c[0], c[1], c[2], c[3]) for c in self._state.peer_counters]
+
+    def offloads(self) -> dict[str, bool]:
+        """Which offloads are in use now (udp_gso turns off if the kernel refused it)."""
+        return {"vnet_hdr": self._vnet_hdr, "udp_gso": self._gso_on,
+                "udp_gro": bool(self._gro_cmsg_space)}
 
     def batch_histogram(self) -> tuple[list[int], list[int]]:
         return list(self._hist_inside), list(self._hist_outside)
@@ -261,9 +316,14 @@ class ForwarderBase:
 
     # --- inside: device -> underlay --------------------------------------------------------
 
+    @staticmethod
+    def _slot_start(index: int) -> int:
+        """Where slot ``index``'s packet starts in the inside buffer (HEADROOM in front)."""
+        return index * (HEADROOM + SLOT_SIZE) + HEADROOM
+
     def _slot(self, index: int, length: int, headroom: int = 0) -> memoryview:
         """Slot ``index``'s packet of ``length`` bytes, with ``headroom`` bytes in front."""
-        start = index * (HEADROOM + SLOT_SIZE) + HEADROOM
+        start = self._slot_start(index)
         return self._inside_mv[start - headroom:start + length]
 
     def inside_batch(self) -> int:
@@ -277,9 +337,12 @@ class ForwarderBase:
         state = self._state
         lengths: list[int] = []
         read_error = 0
+        # With a virtio-net header, the read puts it in the headroom right before the packet.
+        vnet_len = offload.VNET_HDR_LEN if self._vnet_hdr else 0
         while len(lengths) < self._batch_size:
             try:
-                lengths.append(os.readv(self._dev_fd, [self._slot(len(lengths), SLOT_SIZE)]))
+                lengths.append(os.readv(self._dev_fd,
+                                        [self._slot(len(lengths), SLOT_SIZE, vnet_len)]))
             except InterruptedError:
                 continue
             except BlockingIOError:
@@ -287,8 +350,13 @@ class ForwarderBase:
             except OSError as exc:
                 read_error = exc.errno or errno.EIO
                 break
+        buf = self._inside_mv
+        self._arena_used = 0
         for index, length in enumerate(lengths):
-            self._inside_one(state, index, length)
+            if vnet_len:
+                self._inside_offloaded(state, index, length)
+            else:
+                self._inside_one(state, buf, self._slot_start(index), length)
         self._flush(state)
         if lengths:
             self._hist_inside[batch_bucket(len(lengths))] += 1
@@ -296,13 +364,80 @@ class ForwarderBase:
             raise OSError(read_error, os.strerror(read_error))
         return len(lengths)
 
-    def _inside_one(self, state: State, index: int, length: int) -> None:
+    def _inside_one(self, state: State, buf: memoryview, start: int, length: int) -> None:
+        """Hot: handle the packet ``buf[start:start + length]``; ``_OUTER_PREFIX`` bytes in
+        front of it are free for the outer header."""
         raise NotImplementedError
 
-    def _queue(self, state: State, datagram: memoryview, peer: int, sock: int) -> None:
-        """Hot: queue one datagram for ``peer`` on tx socket ``sock``."""
+    def _inside_offloaded(self, state: State, index: int, read_length: int) -> None:
+        """Hot: a read of ``read_length`` bytes that starts with a virtio-net header: complete
+        a checksum the kernel left to us, or cut a TCP superpacket into segments; each packet
+        then goes through ``_inside_one``."""
+        ctr = self._counters
+        if read_length < offload.VNET_HDR_LEN:
+            ctr[C["inside_bad_offload"]] += 1
+            return
+        buf = self._inside_mv
+        start = self._slot_start(index)
+        length = read_length - offload.VNET_HDR_LEN
+        flags, gso_type, _, gso_size, csum_start, csum_offset = offload.parse_vnet_hdr(
+            buf[start - offload.VNET_HDR_LEN:start])
+        gso_type &= ~offload.VNET_GSO_ECN
+        if gso_type == offload.VNET_GSO_NONE:
+            if flags & offload.VNET_F_NEEDS_CSUM:
+                where = csum_start + csum_offset
+                if where + 2 > length:
+                    ctr[C["inside_bad_offload"]] += 1
+                    return
+                pkt = buf[start:start + length]
+                value = offload.completed_checksum(pkt, csum_start)
+                pkt[where] = value >> 8
+                pkt[where + 1] = value & 0xFF
+            self._inside_one(state, buf, start, length)
+            return
+        segments = None
+        if gso_type == offload.VNET_GSO_TCPV4:
+            segments = offload.segment_tcp4(buf[start:start + length], self._LINK_HEADER_LEN,
+                                            gso_size)
+        # Each segment with the outer-header room in front, that room ending where the
+        # previous segment ends: a run of encapsulated segments is one UDP GSO buffer.
+        prefix = self._OUTER_PREFIX
+        need = sum(prefix + len(s) for s in segments) if segments is not None else 0
+        if segments is None or need > offload.SEG_ARENA_BYTES:
+            ctr[C["inside_bad_offload"]] += 1
+            return
+        if need > offload.SEG_ARENA_BYTES - self._arena_used:
+            self._flush(state)          # queued datagrams point into the arena
+            self._arena_used = 0
+        offset = self._arena_used
+        align = offload.SEG_ARENA_ALIGN
+        self._arena_used += (need + align - 1) // align * align
+        ctr[C["offload_superpackets"]] += 1
+        ctr[C["offload_segments"]] += len(segments)
+        arena = self._arena
+        for segment in segments:
+            offset += prefix
+            arena[offset:offset + len(segment)] = segment
+            self._inside_one(state, arena, offset, len(segment))
+            offset += len(segment)
+
+    def _queue(self, state: State, buf: memoryview, start: int, end: int, peer: int,
+               sock: int) -> None:
+        """Hot: queue the datagram ``buf[start:end]`` for ``peer`` on tx socket ``sock``;
+        with UDP GSO, merged into the previous entry when it continues it (spec point 3)."""
         queue = self._queues[sock]
-        queue.append((datagram, peer))
+        if self._gso_on and queue:
+            last = queue[-1]
+            length = end - start
+            if (last.open and last.buf is buf and last.end == start and last.peer == peer
+                    and length <= last.segment_size and last.count < offload.GSO_MAX_SEGS
+                    and last.end - last.start + length <= offload.GSO_MAX_BYTES):
+                last.end = end
+                last.count += 1
+                if length < last.segment_size:
+                    last.open = False       # a short datagram can only be a run's last
+                return
+        queue.append(TxEntry(buf, start, end, peer))
         if len(queue) >= TX_QUEUE:
             self._send(state, sock)
 
@@ -315,25 +450,85 @@ class ForwarderBase:
         sock = self._tx_socks[sock_index] if self._tx_socks else self._sock
         assert sock is not None
         ctr = self._counters
-        for datagram, peer in self._queues[sock_index]:
-            try:
-                sock.sendto(datagram, socket.MSG_DONTWAIT, state.peer_addr[peer])
-            except OSError:
-                ctr[C["tx_error"]] += 1
-                continue
-            ctr[C["forwarded_packets"]] += 1
-            counts = state.peer_counters[peer]
-            counts[TX_PACKETS] += 1
-            counts[TX_BYTES] += len(datagram)
+        for entry in self._queues[sock_index]:
+            peer = entry.peer
+            address = state.peer_addr[peer]
+            data = entry.buf[entry.start:entry.end]
+            # An entry merged before GSO was turned off still goes as one send first (the
+            # Cython kernel has already built its cmsg).
+            if entry.count > 1:
+                try:
+                    sock.sendmsg([data], [(socket.SOL_UDP, offload.UDP_SEGMENT,
+                                           struct.pack("=H", entry.segment_size))],
+                                 socket.MSG_DONTWAIT, address)
+                except OSError as exc:
+                    ctr[C["offload_gso_refused"]] += 1
+                    if exc.errno in GSO_UNSUPPORTED_ERRORS:
+                        self._gso_on = False
+                else:
+                    ctr[C["offload_gso_sends"]] += 1
+                    ctr[C["forwarded_packets"]] += entry.count
+                    counts = state.peer_counters[peer]
+                    counts[TX_PACKETS] += entry.count
+                    counts[TX_BYTES] += len(data)
+                    continue
+            # One datagram, or a merged entry GSO did not take: datagram by datagram.
+            size = entry.segment_size
+            for offset in range(0, len(data), size):
+                datagram = data[offset:offset + size]
+                try:
+                    sock.sendto(datagram, socket.MSG_DONTWAIT, address)
+                except OSError:
+                    ctr[C["tx_error"]] += 1
+                    continue
+                ctr[C["forwarded_packets"]] += 1
+                counts = state.peer_counters[peer]
+                counts[TX_PACKETS] += 1
+                counts[TX_BYTES] += len(datagram)
         self._queues[sock_index].clear()
 
     def _write_device(self, data: memoryview | bytes) -> bool:
+        """Write one packet we made (an ICMP error) or deliver (no vnet_hdr) into the device."""
         try:
-            os.write(self._dev_fd, data)
+            if self._vnet_hdr:
+                os.writev(self._dev_fd, [offload.ZERO_VNET_HDR, data])
+            else:
+                os.write(self._dev_fd, data)
         except OSError:
             self._counters[C["device_write_error"]] += 1
             return False
         return True
+
+    def _deliver_to_device(self, pkt: memoryview, peer: int) -> None:
+        """Hot: write a checked packet/frame from ``peer`` into the device - with vnet_hdr,
+        hand it to the coalescer, written when the outside batch ends."""
+        coalescer = self._coalescer
+        if coalescer is not None:
+            if self._capture_on:
+                self._capture(1, peer, pkt)
+            if coalescer.full:
+                self._flush_device()
+            coalescer.add(pkt)
+            return
+        if self._write_device(pkt):
+            self._counters[C["delivered_packets"]] += 1
+            if self._capture_on:
+                self._capture(1, peer, pkt)
+
+    def _flush_device(self) -> None:
+        """Write what the coalescer holds; each write counts for the segments in it."""
+        assert self._coalescer is not None
+        ctr = self._counters
+        for header, data, segments in self._coalescer.flush():
+            try:
+                os.writev(self._dev_fd, [header, data])
+            except OSError:
+                ctr[C["device_write_error"]] += segments
+                continue
+            ctr[C["delivered_packets"]] += segments
+            if segments > 1:
+                ctr[C["offload_coalesced_writes"]] += 1
+                ctr[C["offload_coalesced_segments"]] += segments
 
     # --- outside: underlay -> device -------------------------------------------------------
 
@@ -350,12 +545,13 @@ class ForwarderBase:
             # recvmmsg reports an error met after some datagrams on the following call.
             error, self._pending_recv_error = self._pending_recv_error, 0
             return self._recv_failed(error)
-        received: list[tuple[int, int, object]] = []
+        received: list[tuple[int, int, object, int]] = []
         slots = self._outside_slots
+        cmsg_space = self._gro_cmsg_space
         while len(received) < self._batch_size:
             try:
-                nbytes, _, flags, address = self._sock.recvmsg_into(
-                    [slots[len(received)]], 0, socket.MSG_DONTWAIT)
+                nbytes, ancdata, flags, address = self._sock.recvmsg_into(
+                    [slots[len(received)]], cmsg_space, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -364,10 +560,20 @@ class ForwarderBase:
                     return self._recv_failed(error)
                 self._pending_recv_error = error
                 break
-            received.append((nbytes, flags, address))
+            received.append((nbytes, flags, address, _gro_segment_size(ancdata)))
         state = self._state
-        for slot, (nbytes, flags, address) in enumerate(received):
-            self._outside_one(state, slots[slot][:nbytes], flags, address)
+        ctr = self._counters
+        for slot, (nbytes, flags, address, gro_size) in enumerate(received):
+            pkt = slots[slot][:nbytes]
+            if gro_size and nbytes > gro_size and not flags & socket.MSG_TRUNC:
+                # A run of datagrams UDP GRO received as one: each as if received alone.
+                ctr[C["offload_gro_receives"]] += 1
+                for offset in range(0, nbytes, gro_size):
+                    self._outside_one(state, pkt[offset:offset + gro_size], flags, address)
+            else:
+                self._outside_one(state, pkt, flags, address)
+        if self._coalescer is not None:
+            self._flush_device()
         if received:
             self._hist_outside[batch_bucket(len(received))] += 1
         return len(received)
@@ -416,15 +622,25 @@ class ForwarderBase:
         return peer
 
 
+def _gro_segment_size(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """The segment size a UDP_GRO control message gives, or 0 when there is none."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_UDP and kind == offload.UDP_GRO and len(data) >= 4:
+            return max(0, _GRO_SIZE.unpack_from(data)[0])
+    return 0
+
+
 class RoutedForwarderBase(ForwarderBase):
     """The router shared by the routed paths (udp, vxlan routed) over a tun device."""
 
     def __init__(self, tun_fd: int, sock_fd: int, tx_fds: Sequence[int], batch_size: int,
-                 icmp_burst: int) -> None:
+                 icmp_burst: int, *, vnet_hdr: bool = False, udp_gso: bool = False,
+                 udp_gro: bool = False) -> None:
         icmp_burst = operator.index(icmp_burst)
         if icmp_burst < 0:
             raise ValueError(f"icmp_burst must be >= 0, got {icmp_burst}")
-        super().__init__(tun_fd, sock_fd, tx_fds, batch_size)
+        super().__init__(tun_fd, sock_fd, tx_fds, batch_size, vnet_hdr=vnet_hdr,
+                         udp_gso=udp_gso, udp_gro=udp_gro)
         self._tokens = icmp_burst
 
     def set_tables(self, tables: Any) -> None:
@@ -504,7 +720,4 @@ class RoutedForwarderBase(ForwarderBase):
         if state.routes.lookup(ipv4.destination(pkt)) != LOCAL:
             ctr[C["outside_not_for_us"]] += 1
             return
-        if self._write_device(pkt):
-            ctr[C["delivered_packets"]] += 1
-            if self._capture_on:
-                self._capture(1, peer, pkt)
+        self._deliver_to_device(pkt, peer)

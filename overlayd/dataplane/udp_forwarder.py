@@ -19,7 +19,8 @@ Invariants: the UDP payload is the inner IPv4 packet byte for byte; every packet
 exactly once as forwarded, delivered or under one drop reason; ICMP errors go only into the
 device, never to the underlay, quote the packet as received and obey RFC 1812 4.3.2.7 and the
 token bucket; the fds belong to the caller and are never closed here; tables are swapped whole.
-Batching, queues, ICMP and the IPv4 checks live in forwarder_base.py (shared with vxlan).
+Batching, queues, ICMP and the IPv4 checks live in forwarder_base.py (shared with vxlan), and
+so do the offloads (virtio-net header, TSO segments, UDP GSO/GRO, coalesced writes: point 6).
 """
 
 from __future__ import annotations
@@ -39,19 +40,23 @@ class UdpForwarder(RoutedForwarderBase):
     """
 
     _name = "UdpForwarder"
+    _LINK_HEADER_LEN = 0    # tun
+    _OUTER_PREFIX = 0       # the datagram is the packet
 
     def __init__(self, tun_fd: int, sock_fd: int, batch_size: int = 64,
-                 icmp_burst: int = 100) -> None:
-        super().__init__(tun_fd, sock_fd, (), batch_size, icmp_burst)
+                 icmp_burst: int = 100, *, vnet_hdr: bool = False, udp_gso: bool = False,
+                 udp_gro: bool = False) -> None:
+        super().__init__(tun_fd, sock_fd, (), batch_size, icmp_burst, vnet_hdr=vnet_hdr,
+                         udp_gso=udp_gso, udp_gro=udp_gro)
 
-    def _inside_one(self, state: State, index: int, length: int) -> None:
+    def _inside_one(self, state: State, buf: memoryview, start: int, length: int) -> None:
         """Hot: route one packet and queue it, unchanged but for its TTL."""
-        pkt = self._slot(index, length)
+        pkt = buf[start:start + length]
         peer = self._route(state, pkt)
         if peer >= 0:
             if self._capture_on:
                 self._capture(0, peer, pkt)
-            self._queue(state, pkt, peer, 0)
+            self._queue(state, buf, start, start + length, peer, 0)
 
     def _outside_one(self, state: State, pkt: memoryview, flags: int, address: object) -> None:
         """Hot: the datagram is the inner packet; check it and deliver it."""

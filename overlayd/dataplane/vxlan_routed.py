@@ -54,29 +54,33 @@ class VxlanRoutedForwarder(RoutedForwarderBase):
     """
 
     _name = "VxlanRoutedForwarder"
+    _LINK_HEADER_LEN = 0        # tun
+    _OUTER_PREFIX = _ENCAP      # VXLAN + inner Ethernet
 
     def __init__(self, tun_fd: int, sock_fd: int, mac: bytes, vni: int = 1,
                  tx_fds: Sequence[int] = (), batch_size: int = 64,
-                 icmp_burst: int = 100) -> None:
+                 icmp_burst: int = 100, *, vnet_hdr: bool = False, udp_gso: bool = False,
+                 udp_gro: bool = False) -> None:
         self._mac = check_mac(mac, "mac")
         self._vni = check_vni(vni)
         self._vxlan_header = vxlan.build_header(self._vni)
-        super().__init__(tun_fd, sock_fd, tx_fds, batch_size, icmp_burst)
+        super().__init__(tun_fd, sock_fd, tx_fds, batch_size, icmp_burst, vnet_hdr=vnet_hdr,
+                         udp_gso=udp_gso, udp_gro=udp_gro)
 
     def _check_tables(self, state: State) -> State:
         for index, mac in enumerate(state.peer_mac):
             check_mac(mac, f"peer {index}: mac")
         return state
 
-    def _inside_one(self, state: State, index: int, length: int) -> None:
+    def _inside_one(self, state: State, buf: memoryview, start: int, length: int) -> None:
         """Hot: route one packet, put VXLAN + Ethernet in front of it, queue it."""
-        pkt = self._slot(index, length)
+        pkt = buf[start:start + length]
         peer = self._route(state, pkt)
         if peer < 0:
             return
         if self._capture_on:
             self._capture(0, peer, pkt)
-        datagram = self._slot(index, length, _ENCAP)
+        datagram = buf[start - _ENCAP:start + length]
         datagram[:vxlan.HEADER_LEN] = self._vxlan_header
         datagram[8:14] = state.peer_mac[peer]
         datagram[14:20] = self._mac
@@ -84,7 +88,7 @@ class VxlanRoutedForwarder(RoutedForwarderBase):
         datagram[21] = ethernet.ETHERTYPE_IPV4 & 0xFF
         nsocks = len(self._queues)
         sock = vxlan.flow_hash_ipv4(pkt) % nsocks if nsocks > 1 else 0
-        self._queue(state, datagram, peer, sock)
+        self._queue(state, buf, start - _ENCAP, start + length, peer, sock)
 
     def _outside_one(self, state: State, pkt: memoryview, flags: int, address: object) -> None:
         """Hot: check the VXLAN and Ethernet headers, then the inner packet; deliver it."""

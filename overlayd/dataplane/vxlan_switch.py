@@ -75,15 +75,19 @@ class VxlanSwitchForwarder(ForwarderBase):
     """
 
     _name = "VxlanSwitchForwarder"
+    _LINK_HEADER_LEN = ethernet.HEADER_LEN   # tap
+    _OUTER_PREFIX = _HDR                     # VXLAN
 
     def __init__(self, tap_fd: int, sock_fd: int, vni: int = 1, tx_fds: Sequence[int] = (),
-                 batch_size: int = 64, fdb_max_entries: int = 16384) -> None:
+                 batch_size: int = 64, fdb_max_entries: int = 16384, *,
+                 vnet_hdr: bool = False, udp_gso: bool = False, udp_gro: bool = False) -> None:
         self._vni = check_vni(vni)
         self._vxlan_header = vxlan.build_header(self._vni)
         self._fdb = Fdb(operator.index(fdb_max_entries))
         self._max_entries = operator.index(fdb_max_entries)
         self._now = 0.0
-        super().__init__(tap_fd, sock_fd, tx_fds, batch_size)
+        super().__init__(tap_fd, sock_fd, tx_fds, batch_size, vnet_hdr=vnet_hdr,
+                         udp_gso=udp_gso, udp_gro=udp_gro)
 
     # --- control ---------------------------------------------------------------------------
 
@@ -125,7 +129,7 @@ class VxlanSwitchForwarder(ForwarderBase):
         if not self._fdb.learn(mac, target, self._now):
             self._counters[C["fdb_full"]] += 1
 
-    def _inside_one(self, state: State, index: int, length: int) -> None:
+    def _inside_one(self, state: State, buf: memoryview, start: int, length: int) -> None:
         """Hot: learn the frame's source, then send it to its peer, to all peers or nowhere."""
         ctr = self._counters
         ctr[C["inside_packets"]] += 1
@@ -133,7 +137,7 @@ class VxlanSwitchForwarder(ForwarderBase):
         if length < ethernet.HEADER_LEN:
             ctr[C["inside_runt_frame"]] += 1
             return
-        frame = self._slot(index, length)
+        frame = buf[start:start + length]
         src = int.from_bytes(frame[6:12], "big")
         if not _valid_source(src):
             ctr[C["inside_bad_source_mac"]] += 1
@@ -148,18 +152,18 @@ class VxlanSwitchForwarder(ForwarderBase):
         if target == MISS and npeers == 0:
             ctr[C["inside_no_route"]] += 1
             return
-        datagram = self._slot(index, length, _HDR)
-        datagram[:_HDR] = self._vxlan_header
+        buf[start - _HDR:start] = self._vxlan_header
+        end = start + length
         nsocks = len(self._queues)
         sock = vxlan.flow_hash_frame(frame) % nsocks if nsocks > 1 else 0
         if self._capture_on:
             self._capture(0, max(target, -1), frame)
         if target >= 0:
-            self._queue(state, datagram, target, sock)
+            self._queue(state, buf, start - _HDR, end, target, sock)
             return
         ctr[C["flooded_copies"]] += npeers
         for peer in range(npeers):
-            self._queue(state, datagram, peer, sock)
+            self._queue(state, buf, start - _HDR, end, peer, sock)
 
     def _outside_one(self, state: State, pkt: memoryview, flags: int, address: object) -> None:
         """Hot: check the VXLAN header, learn the inner source, deliver unless split horizon."""
@@ -176,7 +180,4 @@ class VxlanSwitchForwarder(ForwarderBase):
         if not (dst >> 40) & 1 and self._fdb.lookup(dst) >= 0:
             ctr[C["outside_not_for_us"]] += 1
             return
-        if self._write_device(frame):
-            ctr[C["delivered_packets"]] += 1
-            if self._capture_on:
-                self._capture(1, peer, frame)
+        self._deliver_to_device(frame, peer)

@@ -1,0 +1,383 @@
+"""Offloads, pure-Python twin of cext/offload.pxi (same functions, same bytes; tests compare).
+
+Why: a per-packet loop pays one read, one sendmsg, one recvmsg and one write per ~1.4 kB
+packet. With the device opened with IFF_VNET_HDR and TSO, the kernel hands us TCP superpackets
+of up to 64 kB, which ``segment_tcp4`` cuts into wire-sized segments; the ``Coalescer`` does
+the reverse for packets we write into the device, so the guest stack sees one superpacket per
+run of segments. The forwarders (forwarder_base.py) use UDP GSO/GRO around these.
+
+The virtio-net header (VNET_HDR_LEN bytes, host byte order - little-endian on the x86 hosts we
+run on - in front of every read and write of a device opened with IFF_VNET_HDR):
+  u8 flags (VNET_F_NEEDS_CSUM)  u8 gso_type (NONE, TCPV4, | ECN bit)  u16 hdr_len
+  u16 gso_size  u16 csum_start  u16 csum_offset
+
+Every function takes and returns whole packets (bytes); offsets are from the packet's first
+byte, ``l2`` is the length of the link header in front of the IPv4 header (0 on a tun device,
+14 on a tap device, where the ethertype must be IPv4).
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Iterable
+from typing import Final
+
+VNET_HDR_LEN: Final = 10
+VNET_F_NEEDS_CSUM: Final = 1
+VNET_GSO_NONE: Final = 0
+VNET_GSO_TCPV4: Final = 1
+VNET_GSO_ECN: Final = 0x80
+GSO_MAX_SEGS: Final = 64         # datagrams in one UDP GSO send
+GSO_MAX_BYTES: Final = 65000     # bytes in one UDP GSO send (under the 65507 a UDP packet holds)
+GRO_SCAN: Final = 8              # pending items searched for a packet's flow, newest first
+GRO_MAX_SEGS: Final = 64         # segments in one coalesced write
+GRO_MAX_ITEMS: Final = 1024      # pending writes, and payloads appended to them, the Cython
+GRO_MAX_RECS: Final = 4096       # coalescer has room for; when full, pending items are written
+MAX_TSO_SEGMENTS: Final = 1024   # a 64 kB superpacket down to an MSS of 64 bytes
+SEG_ARENA_BYTES: Final = 512 * 1024   # the forwarder's segmentation arena (see forwarder_base)
+SEG_ARENA_ALIGN: Final = 16           # each superpacket's run starts on this boundary there
+
+# Linux socket options (include/uapi/linux/udp.h), absent from Python's socket module.
+UDP_SEGMENT: Final = 103
+UDP_GRO: Final = 104
+
+ZERO_VNET_HDR: Final = bytes(VNET_HDR_LEN)
+
+_VNET_HDR: Final = struct.Struct("<BBHHHH")
+_ETHERTYPE_IPV4: Final = b"\x08\x00"
+_ETH_HEADER_LEN: Final = 14
+_IPV4_MIN_HEADER: Final = 20
+_TCP_MIN_HEADER: Final = 20
+_PROTO_TCP: Final = 6
+_MAX_IPV4_TOTAL: Final = 65535
+_IP_MF_AND_OFFSET: Final = 0x3FFF
+_TCP_FIN: Final = 0x01
+_TCP_PSH: Final = 0x08
+_TCP_ACK: Final = 0x10
+_TCP_CWR: Final = 0x80
+_TCP_CSUM_OFFSET: Final = 16     # the checksum's place in the TCP header
+_LITTLE_ENDIAN: Final = sys.byteorder == "little"
+
+
+def parse_vnet_hdr(header: bytes | bytearray | memoryview
+                   ) -> tuple[int, int, int, int, int, int]:
+    """(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) of a virtio-net header."""
+    return _VNET_HDR.unpack_from(header)
+
+
+def build_vnet_hdr(flags: int, gso_type: int, hdr_len: int, gso_size: int, csum_start: int,
+                   csum_offset: int) -> bytes:
+    return _VNET_HDR.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+
+
+# --- checksums (RFC 1071) ----------------------------------------------------------------------
+
+def ones_sum(data: bytes | bytearray | memoryview) -> int:
+    """One's complement sum of ``data`` as big-endian 16-bit words, folded to 16 bits but not
+    inverted (an odd trailing byte is the high half of a zero-padded word)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\x00"
+    # Summing native-order words and swapping the folded result equals summing big-endian
+    # words (RFC 1071 2(B), byte order independence), and memoryview.cast sums in C.
+    total = sum(memoryview(data).cast("B").cast("H"))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    if _LITTLE_ENDIAN:
+        total = ((total & 0xFF) << 8) | (total >> 8)
+    return total
+
+
+def fold_add(*sums: int) -> int:
+    """One's complement sum of already folded 16-bit sums."""
+    total = sum(sums)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _pseudo_header_sum(ip_header: bytes | bytearray | memoryview, tcp_length: int) -> int:
+    """Folded sum of the TCP pseudo-header: source, destination, zero, protocol, TCP length."""
+    return fold_add(ones_sum(ip_header[12:20]), _PROTO_TCP, tcp_length)
+
+
+def completed_checksum(packet: bytes | bytearray | memoryview, csum_start: int) -> int:
+    """The value NEEDS_CSUM asks to store: the inverted folded sum of packet[csum_start:], whose
+    checksum field holds the pseudo-header sum; 0 becomes 0xFFFF (a UDP checksum of 0 would
+    mean "none", so Linux's skb_checksum_help stores CSUM_MANGLED_0 instead)."""
+    return (~ones_sum(packet[csum_start:]) & 0xFFFF) or 0xFFFF
+
+
+def complete_checksum(packet: bytes | bytearray | memoryview, csum_start: int,
+                      csum_offset: int) -> bytes | None:
+    """``packet`` with the checksum a NEEDS_CSUM virtio header asks for stored at
+    csum_start + csum_offset; None when that field is not inside the packet."""
+    where = csum_start + csum_offset
+    if csum_start < 0 or csum_offset < 0 or where + 2 > len(packet):
+        return None
+    out = bytearray(packet)
+    out[where:where + 2] = completed_checksum(packet, csum_start).to_bytes(2, "big")
+    return bytes(out)
+
+
+def _ipv4_header_checksum(header: bytearray, l2: int, ihl: int) -> None:
+    """Recompute, in place, the header checksum of the IPv4 header at ``l2``."""
+    header[l2 + 10:l2 + 12] = b"\x00\x00"
+    value = ~ones_sum(header[l2:l2 + ihl]) & 0xFFFF
+    header[l2 + 10:l2 + 12] = value.to_bytes(2, "big")
+
+
+# --- 2. TCP segmentation of a TSO superpacket --------------------------------------------------
+
+def _tcp4_layout(packet: bytes, l2: int, mss: int) -> tuple[int, int, int] | None:
+    """(offset of the TCP header, H = length of all headers, number of segments) of a
+    superpacket segment_tcp4 accepts, or None."""
+    n = len(packet)
+    if not 0 < mss <= 0xFFFF or l2 not in (0, _ETH_HEADER_LEN) or n < l2 + _IPV4_MIN_HEADER:
+        return None
+    if l2 and packet[12:14] != _ETHERTYPE_IPV4:
+        return None
+    if packet[l2] >> 4 != 4 or packet[l2 + 9] != _PROTO_TCP:
+        return None
+    ihl = (packet[l2] & 0x0F) * 4
+    if ihl < _IPV4_MIN_HEADER or int.from_bytes(packet[l2 + 2:l2 + 4], "big") != n - l2:
+        return None
+    tcp = l2 + ihl
+    if tcp + _TCP_MIN_HEADER > n:
+        return None
+    doff = (packet[tcp + 12] >> 4) * 4
+    headers = tcp + doff
+    if doff < _TCP_MIN_HEADER or headers >= n:       # headers == n: no payload to cut
+        return None
+    count = -(-(n - headers) // mss)
+    if count > MAX_TSO_SEGMENTS:
+        return None
+    return tcp, headers, count
+
+
+def segment_tcp4(packet: bytes | bytearray | memoryview, l2: int,
+                 mss: int) -> list[bytes] | None:
+    """The segments a TCP/IPv4 superpacket stands for (spec point 2), or None when it is not
+    one (not TCP/IPv4 with a total length matching the buffer, no payload, mss 0, more than
+    MAX_TSO_SEGMENTS segments).
+
+    Each segment: the headers copied with total length, IPv4 id + i, header checksum, seq +
+    i*mss set; FIN and PSH only on the last, CWR only on the first; TCP checksum in full.
+    """
+    packet = bytes(packet)
+    layout = _tcp4_layout(packet, l2, mss)
+    if layout is None:
+        return None
+    tcp, headers, count = layout
+    ihl = tcp - l2
+    doff = headers - tcp
+    ident = int.from_bytes(packet[l2 + 4:l2 + 6], "big")
+    seq = int.from_bytes(packet[tcp + 4:tcp + 8], "big")
+    tcp_flags = packet[tcp + 13]
+    template = bytearray(packet[:headers])
+    template[tcp + 16:tcp + 18] = b"\x00\x00"
+    segments: list[bytes] = []
+    for i in range(count):
+        payload = packet[headers + i * mss:headers + (i + 1) * mss]
+        head = bytearray(template)
+        head[l2 + 2:l2 + 4] = (ihl + doff + len(payload)).to_bytes(2, "big")
+        head[l2 + 4:l2 + 6] = ((ident + i) & 0xFFFF).to_bytes(2, "big")
+        _ipv4_header_checksum(head, l2, ihl)
+        head[tcp + 4:tcp + 8] = ((seq + i * mss) & 0xFFFFFFFF).to_bytes(4, "big")
+        flags = tcp_flags
+        if i < count - 1:
+            flags &= ~(_TCP_FIN | _TCP_PSH)
+        if i > 0:
+            flags &= ~_TCP_CWR
+        head[tcp + 13] = flags
+        total = fold_add(_pseudo_header_sum(head[l2:], doff + len(payload)),
+                         ones_sum(head[tcp:]), ones_sum(payload))
+        # head[tcp:] is even-length (doff is a multiple of 4), so the payload's words line up.
+        head[tcp + 16:tcp + 18] = (~total & 0xFFFF).to_bytes(2, "big")
+        segments.append(bytes(head) + payload)
+    return segments
+
+
+# --- 5. coalescing TCP segments written into the device ---------------------------------------
+
+def _tcp_flow(packet: bytes, l2: int) -> bytes | None:
+    """The flow of a *TCP packet* (IPv4, IHL >= 5, protocol TCP, its ports inside the packet;
+    coalescable or not) - link header, addresses, ports - or None for anything else, which is
+    written as it came and never merged with."""
+    if len(packet) < l2 + _IPV4_MIN_HEADER:
+        return None
+    if l2 and packet[12:14] != _ETHERTYPE_IPV4:
+        return None
+    ihl = (packet[l2] & 0x0F) * 4
+    if (packet[l2] >> 4 != 4 or ihl < _IPV4_MIN_HEADER or packet[l2 + 9] != _PROTO_TCP
+            or l2 + ihl + 4 > len(packet)):
+        return None
+    return packet[:l2] + packet[l2 + 12:l2 + 20] + packet[l2 + ihl:l2 + ihl + 4]
+
+
+class _Segment:
+    """What a coalescable packet brings to an item."""
+
+    __slots__ = ("headers", "match", "payload_len", "psh", "seq")
+
+    def __init__(self, headers: int, match: bytes, seq: int, payload_len: int,
+                 psh: bool) -> None:
+        self.headers = headers          # l2 + 20 + doff*4: where the payload starts
+        self.match = match              # what must equal between merged segments
+        self.seq = seq
+        self.payload_len = payload_len
+        self.psh = psh
+
+
+def _coalescable(packet: bytes, l2: int) -> _Segment | None:
+    """A TCP packet (see _tcp_flow) that may be merged with its neighbours: IHL 5, not a
+    fragment, total length right, a whole TCP header, payload, ACK or ACK|PSH only, right
+    TCP checksum."""
+    n = len(packet)
+    ip = l2
+    tcp = ip + _IPV4_MIN_HEADER
+    if packet[ip] != 0x45:
+        return None
+    if int.from_bytes(packet[ip + 6:ip + 8], "big") & _IP_MF_AND_OFFSET:
+        return None
+    if int.from_bytes(packet[ip + 2:ip + 4], "big") != n - l2 or tcp + _TCP_MIN_HEADER > n:
+        return None
+    doff = (packet[tcp + 12] >> 4) * 4
+    headers = tcp + doff
+    if doff < _TCP_MIN_HEADER or headers >= n:
+        return None
+    flags = packet[tcp + 13]
+    if flags not in (_TCP_ACK, _TCP_ACK | _TCP_PSH):
+        return None
+    if fold_add(_pseudo_header_sum(packet[ip:], n - tcp), ones_sum(packet[tcp:])) != 0xFFFF:
+        return None
+    match = (packet[ip + 1:ip + 2] + packet[ip + 8:ip + 9]    # TOS, TTL
+             + packet[ip + 6:ip + 8]                          # DF / flags word
+             + packet[tcp + 12:tcp + 13]                      # doff (and the bits beside it)
+             + packet[tcp + 8:tcp + 12]                       # ack
+             + packet[tcp + 14:tcp + 16]                      # window
+             + packet[tcp + _TCP_MIN_HEADER:headers])         # options
+    return _Segment(headers, match, int.from_bytes(packet[tcp + 4:tcp + 8], "big"),
+                    n - headers, bool(flags & _TCP_PSH))
+
+
+class _Item:
+    """One pending write: a packet as it came, or a run of segments of one flow."""
+
+    __slots__ = ("first", "flow", "headers", "match", "mss", "next_seq", "open", "payloads",
+                 "psh", "total_length")
+
+    def __init__(self, packet: bytes, flow: bytes | None, segment: _Segment | None,
+                 l2: int) -> None:
+        self.first = packet
+        self.flow = flow
+        # A PSH segment ends what the sender had to say: nothing is appended behind it.
+        self.open = segment is not None and not segment.psh
+        self.payloads: list[bytes] = []
+        self.psh = False
+        if segment is not None:
+            self.headers = segment.headers
+            self.match = segment.match
+            self.mss = segment.payload_len
+            self.next_seq = (segment.seq + segment.payload_len) & 0xFFFFFFFF
+            self.total_length = len(packet) - l2
+
+    def take(self, packet: bytes, segment: _Segment) -> bool:
+        """Append ``segment`` if it continues this open item; whether it did."""
+        if (segment.match != self.match or segment.seq != self.next_seq
+                or segment.payload_len > self.mss
+                or self.total_length + segment.payload_len > _MAX_IPV4_TOTAL
+                or len(self.payloads) + 1 >= GRO_MAX_SEGS):
+            return False
+        self.payloads.append(packet[segment.headers:])
+        self.next_seq = (self.next_seq + segment.payload_len) & 0xFFFFFFFF
+        self.total_length += segment.payload_len
+        if segment.psh:
+            self.psh = True
+        if segment.payload_len < self.mss or segment.psh:
+            self.open = False
+        return True
+
+    def write(self, l2: int) -> tuple[bytes, bytes, int]:
+        segments = 1 + len(self.payloads)
+        if segments == 1:
+            return ZERO_VNET_HDR, self.first, 1
+        head = bytearray(self.first[:self.headers])
+        tcp = l2 + _IPV4_MIN_HEADER
+        head[l2 + 2:l2 + 4] = self.total_length.to_bytes(2, "big")
+        _ipv4_header_checksum(head, l2, _IPV4_MIN_HEADER)
+        if self.psh:
+            head[tcp + 13] |= _TCP_PSH
+        # CHECKSUM_PARTIAL: the field holds the pseudo-header sum, folded and not inverted; the
+        # kernel adds the rest when (if ever) it needs the real checksum.
+        partial = _pseudo_header_sum(head[l2:], self.total_length - _IPV4_MIN_HEADER)
+        head[tcp + _TCP_CSUM_OFFSET:tcp + _TCP_CSUM_OFFSET + 2] = partial.to_bytes(2, "big")
+        header = build_vnet_hdr(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, self.headers, self.mss, tcp,
+                                _TCP_CSUM_OFFSET)
+        data = b"".join([bytes(head), self.first[self.headers:], *self.payloads])
+        return header, data, segments
+
+
+class Coalescer:
+    """Pending writes into a device opened with IFF_VNET_HDR (spec point 5): ``add`` each
+    delivered packet, ``flush`` at the end of the batch for the writes, in order."""
+
+    __slots__ = ("_appended", "_items", "_l2")
+
+    def __init__(self, l2: int) -> None:
+        if l2 not in (0, _ETH_HEADER_LEN):
+            raise ValueError(f"l2 must be 0 (tun) or {_ETH_HEADER_LEN} (tap), got {l2!r}")
+        self._l2 = l2
+        self._items: list[_Item] = []
+        self._appended = 0      # payloads merged into items, bounded like the Cython arrays
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def full(self) -> bool:
+        """Whether the Cython coalescer's arrays would be full: flush before the next add."""
+        return len(self._items) >= GRO_MAX_ITEMS or self._appended >= GRO_MAX_RECS
+
+    def add(self, packet: bytes | bytearray | memoryview) -> None:
+        """Queue one packet (copied): merged into the item of its flow, or a new item. Call
+        only when not ``full``."""
+        data = bytes(packet)
+        l2 = self._l2
+        flow = _tcp_flow(data, l2)
+        if flow is None:
+            self._items.append(_Item(data, None, None, l2))
+            return
+        segment = _coalescable(data, l2)
+        for item in reversed(self._items[-GRO_SCAN:]):
+            if item.flow == flow:
+                if item.open:
+                    if segment is not None and item.take(data, segment):
+                        self._appended += 1
+                        return
+                    # Whatever comes next for this flow must not be merged in front of this
+                    # packet: the item is done.
+                    item.open = False
+                break
+        self._items.append(_Item(data, flow, segment, l2))
+
+    def flush(self) -> list[tuple[bytes, bytes, int]]:
+        """(virtio-net header, data, segments) per write, in the order the items started;
+        empties the coalescer."""
+        items, self._items = self._items, []
+        self._appended = 0
+        return [item.write(self._l2) for item in items]
+
+
+def coalesce(packets: Iterable[bytes | bytearray | memoryview],
+             l2: int) -> list[tuple[bytes, bytes]]:
+    """The (virtio-net header, data) writes that delivering ``packets`` in this order, then
+    flushing once, produces (plus the early flushes a full coalescer makes)."""
+    coalescer = Coalescer(l2)
+    writes: list[tuple[bytes, bytes, int]] = []
+    for packet in packets:
+        if coalescer.full:
+            writes += coalescer.flush()
+        coalescer.add(packet)
+    writes += coalescer.flush()
+    return [(header, data) for header, data, _ in writes]
