@@ -33,7 +33,9 @@
 #    of the same socket queue, for the same peer, starting exactly where that entry's buffer
 #    ends, no longer than its first datagram, is merged into it (UDP_SEGMENT = the first
 #    datagram's size) while the entry stays under GSO_MAX_SEGS datagrams and GSO_MAX_BYTES; a
-#    shorter datagram closes the entry. A refused GSO send is resent datagram by datagram
+#    shorter datagram closes the entry. (Runs of superpackets start 16-byte aligned in one
+#    arena, so the first segment of the next superpacket to the same peer may land right behind
+#    and join too: harmless, the kernel still splits at the same boundaries.) A refused GSO send is resent datagram by datagram
 #    (offload_gso_refused); EIO/EINVAL/ENOPROTOOPT/EOPNOTSUPP also turn GSO off for good.
 # 4. UDP GRO (outside_batch): a receive whose cmsg (SOL_UDP, UDP_GRO) gives a segment size is
 #    split into datagrams of that size (the last may be shorter); each is then counted and

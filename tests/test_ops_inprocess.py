@@ -83,6 +83,9 @@ class FakeForwarder:
     def peer_counters(self) -> list[tuple[int, int, int, int]]:
         return list(self.peers)
 
+    def offloads(self) -> dict[str, bool]:
+        return {"vnet_hdr": True, "udp_gso": False, "udp_gro": True}
+
     def batch_histogram(self) -> tuple[list[int], list[int]]:
         return list(self.hist[0]), list(self.hist[1])
 
