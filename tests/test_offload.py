@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from checksum_helpers import naive_checksum
 from test_forwarder import NODE_IP, device_pair, peer_ip, udp_socket
 
 from overlayd.dataplane import offload as py_offload
@@ -72,28 +73,17 @@ def fwd_kernels(request: pytest.FixtureRequest) -> ModuleType:
 
 # --- packets and checksums, written out independently of the code under test -----------------
 
-def rfc1071(data: bytes) -> int:
-    """The Internet checksum, word by word."""
-    if len(data) % 2:
-        data += b"\x00"
-    total = 0
-    for i in range(0, len(data), 2):
-        total += (data[i] << 8) | data[i + 1]
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def pseudo_header(ip: bytes, length: int, proto: int = 6) -> bytes:
     return ip[12:20] + struct.pack("!BBH", 0, proto, length)
 
 
 def l4_checksum_ok(ip: bytes) -> bool:
     ihl = (ip[0] & 0x0F) * 4
-    return rfc1071(pseudo_header(ip, len(ip) - ihl, ip[9]) + ip[ihl:]) == 0
+    return naive_checksum(pseudo_header(ip, len(ip) - ihl, ip[9]) + ip[ihl:]) == 0
 
 
 def ip_checksum_ok(ip: bytes) -> bool:
-    return rfc1071(ip[:(ip[0] & 0x0F) * 4]) == 0
+    return naive_checksum(ip[:(ip[0] & 0x0F) * 4]) == 0
 
 
 def tcp_packet(payload: bytes = b"", *, seq: int = 1000, ack: int = 777, flags: int = ACK,
@@ -112,11 +102,11 @@ def tcp_packet(payload: bytes = b"", *, seq: int = 1000, ack: int = 777, flags: 
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl // 4, tos, ihl + len(tcp), ident,
                                (0x4000 if df else 0) | frag, ttl, 6, 0,
                                socket.inet_aton(src), socket.inet_aton(dst)) + ip_options)
-    struct.pack_into("!H", ip, 10, rfc1071(bytes(ip)))
+    struct.pack_into("!H", ip, 10, naive_checksum(bytes(ip)))
     if partial:
-        struct.pack_into("!H", tcp, 16, ~rfc1071(pseudo_header(bytes(ip), len(tcp))) & 0xFFFF)
+        struct.pack_into("!H", tcp, 16, ~naive_checksum(pseudo_header(bytes(ip), len(tcp))) & 0xFFFF)
     else:
-        value = rfc1071(pseudo_header(bytes(ip), len(tcp)) + bytes(tcp))
+        value = naive_checksum(pseudo_header(bytes(ip), len(tcp)) + bytes(tcp))
         struct.pack_into("!H", tcp, 16, value ^ (0x5555 if bad_checksum else 0))
     return bytes(ip + tcp)
 
@@ -127,7 +117,7 @@ def udp_packet(payload: bytes, *, src: str = "10.0.0.5", dst: str = "10.0.1.7",
     ip = ipv4.build_header(source=A(src), destination=A(dst), payload_length=len(udp),
                            protocol=17, identification=9)
     pseudo = pseudo_header(ip, len(udp), 17)
-    value = (~rfc1071(pseudo) & 0xFFFF) if partial else (rfc1071(pseudo + bytes(udp)) or 0xFFFF)
+    value = (~naive_checksum(pseudo) & 0xFFFF) if partial else (naive_checksum(pseudo + bytes(udp)) or 0xFFFF)
     struct.pack_into("!H", udp, 6, value)
     return ip + bytes(udp)
 
@@ -174,7 +164,7 @@ def kernel_accepts(header: bytes, data: bytes, l2: int = 0) -> bool:
     csum_start, csum_offset = struct.unpack_from("<HH", header, 6)
     packet = bytearray(data)
     where = csum_start + csum_offset
-    packet[where:where + 2] = struct.pack("!H", rfc1071(bytes(packet[csum_start:])) or 0xFFFF)
+    packet[where:where + 2] = struct.pack("!H", naive_checksum(bytes(packet[csum_start:])) or 0xFFFF)
     return l4_checksum_ok(bytes(packet[l2:]))
 
 
@@ -194,7 +184,7 @@ def test_complete_checksum_zero_is_stored_as_ffff(off: ModuleType) -> None:
     # The data sums to 0xffff, so the checksum is 0 - which a UDP header cannot carry.
     assert off.complete_checksum(b"\x00\x00\xff\xff", 0, 0) == b"\xff\xff\xff\xff"
     assert off.complete_checksum(b"\x12\x34\x00\x00\x56\x78", 2, 0) == (
-        b"\x12\x34" + struct.pack("!H", rfc1071(b"\x00\x00\x56\x78")) + b"\x56\x78")
+        b"\x12\x34" + struct.pack("!H", naive_checksum(b"\x00\x00\x56\x78")) + b"\x56\x78")
 
 
 @pytest.mark.parametrize(("length", "start", "offset", "ok"), [
@@ -312,7 +302,7 @@ def check_merged(header: bytes, data: bytes, parts: list[bytes], l2: int = 0) ->
     assert ip[:2] == head[:2] and ip[4:10] == head[4:10] and ip[12:20] == head[12:20]
     assert payload_of(ip) == b"".join(payload_of(p[l2:]) for p in parts)
     # CHECKSUM_PARTIAL: the pseudo-header sum, folded, not inverted.
-    partial = ~rfc1071(pseudo_header(ip, total - 20)) & 0xFFFF
+    partial = ~naive_checksum(pseudo_header(ip, total - 20)) & 0xFFFF
     assert struct.unpack("!H", ip[36:38])[0] == partial
     psh = any(tcp_fields(p[l2:])["flags"] & PSH for p in parts)
     assert tcp_fields(ip)["flags"] == (ACK | PSH if psh else ACK)
@@ -723,7 +713,7 @@ def expected_segments(rig: OffloadRig, superpacket: bytes, mss: int) -> list[byt
         ip = bytearray(s)
         ip[8] -= 1
         ip[10:12] = b"\x00\x00"
-        ip[10:12] = struct.pack("!H", rfc1071(bytes(ip[:20])))
+        ip[10:12] = struct.pack("!H", naive_checksum(bytes(ip[:20])))
         out.append(bytes(ip))
     return out
 

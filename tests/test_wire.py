@@ -12,6 +12,7 @@ from types import ModuleType, SimpleNamespace
 
 import dpkt
 import pytest
+from checksum_helpers import naive_checksum
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP
@@ -19,17 +20,6 @@ from scapy.layers.inet import ICMP, IP
 from overlayd.wire import icmp, ipv4
 
 A = ipv4.addr_to_int
-
-
-def naive_checksum(data: bytes) -> int:
-    """RFC 1071 the slow way: end-around carry after every word."""
-    if len(data) % 2:
-        data += b"\x00"
-    total = 0
-    for i in range(0, len(data), 2):
-        total += (data[i] << 8) | data[i + 1]
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 @pytest.fixture
