@@ -872,8 +872,30 @@ def test_without_vnet_hdr_reads_are_plain_packets(make: Any) -> None:
     packets = [tcp_packet(bytes(1000), dst=overlay(0), seq=1000 * i) for i in range(3)]
     rig.read(*packets)
     assert [d[12:] for d in rig.received(0, 3)] == [p[12:] for p in packets]
+    # Three datagrams of one size to one peer: staged into one GSO send.
     assert rig.counters() == {"inside_packets": 3, "inside_bytes": 3 * 1040,
-                              "forwarded_packets": 3}
+                              "forwarded_packets": 3, "offload_gso_sends": 1}
+
+
+@pytest.mark.parametrize("gso", [True, False])
+def test_single_datagrams_are_staged_into_gso_runs(make: Any, gso: bool) -> None:
+    """Plain packets read one by one (not back to back in memory) still share GSO sends:
+    a run is one peer's datagrams of the first one's size, closed by a shorter one; a longer
+    one or another peer starts a new run. What arrives is the same datagrams, in order."""
+    rig = make("udp", vnet_hdr=False, udp_gso=gso)
+    sizes_and_peers = [(1000, 0), (1000, 0), (400, 0), (1000, 0), (1000, 1), (1000, 0),
+                       (1200, 0), (1200, 0)]
+    packets = [tcp_packet(bytes(size), dst=overlay(peer), seq=i)
+               for i, (size, peer) in enumerate(sizes_and_peers)]
+    rig.read(*packets)
+    to0 = [p for p, (_, peer) in zip(packets, sizes_and_peers, strict=True) if peer == 0]
+    assert [d[12:] for d in rig.received(0, len(to0))] == [p[12:] for p in to0]
+    assert [d[12:] for d in rig.received(1, 1)] == [packets[4][12:]]
+    c = rig.counters()
+    assert c["forwarded_packets"] == len(packets)
+    # Runs: [1000 1000 400] [1000] | [1000 @1] | [1000] [1200 1200] -> two GSO sends (a run
+    # of one is a plain send).
+    assert c.get("offload_gso_sends", 0) == (2 if gso else 0)
 
 
 # --- receive side: UDP GRO and coalesced writes ---------------------------------------------

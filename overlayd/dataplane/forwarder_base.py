@@ -52,6 +52,7 @@ from overlayd.wire import ethernet, icmp, ipv4, vxlan
 HEADROOM: Final = 64          # bytes before each packet, for outer headers of encapsulating paths
 SLOT_SIZE: Final = 65536      # any IPv4 packet (total length is 16 bits) fits one slot
 MAX_BATCH: Final = 512
+STAGE_BYTES: Final = 1 << 20    # UDP GSO staging: bytes of runs copied together per send
 TX_QUEUE: Final = 512         # datagrams per socket queue before it is sent mid-batch
 MAX_TX_SOCKETS: Final = 64
 CAPTURE_BYTES: Final = 4 << 20    # capture buffer: packet bytes held between two drains
@@ -446,11 +447,51 @@ class ForwarderBase:
             if self._queues[sock]:
                 self._send(state, sock)
 
+    @staticmethod
+    def _stage_runs(queue: list[TxEntry]) -> list[TxEntry]:
+        """UDP GSO for datagrams that do not lie back to back: each run of single datagrams
+        to one peer (all of the first one's size, the last may be shorter) is copied into one
+        staging buffer and becomes one GSO entry (as the Cython kernel's _stage_runs, which
+        bounds the copies by STAGE_BYTES per send)."""
+        out: list[TxEntry] = []
+        used = 0
+        i, n = 0, len(queue)
+        while i < n:
+            head = queue[i]
+            first = head.end - head.start
+            total, j = first, i + 1
+            if head.count == 1:
+                while j < n and j - i < offload.GSO_MAX_SEGS:
+                    nxt = queue[j]
+                    size = nxt.end - nxt.start
+                    if (nxt.count != 1 or nxt.peer != head.peer or size > first
+                            or total + size > offload.GSO_MAX_BYTES
+                            or used + total + size > STAGE_BYTES):
+                        break
+                    total += size
+                    j += 1
+                    if size < first:
+                        break
+            if j - i >= 2:
+                staged = memoryview(b"".join(e.buf[e.start:e.end] for e in queue[i:j]))
+                entry = TxEntry(staged, 0, total, head.peer)
+                entry.segment_size = first
+                entry.count = j - i
+                used += total
+                head = entry
+            head.open = False
+            out.append(head)
+            i = j
+        return out
+
     def _send(self, state: State, sock_index: int) -> None:
         sock = self._tx_socks[sock_index] if self._tx_socks else self._sock
         assert sock is not None
         ctr = self._counters
-        for entry in self._queues[sock_index]:
+        queue = self._queues[sock_index]
+        if self._gso_on and len(queue) > 1:
+            queue = self._stage_runs(queue)
+        for entry in queue:
             peer = entry.peer
             address = state.peer_addr[peer]
             data = entry.buf[entry.start:entry.end]
