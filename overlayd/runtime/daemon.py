@@ -77,7 +77,7 @@ class Daemon:
         self.last_loop_tick = time.monotonic()
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timers: dict[str, asyncio.TimerHandle] = {}   # periodic task -> its next run
         self._readers: list[int] = []
         self._device_broken = False
         self._ratelimited = RateLimitedLog(log)
@@ -221,9 +221,12 @@ class Daemon:
                 callback()
             except Exception:  # a periodic task must never take the daemon down
                 log.exception("periodic task %s failed", callback.__name__)
-            self._timers.append(self._loop.call_later(seconds, tick))  # type: ignore[union-attr]
+            # Replace, never append: one live handle per task (the 10-minute soak caught a list
+            # that grew by ~11 handles a second).
+            self._timers[name] = self._loop.call_later(seconds, tick)  # type: ignore[union-attr]
 
-        self._timers.append(self._loop.call_later(seconds, tick))
+        name = callback.__name__
+        self._timers[name] = self._loop.call_later(seconds, tick)
 
     def _refill_icmp(self) -> None:
         rate = self.config.icmp_rate_per_second
@@ -329,7 +332,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         log.info("stopping")
-        for timer in self._timers:
+        for timer in self._timers.values():
             timer.cancel()
         if self._loop is not None:
             # The signal handlers stay: a second SIGTERM during shutdown must not kill the
