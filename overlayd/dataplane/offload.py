@@ -19,9 +19,10 @@ byte, ``l2`` is the length of the link header in front of the IPv4 header (0 on 
 from __future__ import annotations
 
 import struct
-import sys
 from collections.abc import Iterable
 from typing import Final
+
+from overlayd.wire.ipv4 import checksum, ones_sum
 
 VNET_HDR_LEN: Final = 10
 VNET_F_NEEDS_CSUM: Final = 1
@@ -57,7 +58,6 @@ _TCP_PSH: Final = 0x08
 _TCP_ACK: Final = 0x10
 _TCP_CWR: Final = 0x80
 _TCP_CSUM_OFFSET: Final = 16     # the checksum's place in the TCP header
-_LITTLE_ENDIAN: Final = sys.byteorder == "little"
 
 
 def parse_vnet_hdr(header: bytes | bytearray | memoryview
@@ -72,21 +72,6 @@ def build_vnet_hdr(flags: int, gso_type: int, hdr_len: int, gso_size: int, csum_
 
 
 # --- checksums (RFC 1071) ----------------------------------------------------------------------
-
-def ones_sum(data: bytes | bytearray | memoryview) -> int:
-    """One's complement sum of ``data`` as big-endian 16-bit words, folded to 16 bits but not
-    inverted (an odd trailing byte is the high half of a zero-padded word)."""
-    if len(data) % 2:
-        data = bytes(data) + b"\x00"
-    # Summing native-order words and swapping the folded result equals summing big-endian
-    # words (RFC 1071 2(B), byte order independence), and memoryview.cast sums in C.
-    total = sum(memoryview(data).cast("B").cast("H"))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    if _LITTLE_ENDIAN:
-        total = ((total & 0xFF) << 8) | (total >> 8)
-    return total
-
 
 def fold_add(*sums: int) -> int:
     """One's complement sum of already folded 16-bit sums."""
@@ -123,8 +108,7 @@ def complete_checksum(packet: bytes | bytearray | memoryview, csum_start: int,
 def _ipv4_header_checksum(header: bytearray, l2: int, ihl: int) -> None:
     """Recompute, in place, the header checksum of the IPv4 header at ``l2``."""
     header[l2 + 10:l2 + 12] = b"\x00\x00"
-    value = ~ones_sum(header[l2:l2 + ihl]) & 0xFFFF
-    header[l2 + 10:l2 + 12] = value.to_bytes(2, "big")
+    header[l2 + 10:l2 + 12] = checksum(header[l2:l2 + ihl]).to_bytes(2, "big")
 
 
 # --- 2. TCP segmentation of a TSO superpacket --------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Final
 
@@ -18,6 +19,7 @@ PROTO_ICMP: Final = 1
 FLAG_DF: Final = 0x4000             # in the flags/fragment-offset word
 FLAG_MF: Final = 0x2000
 FRAG_OFFSET_MASK: Final = 0x1FFF
+_LITTLE_ENDIAN: Final = sys.byteorder == "little"
 
 # Offsets into the header.
 OFF_VERSION_IHL: Final = 0
@@ -63,18 +65,27 @@ def in_prefix(address: int, network: int, length: int) -> bool:
 
 # --- checksum --------------------------------------------------------------------------------
 
+def ones_sum(data: bytes | bytearray | memoryview) -> int:
+    """One's complement sum of ``data`` as big-endian 16-bit words, folded to 16 bits but not
+    inverted (an odd trailing byte is the high half of a zero-padded word)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\x00"
+    # Summing native-order words and swapping the folded result equals summing big-endian
+    # words (RFC 1071 2(B), byte order independence), and memoryview.cast sums in C.
+    total = sum(memoryview(data).cast("B").cast("H"))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    if _LITTLE_ENDIAN:
+        total = ((total & 0xFF) << 8) | (total >> 8)
+    return total
+
+
 def checksum(data: bytes | bytearray | memoryview) -> int:
     """RFC 1071 Internet checksum: one's complement of the one's complement sum of 16-bit words.
 
     A buffer that already contains its correct checksum gives 0.
     """
-    view = bytes(data)
-    if len(view) % 2:
-        view += b"\x00"  # an odd trailing byte is the high half of a zero-padded word
-    total = sum(struct.unpack(f"!{len(view) // 2}H", view))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return ~ones_sum(data) & 0xFFFF
 
 
 def ttl_decrement_checksum(old_checksum: int, ttl: int, protocol: int) -> int:
