@@ -540,19 +540,20 @@ cdef class _ForwarderBase:
         cdef vnet_hdr_t h
         cdef tso_plan_t plan
         cdef unsigned char *run
-        cdef uint32_t i
+        cdef uint32_t i, gso_type
         if n == BAD_READ_C:
             self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
             return
         memcpy(&h, pkt - VNET_HDR_LEN_C, VNET_HDR_LEN_C)
-        if (h.gso_type & ~VNET_GSO_ECN_C) == VNET_GSO_NONE_C:
+        gso_type = h.gso_type & ~VNET_GSO_ECN_C
+        if gso_type == VNET_GSO_NONE_C:
             if (h.flags & VNET_F_NEEDS_CSUM_C) and complete_csum(pkt, n, h.csum_start,
                                                                  h.csum_offset) < 0:
                 self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
                 return
             self._inside_one(t, pkt, n)
             return
-        if ((h.gso_type & ~VNET_GSO_ECN_C) != VNET_GSO_TCPV4_C
+        if (gso_type != VNET_GSO_TCPV4_C
                 or tso_plan(&plan, pkt, n, self.l2_len, h.gso_size, self.encap_len) < 0
                 or plan.need > SEG_ARENA_BYTES_C):
             self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
@@ -715,10 +716,8 @@ cdef class _ForwarderBase:
     @cython.final
     cdef ssize_t _write_device(self, const unsigned char *data, size_t n) noexcept nogil:
         cdef ssize_t r
-        cdef vnet_hdr_t plain
         cdef iovec iov[2]
-        memset(&plain, 0, sizeof(plain))
-        iov[0].iov_base = &plain
+        iov[0].iov_base = &PLAIN_VNET_HDR
         iov[0].iov_len = VNET_HDR_LEN_C
         iov[1].iov_base = <void *>data
         iov[1].iov_len = n

@@ -108,6 +108,11 @@ ctypedef struct vnet_hdr_t:      # struct virtio_net_hdr, host byte order (10 by
     uint16_t csum_offset
 
 
+# The header in front of a plain packet we write (no GSO, checksum complete): all zeros.
+cdef vnet_hdr_t PLAIN_VNET_HDR
+memset(&PLAIN_VNET_HDR, 0, sizeof(vnet_hdr_t))
+
+
 cdef inline int complete_csum(unsigned char *pkt, uint32_t n, uint32_t start,
                               uint32_t offset) noexcept nogil:
     """Finish a CHECKSUM_PARTIAL packet: 0 or -1 (offsets outside the packet)."""
