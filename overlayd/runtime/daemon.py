@@ -18,11 +18,12 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from overlayd.control.config import DaemonConfig
 from overlayd.control.file_source import FileMapSource
+from overlayd.control.map_source import MapSource
 from overlayd.control.local_node import (
     LocalView,
     build_local_view,
@@ -58,9 +59,15 @@ def kernel_routes(smap: SubnetMap, view: LocalView) -> set[ipaddress.IPv4Network
 
 class Daemon:
     def __init__(self, config: DaemonConfig, smap: SubnetMap, kernels: Any,
-                 implementation: str) -> None:
+                 implementation: str, source: MapSource | None = None,
+                 changes: AsyncIterator[str] | None = None) -> None:
         self.config = config
-        self.source = FileMapSource(config.map_file)
+        # The map's source and its running changes() (control/map_source.py); serve() passes
+        # both, having waited on changes() for the first map.
+        self.source: MapSource = source or FileMapSource(
+            config.map_file, config.map_poll_seconds, config.node_name)
+        self._changes = changes
+        self._follow_task: asyncio.Task[None] | None = None
         self.smap = smap
         self.kernels = kernels
         self.implementation = implementation
@@ -84,13 +91,15 @@ class Daemon:
         self.on_ready: list[Callable[[], None]] = []
         self.on_reload: list[Callable[[str], None]] = []
         self.on_stopping: list[Callable[[], None]] = []   # once, when stop() is first called
+        # (map, view) each time a map is put in force: at start and after each applied reload
+        self.on_map_applied: list[Callable[[SubnetMap, LocalView], None]] = []
 
     # -- 1. start -------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.source.load()   # remember the file's signature; smap was validated by the caller
         addresses = host_network.host_addresses()
-        me = find_local_node(self.smap, str(self.config.map_file), self.config.node_name,
+        me = find_local_node(self.smap, self.source.location, self.source.node_name,
                              (h.address for h in addresses))
         underlay_mtu = self._underlay_mtu(me.public_ip, addresses)
         self.view = build_local_view(self.smap, me, underlay_mtu)
@@ -115,6 +124,8 @@ class Daemon:
                  me.name, me.subnet, self.config.device_name, me.address, self.view.device_mtu,
                  mode, bind, backend.port, len(self.view.peers), self.implementation)
         log.info("offloads: %s", describe_offloads(self.offloads, self.tun.tso))
+        for hook in self.on_map_applied:
+            hook(self.smap, self.view)
 
     def _make_forwarder(self, vtep_mac: str) -> Any:
         """The kernel for the map's backend: udp, vxlan routed (tun) or vxlan switched (tap)."""
@@ -179,8 +190,7 @@ class Daemon:
         else:
             self._every(ICMP_REFILL_SECONDS, self._refill_icmp)
         self._every(HEALTH_CHECK_SECONDS, self._check_health)
-        if self.config.map_poll_seconds > 0:
-            self._every(self.config.map_poll_seconds, self._poll_map)
+        self._follow_task = loop.create_task(self._follow_source())
         for callback in self.on_ready:
             callback()
         await self._stop.wait()
@@ -239,9 +249,14 @@ class Daemon:
 
     # -- 3. reload ------------------------------------------------------------------------------
 
-    def _poll_map(self) -> None:
-        if self.source.changed():
-            self.reload("map file changed")
+    async def _follow_source(self) -> None:
+        """Apply the map each time its source says it changed (file poll, etcd watch)."""
+        changes = self._changes
+        if changes is None:          # not started by serve(): the first item is the map in force
+            changes = self.source.changes()
+            await anext(changes, None)
+        async for why in changes:
+            self.reload(why)
 
     def reload(self, why: str) -> bool:
         """Apply the map file as it is now; keep forwarding on the old map if it is broken."""
@@ -258,7 +273,7 @@ class Daemon:
         assert self.view is not None
         try:
             smap = self.source.load()
-            me = find_local_node(smap, str(self.config.map_file), self.view.node.name, ())
+            me = find_local_node(smap, self.source.location, self.view.node.name, ())
         except ConfigError as exc:
             self.map_error = str(exc)
             log.error("map reload (%s) rejected, still forwarding on the previous map:\n%s",
@@ -286,6 +301,8 @@ class Daemon:
         self.map_error = None
         log.info("map reloaded (%s): %d peers, %d routes", why, len(view.peers),
                  len(view.tables.routes))
+        for hook in self.on_map_applied:
+            hook(smap, view)
         return True
 
     # -- 4. recover -----------------------------------------------------------------------------
@@ -334,6 +351,8 @@ class Daemon:
         log.info("stopping")
         for timer in self._timers.values():
             timer.cancel()
+        if self._follow_task is not None:
+            self._follow_task.cancel()
         if self._loop is not None:
             # The signal handlers stay: a second SIGTERM during shutdown must not kill the
             # process halfway through removing what it added (uvloop drops them on close).
