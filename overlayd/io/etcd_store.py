@@ -87,6 +87,7 @@ class EtcdStore:
                              f"endpoints (a TLS setting must never be silently ignored)")
         self._credentials = (_credentials(ca_file, cert_file, key_file)
                              if any(secure for _, _, secure in self._endpoints) else None)
+        self._client_cert = cert_file is not None
         self.timeout_s = timeout_s
         self._index = 0
         self._channel: grpc.aio.Channel | None = None
@@ -146,8 +147,8 @@ class EtcdStore:
                 if exc.code() not in _ENDPOINT_DOWN:
                     self.stats["errors"] += 1
                     raise StoreError(f"etcd {self.endpoint} refused {kind}: "
-                                     f"{_describe(exc)}") from None
-                failures.append(f"{self._endpoints[index][0]}: {_describe(exc)}")
+                                     f"{_describe(exc, self._client_cert)}") from None
+                failures.append(f"{self._endpoints[index][0]}: {_describe(exc, self._client_cert)}")
                 await self._fail_over(index)
                 if not idempotent and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     break                # it may have been applied: the caller must re-read
@@ -254,7 +255,7 @@ class EtcdStore:
                     answer = await stream.read()
                 except grpc.aio.AioRpcError as exc:
                     raise StoreUnavailable(f"watch on {self.endpoint} broke: "
-                                           f"{_describe(exc)}") from None
+                                           f"{_describe(exc, self._client_cert)}") from None
                 if answer is grpc.aio.EOF:
                     raise StoreUnavailable(f"watch on {self.endpoint} ended")
                 _check_watch_answer(answer)
@@ -269,8 +270,10 @@ class EtcdStore:
         """Open a watch stream and wait (bounded) for etcd to confirm it was created."""
         stream = self._watch.Watch(metadata=_REQUIRE_LEADER)
         try:
-            await stream.write(rpc.WatchRequest(create_request=create))
-            answer = await asyncio.wait_for(stream.read(), self.timeout_s)
+            # Both steps wait on the connection, which gRPC alone would give ~20 s to come up.
+            async with asyncio.timeout(self.timeout_s):
+                await stream.write(rpc.WatchRequest(create_request=create))
+                answer = await stream.read()
         except TimeoutError:
             stream.cancel()
             raise _deadline_error() from None
@@ -345,12 +348,18 @@ def _read(path: str | Path | None, what: str) -> bytes | None:
     return data
 
 
-def _describe(exc: grpc.aio.AioRpcError) -> str:
+_TLS_FAILURES = ("handshake", "ssl", "certificate", "tsi_", "unwrap failed")
+
+
+def _describe(exc: grpc.aio.AioRpcError, has_client_cert: bool) -> str:
     details = (exc.details() or "").strip()
     text = f"{exc.code().name.lower()}: {details}" if details else exc.code().name.lower()
-    lowered = details.lower()
-    if "handshake" in lowered or "ssl" in lowered or "certificate" in lowered:
-        text += " (TLS handshake failed: check ca_file, cert_file and key_file)"
+    if any(word in details.lower() for word in _TLS_FAILURES):
+        # With TLS 1.3 a server refusing our certificate (or its absence) shows only as a
+        # broken stream after the handshake, so the raw text rarely says what happened.
+        text += " (TLS failed: check ca_file against the server's certificate"
+        text += ", and cert_file/key_file against etcd's --trusted-ca-file)" if has_client_cert \
+            else "; no client certificate was given, which etcd's --client-cert-auth requires)"
     return text
 
 
