@@ -1,4 +1,4 @@
-"""Command line: `overlayd run|check|demo` and `--version`.
+"""Command line: `overlayd run|check|demo|net` and `--version`.
 
 Every failure the operator can cause ends in one clear line on stderr and a sysexits status
 (78 for a config error, so systemd does not restart a broken config), never a traceback.
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from overlayd.ops import commands as ops_commands
     ops_commands.add_subcommands(sub)
+
+    from overlayd.ops import net_commands
+    net_commands.add_subcommands(sub)
     return parser
 
 
@@ -67,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(Path(args.config), args.any_host)
         if args.command in ops_commands.COMMANDS:
             return ops_commands.run(args)
+        if args.command == "net":
+            from overlayd.ops import net_commands
+            return net_commands.run(args)
         if args.command == "demo":
             from overlayd import demo
             return demo.run_from_args(args)
