@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="daemon config (TOML)")
     check.add_argument("--any-host", action="store_true",
                        help="do not require this host to be a node of the map (for CI)")
+    check.add_argument("--connect", action="store_true",
+                       help="etcd source: also say whether etcd answers and whether the "
+                            "network config there is valid")
 
     from overlayd import demo
     demo_p = sub.add_parser("demo", help="build a 3-host overlay in namespaces and show it working")
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(Path(args.config))
         if args.command == "check":
-            return cmd_check(Path(args.config), args.any_host)
+            return cmd_check(Path(args.config), args.any_host, args.connect)
         if args.command in ops_commands.COMMANDS:
             return ops_commands.run(args)
         if args.command == "net":
@@ -88,11 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     return EX_USAGE
 
 
-def cmd_check(path: Path, any_host: bool) -> int:
+def cmd_check(path: Path, any_host: bool, connect: bool = False) -> int:
     from overlayd.control.config import load_config
     from overlayd.control.local_node import find_local_node
 
     config, smap = load_config(path)
+    if smap is None:                 # etcd: the map is not in a file
+        from overlayd.runtime.sources import check_etcd
+
+        print(f"{path}: ok")
+        return check_etcd(config, connect, any_host)
+    if connect:
+        print("--connect: the file source has nothing to connect to")
     problems = []
     me_text = "not checked (--any-host)"
     if not any_host or config.node_name is not None:

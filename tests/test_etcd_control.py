@@ -8,7 +8,6 @@ import ipaddress
 import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -304,7 +303,7 @@ def test_periodic_resync_repairs_a_missed_event() -> None:
 
 def test_lease_table_never_moves_a_key_backwards() -> None:
     t = LeaseTable()
-    kv = lambda rev, v=b"x": KeyValue("/k", v, 1, rev, 0)  # noqa: E731
+    kv = lambda rev, v=b"x": KeyValue("/k", v, 1, rev, 0)
     assert t.apply_event(WatchEvent("put", kv(5)))
     assert not t.apply_event(WatchEvent("put", kv(4, b"old")))          # replayed older put
     assert t.apply_event(WatchEvent("delete", kv(7)))

@@ -233,8 +233,7 @@ class LeaseKeeper:
         if kv.mod_revision > held.mod_revision and not self._is_ours(kv):
             self.mark_lost(f"now held by {_holder(kv)}")
             return True
-        if kv.mod_revision > held.mod_revision:
-            held.mod_revision = kv.mod_revision     # rewritten with our attributes: still ours
+        held.mod_revision = max(held.mod_revision, kv.mod_revision)     # rewritten with our attributes: still ours
         return False
 
     def mark_lost(self, why: str) -> None:

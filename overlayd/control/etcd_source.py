@@ -22,6 +22,7 @@ never a crash, never a half-applied table. Node names are the lease keys' last s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import random
@@ -160,10 +161,8 @@ class EtcdMapSource:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):   # closing anyway
                 await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing anyway
-                pass
         await self.store.close()
 
     # -- the work -------------------------------------------------------------------------------
@@ -353,8 +352,8 @@ class EtcdMapSource:
 def _misfit(lease: Lease, network: NetworkConfig,
             ips: set[ipaddress.IPv4Address]) -> tuple[str, str] | None:
     if lease.subnet.prefixlen != network.subnet_len:
-        return "wrong_subnet_len", f"/{lease.subnet.prefixlen}, the network's is " \
-                                   f"/{network.subnet_len}"
+        return "wrong_subnet_len", (f"/{lease.subnet.prefixlen}, the network's is " \
+                                   f"/{network.subnet_len}")
     if not lease.subnet.subnet_of(network.network):
         return "outside_network", f"{lease.subnet} is outside {network.network}"
     kind = lease.backend_type or "udp"

@@ -175,8 +175,8 @@ class LeaseWatcher:
             except CompactedError as exc:
                 self.counters.compaction_relists += 1
                 self.contact.ok(self.clock())
-                need_list, why = True, f"re-listed after compaction (to revision " \
-                                       f"{exc.compact_revision})"
+                need_list, why = True, (f"re-listed after compaction (to revision " \
+                                       f"{exc.compact_revision})")
             except StoreError as exc:
                 self.contact.failed(str(exc) or type(exc).__name__)
                 self.counters.reconnects += 1

@@ -111,3 +111,16 @@ def _startup_error(what: str, exc: NetlinkError) -> StartupError:
     if exc.code in (errno.EPERM, errno.EACCES):
         return StartupError(f"{what}: not permitted (needs CAP_NET_ADMIN)", EX_NOPERM)
     return StartupError(f"{what}: {exc.args[1] if len(exc.args) > 1 else exc}", EX_OSERR)
+
+
+@_in_worker
+def default_route_interface() -> str | None:
+    """The interface of the IPv4 default route, as flannel picks its public interface."""
+    with IPRoute() as ipr:
+        for route in ipr.get_default_routes(family=2):
+            index = route.get_attr("RTA_OIF")
+            if index is not None:
+                links = ipr.get_links(index)
+                if links:
+                    return str(links[0].get_attr("IFLA_IFNAME"))
+    return None

@@ -54,4 +54,7 @@ def check(d: state.DaemonLike, info: state.RuntimeInfo, now: float) -> Verdict:
         more = " (and more; see the log)" if len(d.map_error.strip().splitlines()) > 1 else ""
         ready_problems.append(f"subnet map not current: the last reload was rejected, still "
                               f"forwarding on the previous map: {first}{more}")
+    # The source's own problems (etcd: network config invalid, lease lost): the map in force
+    # goes on forwarding but is not current.
+    ready_problems.extend(state.map_source(d)[2].get("problems", []))
     return Verdict(not live, not live and not ready_problems, tuple(live), tuple(ready_problems))

@@ -36,7 +36,6 @@ the name (``_bytes``, ``_seconds``), one ``_info`` gauge per set of descriptive 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -108,6 +107,7 @@ def read_sample(d: state.DaemonLike, info: state.RuntimeInfo) -> dict[str, Any]:
     traffic, drops = state.counters(d)
     inside, outside = state.batches(d)
     verdict = health.check(d, info, now)
+    kind, location, report = state.map_source(d)
     view = d.view
     return {
         "dataplane": d.implementation,
@@ -122,8 +122,7 @@ def read_sample(d: state.DaemonLike, info: state.RuntimeInfo) -> dict[str, Any]:
                    "fdb_entries": state.fdb_size(d)},
         "batches": {"inside": inside, "outside": outside},
         "offloads": state.offloads(d),
-        "map": {"source": d.config.map_source,
-                "location": os.path.normpath(d.config.map_file),
+        "map": {"source": kind, "location": location, "datastore": report,
                 "nodes": len(d.smap.nodes), "applied_at": d.map_applied_at,
                 "current": d.map_error is None, "applied": info.reloads_applied,
                 "rejected": info.reloads_rejected},
@@ -222,6 +221,7 @@ class OverlaydCollector(Collector):
               "1 when the last map (re)load was applied; 0 while a rejected map is on disk.",
               None if m is None else float(m["current"]))
         reloads = counter("overlayd_map_reloads", "Map reloads, by outcome.", labels=["result"])
+        store = self._datastore_families(gauge, counter, None if m is None else m["datastore"])
         gauge("overlayd_capture_sessions", "Running `overlayd capture` sessions.",
               None if s is None else s["capture_sessions"])
         offloads = gauge("overlayd_offload_enabled",
@@ -249,9 +249,60 @@ class OverlaydCollector(Collector):
                 hist.add_metric([direction], _histogram_buckets(counts),
                                 float(s["traffic"].get(f"{direction}_packets", 0)))
         map_info.add_metric([m["source"], m["location"]], 1)  # type: ignore[index]
+        store()
         reloads.add_metric(["applied"], m["applied"])  # type: ignore[index]
         reloads.add_metric(["rejected"], m["rejected"])  # type: ignore[index]
         return fams
+
+
+    @staticmethod
+    def _datastore_families(gauge: Callable[..., GaugeMetricFamily],
+                            counter: Callable[..., CounterMetricFamily],
+                            r: dict[str, Any] | None) -> Callable[[], None]:
+        """The etcd source's families (empty for the file source); returns what fills them."""
+        reachable = gauge("overlayd_datastore_reachable",
+                          "1 while the map's datastore (etcd) answers.", labels=[])
+        age = gauge("overlayd_datastore_last_contact_age_seconds",
+                    "Seconds since etcd last answered.", labels=[])
+        remaining = gauge("overlayd_lease_remaining_seconds",
+                          "Seconds until this node's subnet lease expires unless renewed "
+                          "(absent for a reservation).", labels=[])
+        lease_held = gauge("overlayd_lease_held", "1 while this node holds its subnet lease.",
+                           labels=[])
+        counts = {name: counter(f"overlayd_{name}", doc, labels=[]) for name, doc in (
+            ("watch_resumes", "Watches resumed from the last seen revision + 1 after a break."),
+            ("watch_compaction_relists", ("Full re-lists because the watch revision was "
+                                         "compacted away.")),
+            ("datastore_reconnects", "Failed etcd lists/watches retried after a backoff."),
+            ("map_resyncs", "Periodic full list-and-diff runs of the map."),
+            ("lease_renewals", "Subnet lease renewals (compare-on-revision)."),
+            ("lease_losses", "Times this node's subnet lease was found lost."),
+        )}
+        skipped = counter("overlayd_map_skipped_keys",
+                          "Keys of the map's datastore skipped as invalid, by reason.",
+                          labels=["reason"])
+
+        def fill() -> None:
+            if not r:
+                return
+            reachable.add_metric([], float(r["reachable"]))
+            if r["last_contact_seconds"] is not None:
+                age.add_metric([], r["last_contact_seconds"])
+            lease = r.get("lease") or {}
+            lease_held.add_metric([], float(bool(lease) and not lease.get("lost")))
+            if lease.get("remaining_seconds") is not None:
+                remaining.add_metric([], lease["remaining_seconds"])
+            w = r["watch"]
+            values = {"watch_resumes": w["resumes"], "watch_compaction_relists":
+                      w["compaction_relists"], "datastore_reconnects": w["reconnects"],
+                      "map_resyncs": w["resyncs"], "lease_renewals": lease.get("renewals", 0),
+                      "lease_losses": lease.get("losses", 0)}
+            for name, fam in counts.items():
+                fam.add_metric([], values[name])
+            for reason, n in sorted(r["skipped_keys"].items()):
+                skipped.add_metric([reason], n)
+
+        return fill
 
 
 def build_registry(read: Callable[[], dict[str, Any]]) -> CollectorRegistry:

@@ -198,6 +198,14 @@ def batches(d: DaemonLike) -> tuple[list[int], list[int]]:
     return list(inside), list(outside)
 
 
+def map_source(d: DaemonLike) -> tuple[str, str, dict[str, Any]]:
+    """(kind, location, report) of the map's source (control/map_source.py)."""
+    source = getattr(d, "source", None)
+    if source is None:
+        return d.config.map_source, os.path.normpath(d.config.map_file), {}
+    return source.kind, source.location, source.report()
+
+
 def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[str, Any]:
     """Everything ``overlayd status`` shows, and what scripts read with ``--json``."""
     from overlayd.ops import health
@@ -207,6 +215,7 @@ def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[s
     view, smap, config = d.view, d.smap, d.config
     node = view.node if view is not None else None
     verdict = health.check(d, info, mono)
+    kind, location, report = map_source(d)
     return {
         "version": __version__,
         "dataplane": d.implementation,
@@ -225,7 +234,7 @@ def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[s
                    "port": smap.backend.port,
                    "bind": str(config.bind_address or (node.public_ip if node else ""))},
         "map": {
-            "source": config.map_source, "location": os.path.normpath(config.map_file),
+            "source": kind, "location": location, "datastore": report or None,
             "nodes": len(smap.nodes), "network": str(smap.network),
             "applied_at": d.map_applied_at, "error": d.map_error,
             "reloads_applied": info.reloads_applied, "reloads_rejected": info.reloads_rejected,

@@ -80,6 +80,27 @@ def _ago(ts: float, now: float) -> str:
     return f"{stamp} ({human_duration(now - ts)} ago)"
 
 
+def render_datastore(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The etcd source's lines of `overlayd status`."""
+    ago = r["last_contact_seconds"]
+    contact = "never" if ago is None else f"{human_duration(ago)} ago"
+    reach = "reachable" if r["reachable"] else f"UNREACHABLE ({r['last_error'] or 'no answer'})"
+    lines = [("etcd", (f"{reach} at {r['endpoint']}, last contact {contact}, revision "
+                      f"{r['revision']}"))]
+    lease = r.get("lease")
+    if lease:
+        left = ("reservation, no TTL" if lease["reservation"] else
+                f"{human_duration(lease['remaining_seconds'] or 0)} left")
+        state = f"LOST ({lease['lost']})" if lease["lost"] else "held"
+        lines.append(("lease", f"{lease['key']} {state}, {left}, {lease['renewals']} renewals"))
+    w = r["watch"]
+    skipped = sum(r["skipped_keys"].values())
+    lines.append(("watch", (f"{w['resumes']} resumes, {w['compaction_relists']} compaction "
+                           f"re-lists, {w['reconnects']} reconnects, {w['resyncs']} resyncs; "
+                           f"{skipped} bad keys skipped")))
+    return lines
+
+
 def render_status(s: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     node, dev, tun, smap, tab = s["node"], s["device"], s["tunnel"], s["map"], s["tables"]
@@ -103,6 +124,8 @@ def render_status(s: dict[str, Any], now: float | None = None) -> str:
     map_line = (f"{smap['source']} {smap['location']}: network {smap['network']}, "
                 f"{smap['nodes']} nodes, applied {_ago(smap['applied_at'], now)}")
     lines.append(("map", map_line))
+    if smap.get("datastore"):
+        lines.extend(render_datastore(smap["datastore"]))
     if smap["error"]:
         first = smap["error"].strip().splitlines()[0]
         lines.append(("", f"RELOAD REJECTED, forwarding on the previous map: {first}"))

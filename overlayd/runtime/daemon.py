@@ -23,13 +23,13 @@ from typing import Any
 
 from overlayd.control.config import DaemonConfig
 from overlayd.control.file_source import FileMapSource
-from overlayd.control.map_source import MapSource
 from overlayd.control.local_node import (
     LocalView,
     build_local_view,
     build_switch_tables,
     find_local_node,
 )
+from overlayd.control.map_source import MapSource
 from overlayd.control.problems import ConfigError
 from overlayd.control.subnet_map import SubnetMap
 from overlayd.io import host_network
@@ -66,7 +66,7 @@ class Daemon:
         # both, having waited on changes() for the first map.
         self.source: MapSource = source or FileMapSource(
             config.map_file, config.map_poll_seconds, config.node_name)
-        self._changes = changes
+        self.source_changes = changes
         self._follow_task: asyncio.Task[None] | None = None
         self.smap = smap
         self.kernels = kernels
@@ -251,7 +251,7 @@ class Daemon:
 
     async def _follow_source(self) -> None:
         """Apply the map each time its source says it changed (file poll, etcd watch)."""
-        changes = self._changes
+        changes = self.source_changes
         if changes is None:          # not started by serve(): the first item is the map in force
             changes = self.source.changes()
             await anext(changes, None)

@@ -1,0 +1,147 @@
+"""``EtcdLab``: a Lab whose hosts take their map from a real etcd on the lab's underlay.
+
+Topology: the Lab's hosts, plus one namespace per etcd member on the same bridge (daemons in
+namespaces cannot reach the root namespace's loopback, so etcd lives on the underlay, at
+.201, .202, ...). The lab writes the network config with ``overlayd net init`` (run inside a
+member's namespace), and one daemon config per host with ``[map] source = "etcd"``, its
+``public_ip`` the host's underlay address and its subnet.env in the host's directory.
+
+A host's subnet is not known before its daemon claims it: ``wait_ready`` reads the daemon's
+subnet.env (FLANNEL_SUBNET) and fills in ``subnet``/``overlay_ip`` before checking the device.
+``add_host`` adds a host later (a node joining); ``etcdctl`` runs etcd's own client inside a
+member's namespace (raw keys, leases, compaction), as an operator would.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from overlayd.control import subnet_env
+from overlayd.lab import configs
+from overlayd.lab.etcd import EtcdCluster, EtcdMemberSpec
+from overlayd.lab.hosts import HostRef, HostSpec, LabHost
+from overlayd.lab.netns import LabError, ns_run
+from overlayd.lab.overlay_lab import Lab
+
+PREFIX = "/coreos.com/network"
+MEMBER_BASE = 200          # members at underlay .201, .202, ...
+
+
+def etcdctl_unavailable() -> str | None:
+    return None if shutil.which("etcdctl") else "etcdctl is not installed (Debian: etcd-client)"
+
+
+class EtcdLab(Lab):
+    def __init__(self, hosts: int | Sequence[HostSpec] = 3, *, members: int = 1,
+                 lease_ttl_seconds: int = 86400, net_init: Sequence[str] | None = (),
+                 config_extra: Mapping[str, Any] | None = None, **kw: Any) -> None:
+        super().__init__(hosts, **kw)
+        self.member_count = members
+        self.lease_ttl_seconds = lease_ttl_seconds
+        self.net_init = None if net_init is None else list(net_init)
+        self.config_extra = dict(config_extra or {})
+        self.cluster: EtcdCluster | None = None
+        self.etcd_hosts: list[LabHost] = []
+
+    # -- build ----------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        super().build()      # namespaces, bridge, hosts; write_configs() below writes etcd ones
+        for host in self.hosts:
+            host.subnet, host.overlay_ip = None, None    # claimed by the daemon, read later
+        for i in range(1, self.member_count + 1):
+            self.etcd_hosts.append(self.add_bystander(
+                f"etcd{i}", str(self.underlay.network_address + MEMBER_BASE + i)))
+        self.cluster = EtcdCluster([EtcdMemberSpec(h.name, h.underlay_ip, ns=h.netns)
+                                    for h in self.etcd_hosts]).start()
+        if self.net_init is not None:
+            self.init_network(self.net_init)
+        self.write_configs()     # now with the members' endpoints
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"http://{h.underlay_ip}:2379" for h in self.etcd_hosts]
+
+    def init_network(self, extra: Sequence[str] = (), *, force: bool = False) -> None:
+        backend = ["--backend", self.backend]
+        if self.port:
+            backend += ["--port", str(self.port)]
+        if self.backend == "vxlan" and "vni" in self.backend_extra:
+            backend += ["--vni", str(self.backend_extra["vni"])]
+        argv = [sys.executable, "-m", "overlayd", "net", "init", "--etcd-endpoints",
+                *self.endpoints, "--network", str(self.network), "--subnet-len",
+                str(self.subnet_len), *backend, *extra, *(["--force"] if force else [])]
+        proc = ns_run(self.etcd_hosts[0].netns, argv, timeout=30, check=False)
+        if proc.returncode != 0:
+            raise LabError(f"overlayd net init failed: {proc.stdout}{proc.stderr}")
+
+    def write_configs(self) -> None:
+        for host in self.hosts:
+            self._write_config(host)
+
+    def _write_config(self, host: LabHost) -> None:
+        spec = host.spec or HostSpec()
+        doc = configs.daemon_config(host.name, "unused", self.device,
+                                    str(host.control_socket), self.log_level,
+                                    configs.merge(self.config_extra, spec.config_extra))
+        del doc["node"]          # with etcd a node is its public IP; its name is its lease
+        extras = {k: v for k, v in doc["map"].items() if k not in ("file", "subnet_env")}
+        doc["map"] = {"source": "etcd", "endpoints": self.endpoints, "prefix": PREFIX,
+                      "lease_ttl_seconds": self.lease_ttl_seconds,
+                      "public_ip": host.underlay_ip,
+                      "subnet_env": str(host.dir / "subnet.env"), **extras}
+        host.config_path.write_text(configs.dumps(doc))
+
+    def add_host(self, name: str, spec: HostSpec | None = None, start: bool = True) -> LabHost:
+        """A new host on the underlay (a node joining the fleet), with its daemon started."""
+        index = len(self.hosts) + 1
+        host = self._add_underlay_host(name, str(self.underlay.network_address + index),
+                                       1500, f"p{index}")
+        host.spec = spec or HostSpec()
+        self.hosts.append(host)
+        self._write_config(host)
+        if start:
+            self.start_daemon(host)
+        return host
+
+    # -- readiness: the subnet comes from the daemon ---------------------------------------------
+
+    def _not_ready_reason(self, host: LabHost) -> str:
+        self.learn_subnet(host)
+        if host.overlay_ip is None:
+            return "no subnet.env yet (lease not claimed)"
+        return super()._not_ready_reason(host)
+
+    def learn_subnet(self, ref: HostRef) -> ipaddress.IPv4Network | None:
+        host = self.host(ref)
+        try:
+            text = (host.dir / "subnet.env").read_text()
+        except OSError:
+            return None
+        subnet = subnet_env.previous_subnet(text)
+        if subnet is not None:
+            host.subnet, host.overlay_ip = subnet, str(subnet.network_address)
+        return subnet
+
+    # -- etcd itself ----------------------------------------------------------------------------
+
+    def etcdctl(self, *args: str, member: int = 0, check: bool = True) -> str:
+        """etcd's own CLI in a member's namespace, against every endpoint."""
+        env_argv = ["env", "ETCDCTL_API=3", "etcdctl", "--endpoints",
+                    ",".join(self.endpoints), "--command-timeout=5s", *args]
+        proc = ns_run(self.etcd_hosts[member].netns, env_argv, timeout=20, check=False)
+        if check and proc.returncode != 0:
+            raise LabError(f"etcdctl {' '.join(args)} failed: {proc.stdout}{proc.stderr}")
+        return proc.stdout
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            try:
+                self.cluster.stop()
+            except LabError:
+                pass
+        super().close()
