@@ -241,5 +241,5 @@ def test_vxlan_backend_from_etcd_and_a_hand_written_flannel_lease() -> None:
         lab.etcdctl("put", f"{PREFIX}/subnets/10.83.250.0-24",
                     FIXTURE["vxlan"].replace("192.168.77.1", "192.168.83.250"))
         assert wait_for(lambda: "10.83.250.0/24" in peer_subnets(lab, "host1"), 10)
-        peer = [p for p in lab.control("host1", "peers") if p["subnet"] == "10.83.250.0/24"][0]
+        peer = next(p for p in lab.control("host1", "peers") if p["subnet"] == "10.83.250.0/24")
         assert peer["public_ip"] == "192.168.83.250" and peer["port"] == 8472

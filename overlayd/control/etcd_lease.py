@@ -123,12 +123,12 @@ class LeaseKeeper:
             return self.held
         lease_id = await self.store.grant_lease(self.ttl)
         granted = self.clock()
-        rev = await self.store.put_if_revision(kv.key, self.value, kv.mod_revision, lease_id)
-        if rev is None:
+        moved = await self.store.put_if_revision(kv.key, self.value, kv.mod_revision, lease_id)
+        if moved is None:
             await self._revoke(lease_id)
             return None
         await self._revoke(kv.lease)           # our previous run's etcd lease: nothing else on it
-        self.held = HeldLease(subnet, kv.key, rev, lease_id, granted + self.ttl, "reused")
+        self.held = HeldLease(subnet, kv.key, moved, lease_id, granted + self.ttl, "reused")
         return self.held
 
     def _candidates(self, taken: set[ipaddress.IPv4Network]

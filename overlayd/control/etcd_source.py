@@ -222,12 +222,12 @@ class EtcdMapSource:
                                  self._lease_value(self.network), self.settings.lease_ttl_seconds,
                                  previous_subnet=self.previous_subnet, clock=self.clock,
                                  rng=self.rng)
-            held = await keeper.acquire()
+            claimed = await keeper.acquire()
             self.contact.ok(self.clock())
             self.keeper = keeper
-            self.node_name = node_name(held.subnet)
-            log.info("etcd: subnet %s (%s), lease %s", held.subnet, held.how,
-                     "reservation, no TTL" if held.lease_id == 0
+            self.node_name = node_name(claimed.subnet)
+            log.info("etcd: subnet %s (%s), lease %s", claimed.subnet, claimed.how,
+                     "reservation, no TTL" if claimed.lease_id == 0
                      else f"TTL {self.settings.lease_ttl_seconds} s")
             return
         held = keeper.held

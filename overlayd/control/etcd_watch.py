@@ -117,9 +117,9 @@ class LeaseTable:
                 self.tombstones[key] = revision
                 changed = True
         for key, kv in listed.items():
-            held = self.entries.get(key)
-            if held is None or held.mod_revision < kv.mod_revision:
-                if held is None and self.tombstones.get(key, 0) > revision:
+            known = self.entries.get(key)
+            if known is None or known.mod_revision < kv.mod_revision:
+                if known is None and self.tombstones.get(key, 0) > revision:
                     continue     # deleted after this snapshot was taken
                 self.entries[key] = kv
                 changed = True
