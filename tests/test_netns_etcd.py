@@ -243,3 +243,17 @@ def test_vxlan_backend_from_etcd_and_a_hand_written_flannel_lease() -> None:
         assert wait_for(lambda: "10.83.250.0/24" in peer_subnets(lab, "host1"), 10)
         peer = next(p for p in lab.control("host1", "peers") if p["subnet"] == "10.83.250.0/24")
         assert peer["public_ip"] == "192.168.83.250" and peer["port"] == 8472
+
+
+def test_vxlan_switched_from_etcd() -> None:
+    """Backend.Mode "switched" (overlayd's own key; flannel ignores it): one L2 segment."""
+    with EtcdLab(3, backend="vxlan", backend_extra={"mode": "switched"}, cidr="10.84.0.0/16",
+                 underlay="192.168.84.0/24", ready_timeout_s=30) as lab:
+        lab.wait_mesh(timeout_s=20)
+        status = lab.control("host1", "status")
+        assert status["tunnel"]["mode"] == "switched" and status["tunnel"]["port"] == 4789
+        kv = get_kv(lab, key_of(lab, "host2"))
+        assert kv is not None
+        mac = json.loads(kv["value"])["BackendData"]["VtepMAC"]
+        link = lab.device_info("host2")
+        assert link is not None and link["address"] == mac    # the tap's MAC is the lease's

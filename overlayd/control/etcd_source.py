@@ -299,7 +299,7 @@ class EtcdMapSource:
         if network is None or keeper is None or keeper.held is None:
             return
         held = keeper.held
-        backend = Backend(network.backend_type, network.port, network.vni)
+        backend = Backend(network.backend_type, network.port, network.vni, network.mode)
         me = Node(node_name(held.subnet), held.subnet, self.public_ip,
                   held.subnet.network_address, None, (),
                   derive_vtep_mac(self.public_ip, network.vni)

@@ -36,7 +36,11 @@ _MAC_SEPARATED = re.compile(r"^[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{
 _MAC_DOTTED = re.compile(r"^[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}$")
 
 _CONFIG_FIELDS = ("Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend")
-_BACKEND_FIELDS = ("Type", "Port", "VNI")
+_BACKEND_FIELDS = ("Type", "Port", "VNI", "Mode")
+# overlayd's own Backend key (flannel ignores unknown keys): "switched" makes a vxlan network one
+# L2 segment over tap devices (README: the etcd map, switched mode); "routed" is flannel's vxlan.
+VXLAN_MODES = ("routed", "switched")
+SWITCHED_PORT = 4789                 # IANA's VXLAN port, as a plain kernel VTEP uses
 _LEASE_FIELDS = ("PublicIP", "PublicIPv6", "BackendType", "BackendData")
 _VXLAN_FIELDS = ("VNI", "VtepMAC")
 
@@ -52,6 +56,7 @@ class NetworkConfig:
     backend_type: str                    # "udp" | "vxlan"
     port: int                            # the backend's UDP port
     vni: int                             # vxlan VNI (DEFAULT_VNI for udp, unused there)
+    mode: str = "routed"                 # vxlan: overlayd's Backend.Mode, routed or switched
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +129,8 @@ def parse_network_config(raw: bytes, key: str = config_key()) -> NetworkConfig:
     if low > high:
         p.add("SubnetMin", f"{low} is above SubnetMax {high}")
     p.raise_if_any()
-    backend_type, port, vni = backend
-    return NetworkConfig(network, subnet_len, low, high, backend_type, port, vni)
+    backend_type, port, vni, mode = backend
+    return NetworkConfig(network, subnet_len, low, high, backend_type, port, vni, mode)
 
 
 def network_config_json(network: ipaddress.IPv4Network, *, subnet_len: int | None = None,
@@ -150,10 +155,10 @@ def network_config_json(network: ipaddress.IPv4Network, *, subnet_len: int | Non
     return _dumps(config)
 
 
-def _parse_backend(p: Problems, fields: dict[str, Any]) -> tuple[str, int, int] | None:
+def _parse_backend(p: Problems, fields: dict[str, Any]) -> tuple[str, int, int, str] | None:
     value = fields.get("Backend")
     if value is None:
-        return DEFAULT_BACKEND, DEFAULT_PORTS[DEFAULT_BACKEND], DEFAULT_VNI
+        return DEFAULT_BACKEND, DEFAULT_PORTS[DEFAULT_BACKEND], DEFAULT_VNI, "routed"
     if not isinstance(value, dict):
         p.add("Backend", f"must be an object, not {_json_kind(value)}")
         return None
@@ -162,9 +167,13 @@ def _parse_backend(p: Problems, fields: dict[str, Any]) -> tuple[str, int, int] 
     # flannel's vxlan takes Port 0 as "the kernel's default"; udp has no such meaning for 0.
     port = p.integer(backend, "Port", "Backend", low=0 if kind == "vxlan" else 1, high=65535)
     vni = p.integer(backend, "VNI", "Backend", default=DEFAULT_VNI, low=0, high=MAX_VNI)
-    if kind is None or vni is None:
+    mode = p.string(backend, "Mode", "Backend", default="routed", choices=VXLAN_MODES)
+    if mode == "switched" and kind != "vxlan":
+        p.add("Backend.Mode", 'only meaningful with Type "vxlan"')
+    if kind is None or vni is None or mode is None:
         return None
-    return kind, port or DEFAULT_PORTS[kind], vni
+    default_port = SWITCHED_PORT if mode == "switched" else DEFAULT_PORTS[kind]
+    return kind, port or default_port, vni, mode
 
 
 def _default_subnet_len(p: Problems, network: ipaddress.IPv4Network) -> int:

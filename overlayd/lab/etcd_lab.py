@@ -15,6 +15,7 @@ member's namespace (raw keys, leases, compaction), as an operator would.
 from __future__ import annotations
 
 import ipaddress
+import json
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -67,6 +68,13 @@ class EtcdLab(Lab):
         return [f"http://{h.underlay_ip}:2379" for h in self.etcd_hosts]
 
     def init_network(self, extra: Sequence[str] = (), *, force: bool = False) -> None:
+        if self.switched:
+            # `net init` writes flannel's keys only; switched is overlayd's own Backend.Mode.
+            self.etcdctl("put", f"{PREFIX}/config", json.dumps({
+                "Network": str(self.network), "SubnetLen": self.subnet_len,
+                "Backend": {"Type": "vxlan", "VNI": self.vni, "Port": self.port,
+                            "Mode": "switched"}}))
+            return
         backend = ["--backend", self.backend]
         if self.port:
             backend += ["--port", str(self.port)]
