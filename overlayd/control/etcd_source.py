@@ -90,6 +90,7 @@ class EtcdMapSource:
         self.keeper: LeaseKeeper | None = None
         self.skipped: Counter[str] = Counter()      # bad keys by reason
         self._skip_seen: dict[str, int] = {}        # key -> revision already counted
+        self._parsed: dict[str, tuple[int, Lease | None]] = {}   # key -> (revision, lease)
         self._config_rev = -1
         self._smap: SubnetMap | None = None
         self._yielded: SubnetMap | None = None      # the map the runtime was last told about
@@ -155,6 +156,7 @@ class EtcdMapSource:
                       "compaction_relists": c.compaction_relists, "reconnects": c.reconnects,
                       "resyncs": c.resyncs, "events": c.events},
             "skipped_keys": dict(self.skipped),
+            "requests": dict(getattr(self.store, "stats", {})),   # by kind, as the store counts
             "problems": problems,
         }
 
@@ -315,15 +317,15 @@ class EtcdMapSource:
                 nodes.append(node)
                 ips.add(node.public_ip)
         nodes.sort(key=lambda n: int(n.subnet.network_address))
+        live = self.watcher.table.entries
+        self._parsed = {k: v for k, v in self._parsed.items() if k in live}
         self._smap = SubnetMap(network.network, network.subnet_len, backend,
                                DEFAULT_UNDERLAY_MTU, tuple(nodes))
 
     def _peer(self, kv: KeyValue, network: NetworkConfig,
               ips: set[ipaddress.IPv4Address]) -> Node | None:
-        try:
-            lease = parse_lease(kv.key, kv.value)
-        except ConfigError as exc:
-            self._count_skip(kv.key, kv.mod_revision, _reason(exc, "lease"), str(exc))
+        lease = self._parsed_lease(kv)
+        if lease is None:
             return None
         reason = _misfit(lease, network, ips)
         if reason is not None:
@@ -334,6 +336,19 @@ class EtcdMapSource:
             vtep = lease.vtep_mac or derive_vtep_mac(lease.public_ip, network.vni)
         return Node(node_name(lease.subnet), lease.subnet, lease.public_ip,
                     lease.subnet.network_address, None, (), vtep)
+
+    def _parsed_lease(self, kv: KeyValue) -> Lease | None:
+        """Parsed once per (key, revision): a change of one lease re-parses that one only."""
+        cached = self._parsed.get(kv.key)
+        if cached is not None and cached[0] == kv.mod_revision:
+            return cached[1]
+        try:
+            lease: Lease | None = parse_lease(kv.key, kv.value)
+        except ConfigError as exc:
+            self._count_skip(kv.key, kv.mod_revision, _reason(exc, "lease"), str(exc))
+            lease = None
+        self._parsed[kv.key] = (kv.mod_revision, lease)
+        return lease
 
     def _count_skip(self, key: str, revision: int, reason: str, detail: str = "") -> None:
         if self._skip_seen.get(key) == revision:
