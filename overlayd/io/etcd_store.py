@@ -9,9 +9,17 @@ header and the batch a revision's events came in) and ignores a watch that etcd 
   fails with StoreUnavailable only after every endpoint was tried once. Moving on closes the old
   channel, so a watch still open on it ends with StoreUnavailable and its caller resumes on the
   new endpoint from its last revision + 1.
-- Every RPC carries a deadline (``timeout_s``). A write whose deadline passed may or may not have
-  been applied, so it is not retried on another endpoint; it raises StoreUnavailable and the
-  caller re-reads (the conditional writes make that safe). Reads are retried on the next one.
+- Every RPC carries a deadline (``timeout_s``). A failed call is sent to the next endpoint,
+  except a write whose deadline passed: that one raises StoreUnavailable at once, so a hung
+  endpoint costs a write one timeout, and the next call goes to the next endpoint.
+- A write that failed on one endpoint may still have been applied there (a member dying between
+  commit and answer, etcd's "request timed out"), so a resent conditional write can answer
+  "not applied" (None, False) for a change that is in fact ours, and a timed-out one raises
+  without knowing. Either way the caller re-reads the key and compares the value; the compare
+  on revision guarantees a resend never overwrites anyone else's write.
+- ``last_contact`` is the time.time() of the last answer from etcd (None before the first), for
+  "unreachable since" in status and metrics; ``stats`` counts requests by kind, errors,
+  failovers and calls that found no endpoint.
 - ``watch_prefix`` yields each watch response's events as one batch, raises CompactedError when
   etcd reports the start revision compacted, StoreUnavailable when the stream breaks or etcd
   cancels it, and never reconnects by itself. Watches ask etcd to require a leader, so a member
@@ -148,10 +156,12 @@ class EtcdStore:
                     self.stats["errors"] += 1
                     raise StoreError(f"etcd {self.endpoint} refused {kind}: "
                                      f"{_describe(exc, self._client_cert)}") from None
-                failures.append(f"{self._endpoints[index][0]}: {_describe(exc, self._client_cert)}")
+                where = self._endpoints[index][0]
+                failures.append(f"{where}: {_describe(exc, self._client_cert)}")
                 await self._fail_over(index)
                 if not idempotent and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    break                # it may have been applied: the caller must re-read
+                    failures[-1] += " (the write may have been applied)"
+                    break                # a hung endpoint: keep the call within one timeout
                 continue
             self.last_contact = time.time()
             return answer
