@@ -286,8 +286,7 @@ class EtcdMapSource:
                 self._count_skip(key, rev, _reason(exc, "config"))
             else:
                 if self.network is not None and parsed != self.network:
-                    log.warning("etcd: network config changed to %s /%d %s; the running "
-                                "daemon keeps its device and backend (restart to apply)",
+                    log.warning("etcd: network config changed to %s /%d %s",
                                 parsed.network, parsed.subnet_len, parsed.backend_type)
                 self.network, self.config_problem = parsed, None
                 self._whys.append("etcd: network config")
