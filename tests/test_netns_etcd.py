@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netns_helpers import NETNS_MARKS
+from netns_helpers import NETNS_MARKS, VXLAN_UNAVAILABLE
 
-from overlayd.lab import PingResult
+from overlayd.lab import HostSpec, PingResult
 from overlayd.lab.etcd import etcd_unavailable
 from overlayd.lab.etcd_lab import PREFIX, EtcdLab, etcdctl_unavailable
 
@@ -257,3 +257,15 @@ def test_vxlan_switched_from_etcd() -> None:
         mac = json.loads(kv["value"])["BackendData"]["VtepMAC"]
         link = lab.device_info("host2")
         assert link is not None and link["address"] == mac    # the tap's MAC is the lease's
+
+
+@pytest.mark.skipif(VXLAN_UNAVAILABLE is not None, reason=f"{VXLAN_UNAVAILABLE}")
+def test_a_flannel_vxlan_node_with_a_hand_written_lease_is_a_peer() -> None:
+    """host3 is no overlayd but the kernel's VXLAN, set up as flannel's vxlan backend sets up a
+    node, with its lease written by hand in flannel's format: traffic flows both ways."""
+    with EtcdLab([HostSpec(), HostSpec(), HostSpec(kernel_vxlan=True)], backend="vxlan",
+                 cidr="10.85.0.0/16", underlay="192.168.85.0/24", ready_timeout_s=30) as lab:
+        lab.join_kernel_host("host3")
+        assert wait_for(lambda: str(lab.host("host3").subnet) in peer_subnets(lab, "host1"), 10)
+        lab.wait_mesh(timeout_s=20)
+        assert lab.tcp_transfer("host3", "host1", 2_000_000).sha256_ok

@@ -53,7 +53,8 @@ class EtcdLab(Lab):
     def build(self) -> None:
         super().build()      # namespaces, bridge, hosts; write_configs() below writes etcd ones
         for host in self.hosts:
-            host.subnet, host.overlay_ip = None, None    # claimed by the daemon, read later
+            if host.spec is None or host.spec.runs_daemon:
+                host.subnet, host.overlay_ip = None, None   # claimed by the daemon, read later
         for i in range(1, self.member_count + 1):
             self.etcd_hosts.append(self.add_bystander(
                 f"etcd{i}", str(self.underlay.network_address + MEMBER_BASE + i)))
@@ -116,6 +117,29 @@ class EtcdLab(Lab):
             self.start_daemon(host)
         return host
 
+    # -- kernel hosts: flannel's vxlan node, by hand ---------------------------------------------
+
+    def setup_kernel_vtep(self, ref: HostRef) -> None:
+        """Deferred: a kernel host is programmed by ``join_kernel_host`` once the daemons have
+        claimed their subnets (Lab.build calls this before they exist)."""
+
+    def join_kernel_host(self, ref: HostRef) -> None:
+        """Make a kernel_vxlan host a flannel vxlan node: its lease written by hand exactly as
+        flannel writes it, and its flannel.<VNI> programmed toward every overlayd host with the
+        VTEP MACs their leases carry (what flannel would do from its own watch)."""
+        host = self.host(ref)
+        assert host.subnet is not None and host.vtep_mac is not None
+        for other in self.hosts:
+            if other is not host and other.subnet is not None:
+                kv = self.etcdctl("get", _key(other.subnet), "--print-value-only").strip()
+                other.vtep_mac = json.loads(kv)["BackendData"]["VtepMAC"]
+        lease = json.dumps({"PublicIP": host.underlay_ip, "PublicIPv6": None,
+                            "BackendType": "vxlan",
+                            "BackendData": {"VNI": self.vni, "VtepMAC": host.vtep_mac}},
+                           separators=(",", ":"))
+        self.etcdctl("put", _key(host.subnet), lease)
+        super().setup_kernel_vtep(host)
+
     # -- readiness: the subnet comes from the daemon ---------------------------------------------
 
     def _not_ready_reason(self, host: LabHost) -> str:
@@ -153,3 +177,7 @@ class EtcdLab(Lab):
             except LabError:
                 pass
         super().close()
+
+
+def _key(subnet: ipaddress.IPv4Network) -> str:
+    return f"{PREFIX}/subnets/{subnet.network_address}-{subnet.prefixlen}"
