@@ -144,3 +144,8 @@ def test_check_connect_says_whether_etcd_answers_and_the_config_is_valid(
 def test_check_connect_when_etcd_does_not_answer(tmp_path: Path) -> None:
     result = check(connect_config(tmp_path, ["http://127.0.0.1:9"], "/x"), "--connect")
     assert result.returncode == 69 and "etcd: does not answer" in result.stdout, result.stdout
+
+
+def test_node_name_is_refused_with_etcd(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[node]\nname = "a"\n' + ETCD)
+    assert any(k == "node.name" and "public IP" in r for k, r in found), found

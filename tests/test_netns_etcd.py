@@ -269,3 +269,20 @@ def test_a_flannel_vxlan_node_with_a_hand_written_lease_is_a_peer() -> None:
         assert wait_for(lambda: str(lab.host("host3").subnet) in peer_subnets(lab, "host1"), 10)
         lab.wait_mesh(timeout_s=20)
         assert lab.tcp_transfer("host3", "host1", 2_000_000).sha256_ok
+
+
+def test_a_daemon_waits_for_a_missing_network_config_and_stops_cleanly_meanwhile() -> None:
+    with EtcdLab(2, net_init=None, cidr="10.86.0.0/16", underlay="192.168.86.0/24",
+                 start=False, ready_timeout_s=30) as lab:
+        lab.start_daemon("host1", wait=False)
+        lab.start_daemon("host2", wait=False)
+        for name in ("host1", "host2"):
+            log = lab.host(name).log_path
+            assert wait_for(lambda log=log: "/coreos.com/network/config is missing"
+                            in log.read_text(), 15)
+        assert lab.stop_daemon("host2") == 0          # SIGTERM while waiting: a clean exit
+        assert lab.learn_subnet("host1") is None
+        lab.init_network()
+        lab.wait_ready("host1")
+        lab.start_daemon("host2")
+        lab.wait_mesh(timeout_s=20)

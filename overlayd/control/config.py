@@ -132,6 +132,9 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     map_file = (path.parent / map_file_text) if map_file_text else path.parent / "map.toml"
     poll = p.number(map_t, "poll_seconds", "map", default=2.0, low=0.0, high=3600.0)
     etcd = _etcd_settings(p, map_t, path) if source == "etcd" else None
+    if source == "etcd" and node_name is not None:
+        p.add("node.name", 'not used with [map] source = "etcd": a node is its public IP '
+                           "([map] public_ip / interface) and named by its lease")
     subnet_env = _subnet_env(p, map_t, path)
 
     dev = p.table(data, "device")

@@ -135,6 +135,11 @@ class EtcdMapSource:
         if keeper is not None and keeper.lost:
             problems.append(f"subnet lease lost ({keeper.lost}); still forwarding on "
                             f"{held.subnet if held else '?'}, claiming it back")
+        elif keeper is not None and keeper.remaining(now) == 0.0:
+            # etcd has been away longer than the TTL: it has most likely deleted the key.
+            problems.append(f"subnet lease on {held.subnet if held else '?'} expired while "
+                            "etcd was unreachable; still forwarding, claiming it back when "
+                            "etcd answers")
         return {
             "endpoint": _endpoint(self.store),
             "reachable": self.contact.reachable,

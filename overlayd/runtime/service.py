@@ -259,12 +259,12 @@ async def _start_and_run(daemon: Daemon, ops: Operations, source: MapSource) -> 
     try:
         changes = source.changes()
         waiting = asyncio.ensure_future(anext(changes))
-        if not (await asyncio.wait({waiting}, timeout=0.5))[0]:
-            ops.notifier.status(f"starting: waiting for the subnet map from {source.kind} "
-                                f"{source.location}")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, waiting.cancel)
         try:
+            if not (await asyncio.wait({waiting}, timeout=0.5))[0]:
+                ops.notifier.status(f"starting: waiting for the subnet map from {source.kind} "
+                                    f"{source.location}")
             why = await waiting
         except asyncio.CancelledError:
             return False
