@@ -149,3 +149,9 @@ def test_check_connect_when_etcd_does_not_answer(tmp_path: Path) -> None:
 def test_node_name_is_refused_with_etcd(tmp_path: Path) -> None:
     found = problems(tmp_path, '[node]\nname = "a"\n' + ETCD)
     assert any(k == "node.name" and "public IP" in r for k, r in found), found
+
+
+def test_the_shipped_etcd_example_passes_check() -> None:
+    result = check(REPO / "configs" / "overlayd-etcd.toml", "--any-host")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "map: etcd http://10.0.0.5:2379" in result.stdout
