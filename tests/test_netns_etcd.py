@@ -286,3 +286,28 @@ def test_a_daemon_waits_for_a_missing_network_config_and_stops_cleanly_meanwhile
         lab.wait_ready("host1")
         lab.start_daemon("host2")
         lab.wait_mesh(timeout_s=20)
+
+
+def test_short_lease_is_renewed_and_a_revoked_one_claimed_back_with_the_same_subnet() -> None:
+    with EtcdLab(2, lease_ttl_seconds=10, cidr="10.87.0.0/16", underlay="192.168.87.0/24",
+                 ready_timeout_s=30) as lab:
+        lab.wait_mesh(timeout_s=20)
+        first = get_kv(lab, key_of(lab, "host1"))
+        assert first is not None
+        # renewed at half the TTL, onto a fresh etcd lease, by compare-on-revision
+        assert wait_for(lambda: datastore(lab, "host1")["lease"]["renewals"] >= 1, 12)
+        renewed = get_kv(lab, key_of(lab, "host1"))
+        assert renewed is not None and renewed["lease"] != first["lease"]
+        assert renewed["mod_revision"] > first["mod_revision"]
+        assert datastore(lab, "host1")["lease"]["remaining_seconds"] > 4
+        # the lease revoked under a running daemon: it says so and claims the same subnet back
+        thread, out = background_ping(lab, "host2", "host1", count=100)
+        lab.etcdctl("lease", "revoke", format(renewed["lease"], "x"))
+        assert wait_for(lambda: datastore(lab, "host1")["lease"]["reacquired"] >= 1, 10)
+        thread.join(timeout=30)
+        back = get_kv(lab, key_of(lab, "host1"))
+        assert back is not None and json.loads(back["value"])["PublicIP"] == "192.168.87.1"
+        log = lab.host("host1").log_path.read_text()
+        assert "lost" in log and "claimed back" in log
+        assert out and out[0].received >= 95, out     # a moment without a route on host2 at most
+        assert datastore(lab, "host1")["lease"]["losses"] == 1

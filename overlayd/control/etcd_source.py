@@ -112,15 +112,15 @@ class EtcdMapSource:
         started = False
         while True:
             await self._step()
-            if self._smap_changed() or (not started and self._smap is not None):
+            smap, changed = self._smap, self._smap_changed()
+            if smap is not None and (changed or not started):
                 why = "; ".join(dict.fromkeys(self._whys)) or "etcd"
                 self._whys = []
                 if not started:
                     started = True
                     held = self.keeper.held if self.keeper else None
                     assert held is not None
-                    why = (f"etcd: lease {held.key} ({held.how}), "
-                           f"{len(self._smap.nodes) - 1} peers")   # type: ignore[union-attr]
+                    why = f"etcd: lease {held.key} ({held.how}), {len(smap.nodes) - 1} peers"
                 yield why
             await self._wait()
 
