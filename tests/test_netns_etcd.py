@@ -153,6 +153,8 @@ def test_etcd_down_loses_no_packets_and_a_host_joining_meanwhile_appears_after(
         assert wait_for(lambda o=other: lab.ping(o, "host4", count=1, wait_s=1).ok, 15), other
     ds = datastore(lab, "host1")
     assert ds["reachable"] and ds["watch"]["reconnects"] >= 1 and ds["watch"]["resumes"] >= 1
+    log = lab.host("host1").log_path.read_text()
+    assert log.count("etcd unreachable") == 1 and "etcd answers again after" in log, log[-3000:]
     # the status command shows the same
     text = lab.exec("host1", ["python3", "-m", "overlayd", "status", "--socket",
                               str(lab.host("host1").control_socket)]).stdout

@@ -58,6 +58,7 @@ log = logging.getLogger("overlayd")
 CONFIG_RETRY_SECONDS = 5.0      # a missing/invalid config is looked at again this often anyway
 LOST_RETRY_SECONDS = 5.0        # a lost lease is tried again this often
 RENEW_RETRY_SECONDS = 10.0      # a renewal etcd did not answer is retried this often
+RETRY_LOG_SECONDS = 60.0        # a problem that lasts is logged again this often
 
 
 def node_name(subnet: ipaddress.IPv4Network) -> str:
@@ -99,6 +100,7 @@ class EtcdMapSource:
         self._task: asyncio.Task[None] | None = None
         self._next_try = 0.0
         self._backoff = Backoff(self.rng)
+        self._last_retry: tuple[str, float] = ("", 0.0)   # (message, when) last logged
 
     # -- MapSource ------------------------------------------------------------------------------
 
@@ -212,14 +214,18 @@ class EtcdMapSource:
             self._retry_later(str(exc), CONFIG_RETRY_SECONDS)
         except StoreError as exc:
             self.contact.failed(str(exc) or type(exc).__name__)
-            self._retry_later(f"etcd: {exc}", self._backoff.next())
+            self._retry_later(str(exc) or type(exc).__name__, self._backoff.next())
             return
         self._backoff.reset()
         self._rebuild()
 
     def _retry_later(self, why: str, seconds: float) -> None:
-        log.warning("etcd: %s (retrying in %.1f s)", why, seconds)
-        self._next_try = self.clock() + seconds
+        now = self.clock()
+        # Said once, and again each minute it lasts: an outage is not a log flood.
+        if why != self._last_retry[0] or now - self._last_retry[1] >= RETRY_LOG_SECONDS:
+            log.warning("etcd: %s (retrying every few seconds)", why)
+            self._last_retry = (why, now)
+        self._next_try = now + seconds
 
     async def _keep_lease(self, now: float) -> None:
         assert self.network is not None

@@ -20,6 +20,7 @@ Time and randomness are passed in (``clock``, ``sleep``, ``rng``) so tests run i
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,8 @@ from overlayd.control.store_protocol import (
     StoreError,
     WatchEvent,
 )
+
+log = logging.getLogger("overlayd")
 
 RESYNC_SECONDS = 300.0          # the periodic full list-and-diff
 BACKOFF_FIRST_SECONDS = 0.1     # first retry after a failure
@@ -50,16 +53,22 @@ class WatchCounters:
 
 @dataclass
 class Contact:
-    """Whether the store answers, and when it last did (monotonic seconds)."""
+    """Whether the store answers, and when it last did (monotonic seconds). Each change
+    between the two is logged once: an operator reading the journal sees the outage."""
 
     reachable: bool = False
     last_ok: float | None = None
     last_error: str | None = None
 
     def ok(self, now: float) -> None:
+        if not self.reachable and self.last_error is not None:
+            away = "" if self.last_ok is None else f" after {now - self.last_ok:.1f} s"
+            log.warning("etcd answers again%s; resyncing", away)
         self.reachable, self.last_ok, self.last_error = True, now, None
 
     def failed(self, why: str) -> None:
+        if self.reachable or self.last_error is None:
+            log.warning("etcd unreachable (%s); forwarding goes on with the map in force", why)
         self.reachable, self.last_error = False, why
 
 
