@@ -270,7 +270,7 @@ class OverlaydCollector(Collector):
         lease_held = gauge("overlayd_lease_held", "1 while this node holds its subnet lease.",
                            labels=[])
         counts = {name: counter(f"overlayd_{name}", doc, labels=[]) for name, doc in (
-            ("watch_resumes", "Watches resumed from the last seen revision + 1 after a break."),
+            ("watch_resumes", "Attempts to resume a broken watch from the last seen revision + 1."),
             ("watch_compaction_relists", ("Full re-lists because the watch revision was "
                                          "compacted away.")),
             ("datastore_reconnects", "Failed etcd lists/watches retried after a backoff."),
