@@ -342,6 +342,33 @@ def test_failover_when_the_member_in_use_dies() -> None:
         run(body(cluster))
 
 
+def test_a_hung_member_ends_the_watch_and_calls_move_on() -> None:
+    """SIGSTOP: the member's sockets stay open and nothing answers, as behind a silent
+    partition. gRPC keepalive ends the watch; deadlines move calls to the other members."""
+    async def body(cluster: EtcdCluster) -> None:
+        store = store_on(cluster, timeout_s=2.0)
+        prefix = f"{unique_prefix()}/subnets/"
+        try:
+            _, start = await store.list_prefix(prefix)
+            revision = await store.put(f"{prefix}a", b"1")
+            stream = store.watch_prefix(prefix, start + 1)
+            assert [e.kv.mod_revision for e in await anext(stream)] == [revision]
+            used = store.endpoint
+            cluster.freeze_member(cluster.member_at(used).name)
+            began = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="broke"):
+                await asyncio.wait_for(anext(stream), 40)
+            assert time.monotonic() - began < 30        # keepalive: 10 s idle + 5 s to answer
+            began = time.monotonic()
+            kv = await store.get(f"{prefix}a")           # one timeout, then another member
+            assert kv is not None and kv.value == b"1" and store.endpoint != used
+            assert time.monotonic() - began < 2.0 + 1.0
+        finally:
+            await store.close()
+    with loopback_cluster(3) as cluster:
+        run(body(cluster))
+
+
 def test_unavailable_when_every_member_is_down_then_recovery() -> None:
     async def body(cluster: EtcdCluster) -> None:
         store = store_on(cluster, timeout_s=2.0)

@@ -87,6 +87,7 @@ class EtcdMember:
         self.data_dir = workdir / f"{spec.name}.etcd"
         self.log_path = workdir / f"{spec.name}.log"
         self.process: DaemonProcess | None = None
+        self.frozen = False
 
     @property
     def pid(self) -> int | None:
@@ -175,15 +176,32 @@ class EtcdCluster:
         """SIGKILL one member (a crash: no goodbye to its peers) and reap it."""
         m = self.member(name)
         if m.process is not None and m.process.alive():
-            m.process.signal(signal.SIGKILL)
+            m.process.signal(signal.SIGKILL)    # ends a frozen (stopped) member too
+            m.frozen = False
             try:
                 m.process.wrapper.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 m.process.stop(grace_s=0.0)
 
+    def freeze_member(self, name: str) -> None:
+        """SIGSTOP one member: its sockets stay open but it answers nothing (a hung server, or
+        one behind a silent network partition). ``thaw_member`` lets it go on."""
+        m = self.member(name)
+        if m.process is not None:
+            m.process.signal(signal.SIGSTOP)
+            m.frozen = True
+
+    def thaw_member(self, name: str) -> None:
+        m = self.member(name)
+        if m.process is not None:
+            m.process.signal(signal.SIGCONT)
+            m.frozen = False
+
     def stop_member(self, name: str) -> int | None:
         """SIGTERM one member (a clean shutdown); its exit code."""
         m = self.member(name)
+        if m.frozen:
+            self.thaw_member(name)           # a stopped process would sit on our SIGTERM
         return m.process.stop(grace_s=STOP_GRACE_S) if m.process is not None else None
 
     def restart_member(self, name: str, *, wait: bool = True) -> None:
@@ -192,6 +210,7 @@ class EtcdCluster:
         if m.alive():
             raise LabError(f"etcd member {name} is still running")
         self._launch(m)
+        m.frozen = False
         if wait:
             self.wait_healthy([name])
 
@@ -199,7 +218,7 @@ class EtcdCluster:
         """Stop every member and remove the data. Safe to call more than once."""
         for m in self.members:
             if m.process is not None:
-                m.process.stop(grace_s=STOP_GRACE_S)
+                self.stop_member(m.name)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Self:
