@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +51,15 @@ async def collect(store: MapStore, prefix: str, start: int, count: int,
                 return
     await asyncio.wait_for(take(), timeout_s)
     return events
+
+
+async def running_watch(store: MapStore, prefix: str) -> AsyncIterator[list[WatchEvent]]:
+    """A watch on prefix that has delivered its first event (a put of prefix + "a")."""
+    _, start = await store.list_prefix(prefix)
+    revision = await store.put(f"{prefix}a", b"1")
+    stream = store.watch_prefix(prefix, start + 1)
+    assert [e.kv.mod_revision for e in await anext(stream)] == [revision]
+    return stream
 
 
 # -- the protocol, one method at a time ---------------------------------------------------------
@@ -299,10 +308,7 @@ def test_watch_ends_with_unavailable_when_the_member_dies_and_never_resumes_alon
         store = store_on(cluster)
         prefix = f"{unique_prefix()}/subnets/"
         try:
-            _, start = await store.list_prefix(prefix)
-            revision = await store.put(f"{prefix}a", b"1")
-            stream = store.watch_prefix(prefix, start + 1)
-            assert [e.kv.mod_revision for e in await anext(stream)] == [revision]
+            stream = await running_watch(store, prefix)
             began = time.monotonic()
             cluster.kill_member("etcd1")
             with pytest.raises(StoreUnavailable):
@@ -349,10 +355,7 @@ def test_a_hung_member_ends_the_watch_and_calls_move_on() -> None:
         store = store_on(cluster, timeout_s=2.0)
         prefix = f"{unique_prefix()}/subnets/"
         try:
-            _, start = await store.list_prefix(prefix)
-            revision = await store.put(f"{prefix}a", b"1")
-            stream = store.watch_prefix(prefix, start + 1)
-            assert [e.kv.mod_revision for e in await anext(stream)] == [revision]
+            stream = await running_watch(store, prefix)
             used = store.endpoint
             cluster.freeze_member(cluster.member_at(used).name)
             began = time.monotonic()
