@@ -4,6 +4,8 @@
         ...etcd.endpoints...                         # ["http://10.99.0.10:2379"]
     with loopback_cluster(3) as etcd:                # 127.0.0.1, free ports, root namespace
         etcd.kill_member("etcd2"); etcd.restart_member("etcd2")
+    with Lab(3, start=False) as lab, underlay_cluster(lab, 3) as etcd:   # on a lab's underlay
+        ...
 
 Each member runs in the namespace the caller names (daemons in a namespace cannot reach the root
 namespace's loopback, so a lab puts etcd on its own underlay), on the address the caller gives,
@@ -34,10 +36,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 from overlayd.lab.netns import LabError, ns_run, run_prefix
 from overlayd.lab.processes import DEFAULT_LIFETIME_S, DaemonProcess
+
+if TYPE_CHECKING:
+    from overlayd.lab.hosts import LabHost
 
 START_TIMEOUT_S = 30.0       # a member is healthy within ~2 s on an idle machine; CI is not idle
 STOP_GRACE_S = 5.0
@@ -333,6 +338,24 @@ def loopback_cluster(size: int = 1, *, tls: EtcdTLS | None = None,
             last = exc
     assert last is not None
     raise last
+
+
+class UnderlayLab(Protocol):
+    """What underlay_cluster needs of a lab (overlayd.lab.Lab has it)."""
+
+    def add_bystander(self, name: str = ..., address: str | None = ...) -> LabHost: ...
+
+
+def underlay_cluster(lab: UnderlayLab, size: int = 1, *, tls: EtcdTLS | None = None,
+                     start_timeout_s: float = START_TIMEOUT_S,
+                     lifetime_s: int = DEFAULT_LIFETIME_S) -> EtcdCluster:
+    """A started cluster of ``size`` members etcd1..etcdN, each in a namespace of its own on
+    the lab's underlay bridge (so every lab host reaches it, and nothing outside the lab
+    does). The lab removes those namespaces; stop the cluster first (or use ``with``)."""
+    hosts = [lab.add_bystander(f"etcd{i}") for i in range(1, size + 1)]
+    specs = [EtcdMemberSpec(h.name, h.underlay_ip, ns=h.netns) for h in hosts]
+    return EtcdCluster(specs, tls=tls, start_timeout_s=start_timeout_s,
+                       lifetime_s=lifetime_s).start()
 
 
 def _main(argv: list[str]) -> int:
