@@ -314,9 +314,13 @@ def test_watch_ends_with_unavailable_when_the_member_dies_and_never_resumes_alon
             with pytest.raises(StoreUnavailable):
                 await asyncio.wait_for(anext(stream), 20)
             assert time.monotonic() - began < 10
+            with pytest.raises(StoreUnavailable):       # down: every call says so
+                await store.get(f"{prefix}a")
             cluster.restart_member("etcd1")
             with pytest.raises(StopAsyncIteration):      # ended for good: the caller resumes
                 await anext(stream)
+            kv = await store.get(f"{prefix}a")           # and the store recovers by itself
+            assert kv is not None and kv.value == b"1"
         finally:
             await store.close()
     with loopback_cluster(1) as cluster:
