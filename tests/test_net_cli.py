@@ -269,6 +269,7 @@ def test_cli_on_a_host_against_a_three_member_cluster_in_namespaces(tmp_path: Pa
                                "--backend", "vxlan"], timeout_s=30)
         assert done.returncode == 0, done.stderr
         cluster.kill_member("etcd1")            # the first endpoint, the one the CLI uses
+        cluster.wait_healthy(["etcd2", "etcd3"])  # past a new election, if etcd1 led
         listed = lab.exec(host, [*cli, "leases", *endpoints, "--json"], timeout_s=30)
         assert listed.returncode == 0, listed.stderr + cluster.logs()
         assert json.loads(listed.stdout)["leases"] == []
