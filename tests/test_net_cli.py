@@ -18,7 +18,7 @@ from overlayd.control.flannel_schema import config_key, lease_json, subnet_key
 from overlayd.control.store_protocol import KeyValue
 from overlayd.io.etcd_store import EtcdStore
 from overlayd.lab import Lab
-from overlayd.lab.etcd import EtcdCluster, EtcdMemberSpec, EtcdTLS, loopback_cluster
+from overlayd.lab.etcd import EtcdCluster, EtcdTLS, loopback_cluster, underlay_cluster
 
 pytestmark = ETCD_MARKS
 
@@ -261,20 +261,18 @@ def test_leases_over_tls_with_a_client_certificate(
 def test_cli_on_a_host_against_a_three_member_cluster_in_namespaces(tmp_path: Path) -> None:
     """etcd members each in a namespace of their own on the lab underlay; the CLI runs on a
     host, reaches them over the underlay, and goes on when the member it used is killed."""
-    with Lab(1, start=False) as lab:
-        members = [lab.add_bystander(f"etcd{i}") for i in (1, 2, 3)]
-        specs = [EtcdMemberSpec(m.name, m.underlay_ip, ns=m.netns) for m in members]
-        with EtcdCluster(specs) as cluster:
-            host = lab.hosts[0]
-            cli = [sys.executable, "-m", "overlayd", "net"]
-            endpoints = ["--etcd-endpoints", *cluster.endpoints, "--timeout", "2"]
-            done = lab.exec(host, [*cli, "init", *endpoints, "--network", "10.5.0.0/16",
-                                   "--backend", "vxlan"], timeout_s=30)
-            assert done.returncode == 0, done.stderr
-            cluster.kill_member("etcd1")            # the first endpoint, the one the CLI uses
-            listed = lab.exec(host, [*cli, "leases", *endpoints, "--json"], timeout_s=30)
-            assert listed.returncode == 0, listed.stderr + cluster.logs()
-            assert json.loads(listed.stdout)["leases"] == []
-            again = lab.exec(host, [*cli, "init", *endpoints, "--network", "10.5.0.0/16",
-                                    "--backend", "vxlan"], timeout_s=30)
-            assert again.returncode == 0 and "already holds" in again.stdout, again.stderr
+    with Lab(1, start=False) as lab, underlay_cluster(lab, 3) as cluster:
+        host = lab.hosts[0]
+        cli = [sys.executable, "-m", "overlayd", "net"]
+        endpoints = ["--etcd-endpoints", *cluster.endpoints, "--timeout", "2"]
+        done = lab.exec(host, [*cli, "init", *endpoints, "--network", "10.5.0.0/16",
+                               "--backend", "vxlan"], timeout_s=30)
+        assert done.returncode == 0, done.stderr
+        cluster.kill_member("etcd1")            # the first endpoint, the one the CLI uses
+        cluster.wait_healthy(["etcd2", "etcd3"])  # past a new election, if etcd1 led
+        listed = lab.exec(host, [*cli, "leases", *endpoints, "--json"], timeout_s=30)
+        assert listed.returncode == 0, listed.stderr + cluster.logs()
+        assert json.loads(listed.stdout)["leases"] == []
+        again = lab.exec(host, [*cli, "init", *endpoints, "--network", "10.5.0.0/16",
+                                "--backend", "vxlan"], timeout_s=30)
+        assert again.returncode == 0 and "already holds" in again.stdout, again.stderr

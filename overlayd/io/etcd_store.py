@@ -63,7 +63,13 @@ _CHANNEL_OPTIONS = [
     # than every 5 s (--grpc-keepalive-min-time) and any ping without an open call.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # gRPC 1.6x+ times every ping by this one (default 60 s), the keepalive ping included.
+    ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 0),
+    # An idle watch sends no data, yet needs its pings: no cap on their number, and no 5 min
+    # minimum interval between them (gRPC's defaults for a connection without data).
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_sent_ping_interval_without_data_ms", 10_000),
     # Fail a call on a dead endpoint at once instead of queueing it behind gRPC's reconnects.
     ("grpc.enable_retries", 0),
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -151,6 +157,12 @@ class EtcdStore:
             self._open()
             try:
                 answer = await request()
+            except asyncio.CancelledError:
+                if _we_are_cancelled():
+                    raise
+                # Our channel was closed under us: a concurrent call moved to another endpoint.
+                failures.append(f"{self._endpoints[index][0]}: left for another endpoint")
+                continue
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _ENDPOINT_DOWN:
                     self.stats["errors"] += 1
@@ -259,15 +271,21 @@ class EtcdStore:
         create = rpc.WatchCreateRequest(key=start, range_end=prefix_range_end(start),
                                         start_revision=start_revision)
         stream = await self._call("watch", lambda: self._start_watch(create))
+        where = self.endpoint
         try:
             while True:
                 try:
                     answer = await stream.read()
+                except asyncio.CancelledError:
+                    if _we_are_cancelled():
+                        raise
+                    raise StoreUnavailable(f"watch on {where} ended: the store moved to "
+                                           f"another endpoint") from None
                 except grpc.aio.AioRpcError as exc:
-                    raise StoreUnavailable(f"watch on {self.endpoint} broke: "
+                    raise StoreUnavailable(f"watch on {where} broke: "
                                            f"{_describe(exc, self._client_cert)}") from None
                 if answer is grpc.aio.EOF:
-                    raise StoreUnavailable(f"watch on {self.endpoint} ended")
+                    raise StoreUnavailable(f"watch on {where} ended")
                 _check_watch_answer(answer)
                 self.last_contact = time.time()
                 if answer.events:
@@ -371,6 +389,13 @@ def _describe(exc: grpc.aio.AioRpcError, has_client_cert: bool) -> str:
         text += ", and cert_file/key_file against etcd's --trusted-ca-file)" if has_client_cert \
             else "; no client certificate was given, which etcd's --client-cert-auth requires)"
     return text
+
+
+def _we_are_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (gRPC raises CancelledError also for
+    a call whose channel we closed, which must not pass for the caller's cancellation)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _deadline_error() -> grpc.aio.AioRpcError:

@@ -4,6 +4,8 @@
         ...etcd.endpoints...                         # ["http://10.99.0.10:2379"]
     with loopback_cluster(3) as etcd:                # 127.0.0.1, free ports, root namespace
         etcd.kill_member("etcd2"); etcd.restart_member("etcd2")
+    with Lab(3, start=False) as lab, underlay_cluster(lab, 3) as etcd:   # on a lab's underlay
+        ...
 
 Each member runs in the namespace the caller names (daemons in a namespace cannot reach the root
 namespace's loopback, so a lab puts etcd on its own underlay), on the address the caller gives,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -34,14 +37,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 from overlayd.lab.netns import LabError, ns_run, run_prefix
 from overlayd.lab.processes import DEFAULT_LIFETIME_S, DaemonProcess
 
+if TYPE_CHECKING:
+    from overlayd.lab.hosts import LabHost
+
 START_TIMEOUT_S = 30.0       # a member is healthy within ~2 s on an idle machine; CI is not idle
 STOP_GRACE_S = 5.0
 PORT_ATTEMPTS = 3            # loopback: fresh ports when another process took ours meanwhile
+_UNSUPPORTED_ARCH = {"aarch64": "arm64", "armv7l": "arm", "s390x": "s390x"}   # uname -> GOARCH
 
 
 def etcd_binary() -> str | None:
@@ -87,6 +94,7 @@ class EtcdMember:
         self.data_dir = workdir / f"{spec.name}.etcd"
         self.log_path = workdir / f"{spec.name}.log"
         self.process: DaemonProcess | None = None
+        self.frozen = False
 
     @property
     def pid(self) -> int | None:
@@ -175,15 +183,32 @@ class EtcdCluster:
         """SIGKILL one member (a crash: no goodbye to its peers) and reap it."""
         m = self.member(name)
         if m.process is not None and m.process.alive():
-            m.process.signal(signal.SIGKILL)
+            m.process.signal(signal.SIGKILL)    # ends a frozen (stopped) member too
+            m.frozen = False
             try:
                 m.process.wrapper.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 m.process.stop(grace_s=0.0)
 
+    def freeze_member(self, name: str) -> None:
+        """SIGSTOP one member: its sockets stay open but it answers nothing (a hung server, or
+        one behind a silent network partition). ``thaw_member`` lets it go on."""
+        m = self.member(name)
+        if m.process is not None:
+            m.process.signal(signal.SIGSTOP)
+            m.frozen = True
+
+    def thaw_member(self, name: str) -> None:
+        m = self.member(name)
+        if m.process is not None:
+            m.process.signal(signal.SIGCONT)
+            m.frozen = False
+
     def stop_member(self, name: str) -> int | None:
         """SIGTERM one member (a clean shutdown); its exit code."""
         m = self.member(name)
+        if m.frozen:
+            self.thaw_member(name)           # a stopped process would sit on our SIGTERM
         return m.process.stop(grace_s=STOP_GRACE_S) if m.process is not None else None
 
     def restart_member(self, name: str, *, wait: bool = True) -> None:
@@ -192,6 +217,7 @@ class EtcdCluster:
         if m.alive():
             raise LabError(f"etcd member {name} is still running")
         self._launch(m)
+        m.frozen = False
         if wait:
             self.wait_healthy([name])
 
@@ -199,7 +225,7 @@ class EtcdCluster:
         """Stop every member and remove the data. Safe to call more than once."""
         for m in self.members:
             if m.process is not None:
-                m.process.stop(grace_s=STOP_GRACE_S)
+                self.stop_member(m.name)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Self:
@@ -226,8 +252,12 @@ class EtcdCluster:
         return argv
 
     def _launch(self, m: EtcdMember) -> None:
-        # ETCD_* variables would silently override our flags; etcd gets none of them.
+        # ETCD_* variables would silently override our flags; etcd gets none of them, except
+        # the one etcd 3.4 demands on architectures it calls unsupported (arm64 among them).
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+        goarch = _UNSUPPORTED_ARCH.get(platform.machine())
+        if goarch is not None:
+            env["ETCD_UNSUPPORTED_ARCH"] = goarch
         m.process = DaemonProcess(m.spec.ns, self._argv(m), m.log_path,
                                   lifetime_s=self.lifetime_s, env=env)
 
@@ -314,6 +344,24 @@ def loopback_cluster(size: int = 1, *, tls: EtcdTLS | None = None,
             last = exc
     assert last is not None
     raise last
+
+
+class UnderlayLab(Protocol):
+    """What underlay_cluster needs of a lab (overlayd.lab.Lab has it)."""
+
+    def add_bystander(self, name: str = ..., address: str | None = ...) -> LabHost: ...
+
+
+def underlay_cluster(lab: UnderlayLab, size: int = 1, *, tls: EtcdTLS | None = None,
+                     start_timeout_s: float = START_TIMEOUT_S,
+                     lifetime_s: int = DEFAULT_LIFETIME_S) -> EtcdCluster:
+    """A started cluster of ``size`` members etcd1..etcdN, each in a namespace of its own on
+    the lab's underlay bridge (so every lab host reaches it, and nothing outside the lab
+    does). The lab removes those namespaces; stop the cluster first (or use ``with``)."""
+    hosts = [lab.add_bystander(f"etcd{i}") for i in range(1, size + 1)]
+    specs = [EtcdMemberSpec(h.name, h.underlay_ip, ns=h.netns) for h in hosts]
+    return EtcdCluster(specs, tls=tls, start_timeout_s=start_timeout_s,
+                       lifetime_s=lifetime_s).start()
 
 
 def _main(argv: list[str]) -> int:
