@@ -1,8 +1,8 @@
 """``EtcdLab``: a Lab whose hosts take their map from a real etcd on the lab's underlay.
 
 Topology: the Lab's hosts, plus one namespace per etcd member on the same bridge (daemons in
-namespaces cannot reach the root namespace's loopback, so etcd lives on the underlay, at
-.201, .202, ...). The lab writes the network config with ``overlayd net init`` (run inside a
+namespaces cannot reach the root namespace's loopback, so etcd lives on the underlay;
+``lab.etcd.underlay_cluster``). The lab writes the network config with ``overlayd net init`` (run inside a
 member's namespace), and one daemon config per host with ``[map] source = "etcd"``, its
 ``public_ip`` the host's underlay address and its subnet.env in the host's directory.
 
@@ -23,13 +23,12 @@ from typing import Any
 
 from overlayd.control import subnet_env
 from overlayd.lab import configs
-from overlayd.lab.etcd import EtcdCluster, EtcdMemberSpec
+from overlayd.lab.etcd import EtcdCluster, underlay_cluster
 from overlayd.lab.hosts import HostRef, HostSpec, LabHost
 from overlayd.lab.netns import LabError, ns_run
 from overlayd.lab.overlay_lab import Lab
 
 PREFIX = "/coreos.com/network"
-MEMBER_BASE = 200          # members at underlay .201, .202, ...
 
 
 def etcdctl_unavailable() -> str | None:
@@ -55,18 +54,15 @@ class EtcdLab(Lab):
         for host in self.hosts:
             if host.spec is None or host.spec.runs_daemon:
                 host.subnet, host.overlay_ip = None, None   # claimed by the daemon, read later
-        for i in range(1, self.member_count + 1):
-            self.etcd_hosts.append(self.add_bystander(
-                f"etcd{i}", str(self.underlay.network_address + MEMBER_BASE + i)))
-        self.cluster = EtcdCluster([EtcdMemberSpec(h.name, h.underlay_ip, ns=h.netns)
-                                    for h in self.etcd_hosts]).start()
+        self.cluster = underlay_cluster(self, self.member_count)
+        self.etcd_hosts = [self.host(m.name) for m in self.cluster.members]
         if self.net_init is not None:
             self.init_network(self.net_init)
         self.write_configs()     # now with the members' endpoints
 
     @property
     def endpoints(self) -> list[str]:
-        return [f"http://{h.underlay_ip}:2379" for h in self.etcd_hosts]
+        return self.cluster.endpoints if self.cluster is not None else []
 
     def init_network(self, extra: Sequence[str] = (), *, force: bool = False) -> None:
         if self.switched:
