@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -313,3 +314,23 @@ def test_short_lease_is_renewed_and_a_revoked_one_claimed_back_with_the_same_sub
         assert "lost" in log and "claimed back" in log
         assert out and out[0].received >= 95, out     # a moment without a route on host2 at most
         assert datastore(lab, "host1")["lease"]["losses"] == 1
+
+
+def test_daemons_reach_etcd_over_tls_with_client_certificates(tmp_path: Path) -> None:
+    from etcd_helpers import make_tls
+
+    from overlayd.lab.etcd import EtcdTLS
+
+    underlay = "192.168.88.0/24"
+    files = make_tls(tmp_path, server_ips=("192.168.88.254",))   # underlay_cluster's first
+    tls = EtcdTLS(files.ca_cert, files.server_cert, files.server_key, client_cert_auth=True,
+                  probe_cert_file=files.client_cert, probe_key_file=files.client_key)
+    with EtcdLab(2, tls=tls, cidr="10.88.0.0/16", underlay=underlay, ready_timeout_s=30) as lab:
+        assert lab.member_addresses() == ["192.168.88.254"]
+        lab.wait_mesh(timeout_s=20)
+        assert datastore(lab, "host1")["endpoint"].startswith("https://192.168.88.254")
+        checked = lab.exec("host1", [sys.executable, "-m", "overlayd", "check", "-c",
+                                     str(lab.host("host1").config_path), "--connect"],
+                           timeout_s=30, check=False)
+        assert checked.returncode == 0 and "network config: ok" in checked.stdout, \
+            checked.stdout + checked.stderr

@@ -23,7 +23,7 @@ from typing import Any
 
 from overlayd.control import subnet_env
 from overlayd.lab import configs
-from overlayd.lab.etcd import EtcdCluster, underlay_cluster
+from overlayd.lab.etcd import EtcdCluster, EtcdTLS, underlay_cluster
 from overlayd.lab.hosts import HostRef, HostSpec, LabHost
 from overlayd.lab.netns import LabError, ns_run
 from overlayd.lab.overlay_lab import Lab
@@ -38,8 +38,12 @@ def etcdctl_unavailable() -> str | None:
 class EtcdLab(Lab):
     def __init__(self, hosts: int | Sequence[HostSpec] = 3, *, members: int = 1,
                  lease_ttl_seconds: int = 86400, net_init: Sequence[str] | None = (),
-                 config_extra: Mapping[str, Any] | None = None, **kw: Any) -> None:
+                 config_extra: Mapping[str, Any] | None = None, tls: EtcdTLS | None = None,
+                 **kw: Any) -> None:
         super().__init__(hosts, **kw)
+        # TLS: the members serve tls's certificate (its SANs must name their addresses,
+        # ``member_addresses``); daemons, etcdctl and net init present tls.probe_cert_file.
+        self.tls = tls
         self.member_count = members
         self.lease_ttl_seconds = lease_ttl_seconds
         self.net_init = None if net_init is None else list(net_init)
@@ -54,11 +58,27 @@ class EtcdLab(Lab):
         for host in self.hosts:
             if host.spec is None or host.spec.runs_daemon:
                 host.subnet, host.overlay_ip = None, None   # claimed by the daemon, read later
-        self.cluster = underlay_cluster(self, self.member_count)
+        self.cluster = underlay_cluster(self, self.member_count, tls=self.tls)
         self.etcd_hosts = [self.host(m.name) for m in self.cluster.members]
         if self.net_init is not None:
             self.init_network(self.net_init)
         self.write_configs()     # now with the members' endpoints
+
+    def member_addresses(self, members: int | None = None) -> list[str]:
+        """Where the members will be (underlay_cluster's bystanders), for server certificates."""
+        count = self.member_count if members is None else members
+        return [str(self.underlay.broadcast_address - i) for i in range(1, count + 1)]
+
+    def _client_tls(self, style: str) -> list[str]:
+        """The client's TLS files as `overlayd net` (style "overlayd") or etcdctl flags."""
+        tls = self.tls
+        if tls is None:
+            return []
+        names = (("--ca-file", "--cert-file", "--key-file") if style == "overlayd"
+                 else ("--cacert", "--cert", "--key"))
+        files = (tls.ca_file, tls.probe_cert_file, tls.probe_key_file)
+        return [arg for name, f in zip(names, files, strict=True) if f is not None
+                for arg in (name, str(f))]
 
     @property
     def endpoints(self) -> list[str]:
@@ -79,7 +99,8 @@ class EtcdLab(Lab):
             backend += ["--vni", str(self.backend_extra["vni"])]
         argv = [sys.executable, "-m", "overlayd", "net", "init", "--etcd-endpoints",
                 *self.endpoints, "--network", str(self.network), "--subnet-len",
-                str(self.subnet_len), *backend, *extra, *(["--force"] if force else [])]
+                str(self.subnet_len), *backend, *self._client_tls("overlayd"), *extra,
+                *(["--force"] if force else [])]
         proc = ns_run(self.etcd_hosts[0].netns, argv, timeout=30, check=False)
         if proc.returncode != 0:
             raise LabError(f"overlayd net init failed: {proc.stdout}{proc.stderr}")
@@ -99,6 +120,11 @@ class EtcdLab(Lab):
                       "lease_ttl_seconds": self.lease_ttl_seconds,
                       "public_ip": host.underlay_ip,
                       "subnet_env": str(host.dir / "subnet.env"), **extras}
+        if self.tls is not None:
+            doc["map"]["ca_file"] = str(self.tls.ca_file)
+            if self.tls.probe_cert_file is not None and self.tls.probe_key_file is not None:
+                doc["map"]["cert_file"] = str(self.tls.probe_cert_file)
+                doc["map"]["key_file"] = str(self.tls.probe_key_file)
         host.config_path.write_text(configs.dumps(doc))
 
     def add_host(self, name: str, spec: HostSpec | None = None, start: bool = True) -> LabHost:
@@ -160,7 +186,8 @@ class EtcdLab(Lab):
     def etcdctl(self, *args: str, member: int = 0, check: bool = True) -> str:
         """etcd's own CLI in a member's namespace, against every endpoint."""
         env_argv = ["env", "ETCDCTL_API=3", "etcdctl", "--endpoints",
-                    ",".join(self.endpoints), "--command-timeout=5s", *args]
+                    ",".join(self.endpoints), "--command-timeout=5s",
+                    *self._client_tls("etcdctl"), *args]
         proc = ns_run(self.etcd_hosts[member].netns, env_argv, timeout=20, check=False)
         if check and proc.returncode != 0:
             raise LabError(f"etcdctl {' '.join(args)} failed: {proc.stdout}{proc.stderr}")
