@@ -46,6 +46,8 @@ class DaemonConfig:
     fdb_max_entries: int = 16384          # switched: cap of the MAC table (learned + static)
     static_macs: tuple[StaticMac, ...] = ()
     offloads: bool = True                 # TSO/checksum from the device, UDP GSO/GRO, coalescing
+    # At boot the public IP may come later than the daemon: wait this long for it (0: no wait).
+    wait_for_address_seconds: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +90,10 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
                 "control", "switch"}
     p.unknown_keys(data, sections)
     node = p.table(data, "node")
-    p.unknown_keys(node, {"name"}, "node")
+    p.unknown_keys(node, {"name", "wait_for_address_seconds"}, "node")
     node_name = p.string(node, "name", "node")
+    address_wait = p.number(node, "wait_for_address_seconds", "node", default=120.0, low=0.0,
+                            high=86400.0)
 
     map_t = p.table(data, "map")
     p.unknown_keys(map_t, {"source", "file", "poll_seconds"}, "map")
@@ -164,6 +168,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         tx_sockets=tx_sockets if tx_sockets is not None else 8,
         mac_ageing_seconds=ageing, fdb_max_entries=fdb_max or 16384,
         static_macs=tuple(static_macs), offloads=bool(offloads),
+        wait_for_address_seconds=address_wait,
     ), []
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import select
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import ParamSpec, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR
 
 from overlayd.errors import EX_NOPERM, EX_OSERR, StartupError
 
@@ -44,13 +47,35 @@ class HostAddress:
 def host_addresses() -> list[HostAddress]:
     """Every IPv4 address of this host (this network namespace) with its interface's MTU."""
     with IPRoute() as ipr:
-        links = {link["index"]: (link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU"))
-                 for link in ipr.get_links()}
-        out = []
-        for msg in ipr.get_addr(family=2):
-            name, mtu = links.get(msg["index"], ("?", 1500))
-            out.append(HostAddress(ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS")), name, mtu))
-        return out
+        return _addresses(ipr)
+
+
+@_in_worker
+def wait_for_address(wanted: frozenset[ipaddress.IPv4Address],
+                     timeout: float) -> list[HostAddress]:
+    """The host's addresses as soon as one of ``wanted`` is among them, or after ``timeout``
+    seconds (then without it). Subscribed to address events before the first look, so an
+    address added in between is not missed."""
+    deadline = time.monotonic() + timeout
+    with IPRoute() as ipr:
+        ipr.bind(groups=RTMGRP_IPV4_IFADDR)
+        while True:
+            found = _addresses(ipr)
+            left = deadline - time.monotonic()
+            if left <= 0 or wanted & {h.address for h in found}:
+                return found
+            if select.select([ipr], [], [], left)[0]:
+                ipr.get()     # drain the events; the next dump says what is there now
+
+
+def _addresses(ipr: IPRoute) -> list[HostAddress]:
+    links = {link["index"]: (link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU"))
+             for link in ipr.get_links()}
+    out = []
+    for msg in ipr.get_addr(family=2):
+        name, mtu = links.get(msg["index"], ("?", 1500))
+        out.append(HostAddress(ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS")), name, mtu))
+    return out
 
 
 @_in_worker

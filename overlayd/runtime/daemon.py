@@ -31,6 +31,7 @@ from overlayd.control.local_node import (
 )
 from overlayd.control.problems import ConfigError
 from overlayd.control.subnet_map import SubnetMap
+from overlayd.errors import EX_TEMPFAIL, StartupError
 from overlayd.io import host_network
 from overlayd.io.device import OverlayDevice, tune_device_sysctls
 from overlayd.io.tunnel_socket import enable_udp_gro, open_tunnel_socket, udp_gso_supported
@@ -42,6 +43,7 @@ log = logging.getLogger("overlayd")
 ICMP_REFILL_SECONDS = 0.1     # token bucket granularity for ICMP errors
 HEALTH_CHECK_SECONDS = 1.0    # how often the device's existence is checked
 FDB_TICK_SECONDS = 0.5        # switched: the data plane's clock (set_now) and MAC ageing
+ADDRESS_WAIT_SLICE_SECONDS = 5.0   # while waiting for the public IP: STATUS= refreshed this often
 
 
 def kernel_routes(smap: SubnetMap, view: LocalView) -> set[ipaddress.IPv4Network]:
@@ -84,12 +86,14 @@ class Daemon:
         self.on_ready: list[Callable[[], None]] = []
         self.on_reload: list[Callable[[str], None]] = []
         self.on_stopping: list[Callable[[], None]] = []   # once, when stop() is first called
+        # (status, seconds): still starting, waiting up to that long for what status names
+        self.on_waiting: list[Callable[[str, float], object]] = []
 
     # -- 1. start -------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.source.load()   # remember the file's signature; smap was validated by the caller
-        addresses = host_network.host_addresses()
+        addresses = self._await_own_address()
         me = find_local_node(self.smap, str(self.config.map_file), self.config.node_name,
                              (h.address for h in addresses))
         underlay_mtu = self._underlay_mtu(me.public_ip, addresses)
@@ -115,6 +119,46 @@ class Daemon:
                  me.name, me.subnet, self.config.device_name, me.address, self.view.device_mtu,
                  mode, bind, backend.port, len(self.view.peers), self.implementation)
         log.info("offloads: %s", describe_offloads(self.offloads, self.tun.tso))
+
+    def _await_own_address(self) -> list[host_network.HostAddress]:
+        """The host's addresses, once the one this node needs is among them.
+
+        At boot the daemon may start before DHCP or networkd has configured the public IP.
+        Without [node] name that looked like "no node of the map is this host" (78, which systemd
+        never retries), with one like a bind address that is not local. So wait, bounded by
+        ``[node] wait_for_address_seconds``, telling systemd what for. An address that never
+        comes is 75 (EX_TEMPFAIL: systemd tries again), not a config error."""
+        addresses = host_network.host_addresses()
+        wanted = self._addresses_needed()
+        timeout = self.config.wait_for_address_seconds
+        deadline = time.monotonic() + timeout
+        what = _describe_addresses(wanted)
+        if timeout > 0 and wanted and not wanted & {h.address for h in addresses}:
+            log.info("waiting up to %g s for %s to be configured on this host", timeout, what)
+        while wanted and not wanted & {h.address for h in addresses}:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if timeout > 0 and self.config.node_name is None:
+                    raise StartupError(
+                        f"{what} did not appear on this host within {timeout:g} s "
+                        f"([node] wait_for_address_seconds); set [node] name if this host is "
+                        f"not reachable at its public IP (NAT)", EX_TEMPFAIL)
+                break      # named node: the bind below says what is wrong
+            status = f"waiting for {what} to be configured on this host ({left:.0f} s left)"
+            for callback in self.on_waiting:
+                callback(status, min(left, ADDRESS_WAIT_SLICE_SECONDS))
+            addresses = host_network.wait_for_address(
+                wanted, min(left, ADDRESS_WAIT_SLICE_SECONDS))
+        return addresses
+
+    def _addresses_needed(self) -> frozenset[ipaddress.IPv4Address]:
+        """Without a node name, any public IP of the map says which node we are; with one, the
+        tunnel socket's bind address must be local (nothing when it binds the wildcard)."""
+        if self.config.node_name is None:
+            return frozenset(n.public_ip for n in self.smap.nodes)
+        node = self.smap.node_named(self.config.node_name)
+        bind = self.config.bind_address or (node.public_ip if node is not None else None)
+        return frozenset() if bind is None or bind.is_unspecified else frozenset({bind})
 
     def _make_forwarder(self, vtep_mac: str) -> Any:
         """The kernel for the map's backend: udp, vxlan routed (tun) or vxlan switched (tap)."""
@@ -351,6 +395,14 @@ class Daemon:
         if self.tun is not None:
             self.tun.close(keep=self.config.keep_device)
             self.tun = None
+
+
+def _describe_addresses(addresses: frozenset[ipaddress.IPv4Address], shown: int = 4) -> str:
+    ordered = sorted(addresses)
+    if len(ordered) == 1:
+        return f"public IP {ordered[0]}"
+    more = f" and {len(ordered) - shown} more" if len(ordered) > shown else ""
+    return f"one of the public IPs {', '.join(map(str, ordered[:shown]))}{more}"
 
 
 def describe_offloads(offloads: dict[str, bool], tso: bool) -> str:

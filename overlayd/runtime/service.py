@@ -69,6 +69,7 @@ class Operations:
         daemon.on_ready.append(self._on_ready)
         daemon.on_reload.append(self._on_reload)
         daemon.on_stopping.append(self._on_stopping)
+        daemon.on_waiting.append(self.notifier.waiting)
 
     # -- 1. bind (before the loop) --------------------------------------------------------------
 
