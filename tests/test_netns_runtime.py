@@ -96,11 +96,24 @@ def test_sighup_reloads_a_daemon_that_does_not_poll(lab: Lab) -> None:
 
 def test_broken_map_is_refused_and_the_old_one_kept(lab: Lab) -> None:
     original = lab.map_path.read_text()
-    lab.map_path.write_text(original.replace('subnet_len = 24', 'subnet_len = "x"'))
+    broken = original.replace('subnet_len = 24', 'subnet_len = "x"\ncidr_typo = 1')
+    lab.map_path.write_text(broken)
     assert wait_for(lambda: "rejected" in log_of(lab, "host1"), timeout_s=3.0)
     assert "network.subnet_len" in log_of(lab, "host1")
     assert lab.ping("host1", "host2").ok and lab.ping("host2", "host3").ok
+    time.sleep(1.2)       # 6 more polls of host1 (0.2 s) with the broken file still on disk
+    lab.map_path.write_text(broken)        # rewritten, same content: nothing new to judge
+    time.sleep(0.6)
+    lines = log_of(lab, "host1").splitlines()
+    rejections = [ln for ln in lines if "rejected" in ln]
+    assert len(rejections) == 1, rejections           # judged once, not at every poll
+    # One record, one line: both problems are in the rejection's own (timestamped) line.
+    assert "network.subnet_len" in rejections[0] and "cidr_typo" in rejections[0]
+    assert all(" overlayd[" in ln for ln in lines), [ln for ln in lines if " overlayd[" not in ln]
+    assert lab.control("host1", "status")["map"]["reloads_rejected"] == 1
     lab.map_path.write_text(original)
+    assert wait_for(lambda: "map reloaded" in log_of(lab, "host1"), timeout_s=3.0)
+    assert lab.control("host1", "status")["map"]["reloads_applied"] == 1
 
 
 def test_deleted_device_is_recreated(lab: Lab) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from overlayd.errors import EX_OSERR, StartupError
 from overlayd.ops.capture import CaptureError, CaptureHub
-from overlayd.runtime.logs import RateLimitedLog
+from overlayd.rate_limited_log import RateLimitedLog
 
 log = logging.getLogger("overlayd")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from overlayd.ops import state
+from overlayd.ops import daemon_view
 
 # The daemon's periodic timers tick every 0.1 s; 5 s without one means the loop is stuck
 # (or starved by a callback that never returns) even if this check itself got scheduled.
@@ -33,9 +33,9 @@ class Verdict:
         return self.live_problems + self.ready_problems
 
 
-def check(d: state.DaemonLike, info: state.RuntimeInfo, now: float) -> Verdict:
+def check(d: daemon_view.DaemonLike, info: daemon_view.RuntimeInfo, now: float) -> Verdict:
     live: list[str] = []
-    if info.phase == state.STOPPING:
+    if info.phase == daemon_view.STOPPING:
         live.append("stopping")
     tick_age = now - d.last_loop_tick
     if tick_age > LOOP_STALL_SECONDS:
@@ -45,7 +45,7 @@ def check(d: state.DaemonLike, info: state.RuntimeInfo, now: float) -> Verdict:
     elif d.device_broken:
         live.append(f"device {d.config.device_name} is gone or failing; recreating it")
     ready_problems: list[str] = []
-    if info.phase == state.STARTING:
+    if info.phase == daemon_view.STARTING:
         ready_problems.append("starting")
     if d.view is None:
         ready_problems.append("no subnet map loaded")

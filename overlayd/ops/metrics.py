@@ -221,7 +221,9 @@ class OverlaydCollector(Collector):
         gauge("overlayd_map_current",
               "1 when the last map (re)load was applied; 0 while a rejected map is on disk.",
               None if m is None else float(m["current"]))
-        reloads = counter("overlayd_map_reloads", "Map reloads, by outcome.", labels=["result"])
+        reloads = counter("overlayd_map_reloads",
+                          "Map reloads after the start (the map loaded at start is not one), "
+                          "by outcome; a file content is judged once.", labels=["result"])
         gauge("overlayd_capture_sessions", "Running `overlayd capture` sessions.",
               None if s is None else s["capture_sessions"])
         offloads = gauge("overlayd_offload_enabled",

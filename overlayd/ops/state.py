@@ -13,51 +13,22 @@ from __future__ import annotations
 import ipaddress
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from overlayd import __version__
 from overlayd.dataplane.counters import DROP_REASONS
 from overlayd.dataplane.tables import LOCAL
+from overlayd.ops import health
+from overlayd.ops.daemon_view import (  # noqa: F401 - re-exported: ops callers use state.*
+    RELOADING,
+    RUNNING,
+    STARTING,
+    STOPPING,
+    DaemonLike,
+    RuntimeInfo,
+)
 
 DROP_SET = frozenset(DROP_REASONS)
-
-# Phases of the daemon's life, as the runtime reports them.
-STARTING, RUNNING, RELOADING, STOPPING = "starting", "running", "reloading", "stopping"
-
-
-class DaemonLike(Protocol):
-    """What this module reads of runtime.daemon.Daemon (ops never imports the runtime)."""
-
-    config: Any
-    smap: Any
-    view: Any
-    forwarder: Any
-    implementation: str
-    started_at: float
-    map_applied_at: float
-    map_error: str | None
-    last_loop_tick: float
-
-    @property
-    def device_broken(self) -> bool: ...
-
-
-@dataclass
-class RuntimeInfo:
-    """What the ops layer itself knows: phase, reload outcomes, where it listens."""
-
-    phase: str = STARTING
-    started_wall: float = field(default_factory=time.time)
-    reloads_applied: int = 0
-    reloads_rejected: int = 0
-    metrics_url: str | None = None
-    control_socket: str | None = None
-    capture_supported: bool = False
-    capture_sessions: int = 0
-    notify_socket: str | None = None
-    watchdog_seconds: float | None = None
-
 
 def _ip(value: int) -> str:
     return str(ipaddress.IPv4Address(value))
@@ -200,8 +171,6 @@ def batches(d: DaemonLike) -> tuple[list[int], list[int]]:
 
 def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[str, Any]:
     """Everything ``overlayd status`` shows, and what scripts read with ``--json``."""
-    from overlayd.ops import health
-
     mono = time.monotonic() if now is None else now
     traffic, drops = counters(d)
     view, smap, config = d.view, d.smap, d.config

@@ -35,7 +35,7 @@ from overlayd.errors import EX_TEMPFAIL, StartupError
 from overlayd.io import host_network
 from overlayd.io.device import OverlayDevice, tune_device_sysctls
 from overlayd.io.tunnel_socket import enable_udp_gro, open_tunnel_socket, udp_gso_supported
-from overlayd.runtime.logs import RateLimitedLog
+from overlayd.rate_limited_log import RateLimitedLog
 from overlayd.wire.ethernet import parse_mac
 
 log = logging.getLogger("overlayd")
@@ -305,7 +305,7 @@ class Daemon:
             me = find_local_node(smap, str(self.config.map_file), self.view.node.name, ())
         except ConfigError as exc:
             self.map_error = str(exc)
-            log.error("map reload (%s) rejected, still forwarding on the previous map:\n%s",
+            log.error("map reload (%s) rejected, still forwarding on the previous map: %s",
                       why, exc)
             return False
         if (smap.backend != self.smap.backend or me.subnet != self.view.node.subnet

@@ -1,0 +1,46 @@
+"""What the ops layer knows of the daemon: the part of runtime.daemon.Daemon it reads, and the
+ops layer's own runtime facts. Below both state.py and health.py, so neither imports the other
+to get these (state uses health's verdict; health needs only this).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+# Phases of the daemon's life, as the runtime reports them.
+STARTING, RUNNING, RELOADING, STOPPING = "starting", "running", "reloading", "stopping"
+
+
+class DaemonLike(Protocol):
+    """What this module reads of runtime.daemon.Daemon (ops never imports the runtime)."""
+
+    config: Any
+    smap: Any
+    view: Any
+    forwarder: Any
+    implementation: str
+    started_at: float
+    map_applied_at: float
+    map_error: str | None
+    last_loop_tick: float
+
+    @property
+    def device_broken(self) -> bool: ...
+
+
+@dataclass
+class RuntimeInfo:
+    """What the ops layer itself knows: phase, reload outcomes, where it listens."""
+
+    phase: str = STARTING
+    started_wall: float = field(default_factory=time.time)
+    reloads_applied: int = 0
+    reloads_rejected: int = 0
+    metrics_url: str | None = None
+    control_socket: str | None = None
+    capture_supported: bool = False
+    capture_sessions: int = 0
+    notify_socket: str | None = None
+    watchdog_seconds: float | None = None
