@@ -54,9 +54,10 @@ ctypedef struct peer_t:
     unsigned char mac[6]       # vxlan: the peer's VTEP MAC (zeros where the map has none)
     bint has_mac
     uint64_t tx_packets
-    uint64_t tx_bytes
+    uint64_t tx_bytes          # inner bytes: the datagrams less the outer header we wrote
     uint64_t rx_packets
-    uint64_t rx_bytes
+    uint64_t rx_bytes          # inner bytes: the datagrams less encap_len (before validation)
+    uint64_t rx_accepted       # datagrams that passed every check (rx_packets - these = drops)
 
 ctypedef struct ip_index_t:    # peers sorted by (ip, index): source IP -> first peer index
     uint32_t ip
@@ -400,6 +401,11 @@ cdef class _ForwarderBase:
         return [(t.peers[i].tx_packets, t.peers[i].tx_bytes,
                  t.peers[i].rx_packets, t.peers[i].rx_bytes) for i in range(t.npeers)]
 
+    def peer_rx_accepted(self) -> list:
+        """Per peer: received datagrams that passed every check and went to the device."""
+        cdef const fwd_tables_t *t = &self.gen.t
+        return [t.peers[i].rx_accepted for i in range(t.npeers)]
+
     def offloads(self) -> dict:
         """Which offloads are in use now (udp_gso turns off if the kernel refused it)."""
         return {"vnet_hdr": bool(self.vnet), "udp_gso": bool(self.gso), "udp_gro": bool(self.gro)}
@@ -461,6 +467,7 @@ cdef class _ForwarderBase:
             new.t.peers[j].tx_bytes = old.t.peers[i].tx_bytes
             new.t.peers[j].rx_packets = old.t.peers[i].rx_packets
             new.t.peers[j].rx_bytes = old.t.peers[i].rx_bytes
+            new.t.peers[j].rx_accepted = old.t.peers[i].rx_accepted
         self.gen = new
         return index_map
 
@@ -680,7 +687,7 @@ cdef class _ForwarderBase:
             for k in range(i, i + sent):
                 peer = &t.peers[q.peer[k]]
                 peer.tx_packets += q.segs[k]
-                peer.tx_bytes += q.iov[k].iov_len
+                peer.tx_bytes += q.iov[k].iov_len - <size_t>q.segs[k] * self.encap_len
                 self.ctr[CTR_FORWARDED_PACKETS] += q.segs[k]
                 if q.segs[k] > 1:
                     self.ctr[CTR_OFFLOAD_GSO_SENDS] += 1
@@ -708,7 +715,7 @@ cdef class _ForwarderBase:
                 self.ctr[CTR_TX_ERROR] += 1
             else:
                 peer.tx_packets += 1
-                peer.tx_bytes += size
+                peer.tx_bytes += size - self.encap_len
                 self.ctr[CTR_FORWARDED_PACKETS] += 1
             data += size
             left -= size
@@ -817,7 +824,7 @@ cdef class _ForwarderBase:
             self.ctr[CTR_OUTSIDE_UNKNOWN_PEER] += 1
             return -1
         t.peers[peer].rx_packets += 1
-        t.peers[peer].rx_bytes += n
+        t.peers[peer].rx_bytes += n - self.encap_len if n > self.encap_len else 0
         return peer
 
     cdef void _outside_one(self, const fwd_tables_t *t, unsigned char *pkt, uint32_t n,
@@ -825,9 +832,11 @@ cdef class _ForwarderBase:
         pass
 
     @cython.final
-    cdef void _emit(self, unsigned char *pkt, uint32_t n, int32_t peer) noexcept nogil:
+    cdef void _emit(self, const fwd_tables_t *t, unsigned char *pkt, uint32_t n,
+                    int32_t peer) noexcept nogil:
         """Deliver a checked packet (tun) or frame (tap) into the device: at once, or with a
         virtio-net header through the coalescer, written when the batch ends."""
+        t.peers[peer].rx_accepted += 1
         if not self.vnet:
             if self._write_device(pkt, n) >= 0:
                 self.ctr[CTR_DELIVERED_PACKETS] += 1
@@ -985,4 +994,4 @@ cdef class _RoutedBase(_ForwarderBase):
         if lpm_lookup(t.lpm, rd32(pkt + 16)) != LOCAL_C:
             ctr[CTR_OUTSIDE_NOT_FOR_US] += 1
             return
-        self._emit(<unsigned char *>pkt, n, peer)
+        self._emit(t, <unsigned char *>pkt, n, peer)

@@ -6,6 +6,7 @@ deleted device comes back by itself, and a killed daemon takes its device with i
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -123,6 +124,11 @@ def test_deleted_device_is_recreated(lab: Lab) -> None:
     assert info is not None and info["mtu"] == 1472
     assert any(r.get("dst") == "10.78.0.0/16" for r in lab.device_routes("host2"))
     assert "recreated" in log_of(lab, "host2")
+    # The gap is short enough to slip between two scrapes; the counter does not.
+    assert lab.control("host2", "status")["device"]["recreations"] == 1
+    peers = {p["name"]: p for p in lab.control("host2", "peers")}
+    assert peers["host1"]["last_rx_seconds_ago"] is not None   # host1's pings were heard
+    assert peers["host1"]["last_rx_seconds_ago"] < 3.0
 
 
 def test_killed_daemon_takes_its_device_along(lab: Lab) -> None:
@@ -134,3 +140,23 @@ def test_killed_daemon_takes_its_device_along(lab: Lab) -> None:
     assert not lab.ping("host1", "host2", wait_s=0.5).ok
     lab.start_daemon("host2")
     assert wait_for(lambda: lab.ping("host1", "host2", wait_s=0.5).ok, timeout_s=5.0)
+
+
+def test_garbage_from_a_peer_counts_as_that_peers_drop(lab: Lab) -> None:
+    """A silent peer and a peer that sends only garbage look alike in rx_packets; the per-peer
+    drop count and the last-received time tell them apart."""
+    host2 = lab.host("host2")
+    send = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            f"s.bind(('{lab.host('host1').underlay_ip}', 0)); "
+            f"[s.sendto(bytes([0x45]) + bytes(40), ('{host2.underlay_ip}', {lab.port})) "
+            "for _ in range(3)]")
+    lab.exec("host1", [sys.executable, "-c", send])
+
+    def dropped() -> int:
+        peers = {p["name"]: p for p in lab.control("host2", "peers")}
+        return int(peers["host1"]["rx_dropped"])
+
+    assert wait_for(lambda: dropped() == 3, timeout_s=3.0), lab.control("host2", "peers")
+    peers = {p["name"]: p for p in lab.control("host2", "peers")}
+    assert peers["host3"]["rx_dropped"] == 0
+    assert lab.ping("host1", "host2").ok and dropped() == 3     # good traffic is no drop

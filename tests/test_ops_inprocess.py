@@ -69,6 +69,7 @@ class FakeForwarder:
     def __init__(self, peers: int, with_capture: bool) -> None:
         self.values = dict.fromkeys(COUNTER_NAMES, 0)
         self.peers = [(0, 0, 0, 0)] * peers
+        self.rx_dropped: dict[int, int] = {}     # peer index -> received but failed a check
         self.hist = ([0] * BATCH_BUCKETS, [0] * BATCH_BUCKETS)
         self.capturing = False
         self.captured: list[tuple[int, int, bytes]] = []
@@ -82,6 +83,9 @@ class FakeForwarder:
 
     def peer_counters(self) -> list[tuple[int, int, int, int]]:
         return list(self.peers)
+
+    def peer_rx_accepted(self) -> list[int]:
+        return [p[2] - self.rx_dropped.get(i, 0) for i, p in enumerate(self.peers)]
 
     def offloads(self) -> dict[str, bool]:
         return {"vnet_hdr": True, "udp_gso": False, "udp_gro": True}
@@ -115,6 +119,7 @@ class FakeDaemon:
     map_error: str | None = None
     last_loop_tick: float = field(default_factory=time.monotonic)
     device_broken: bool = False
+    device_recreations: int = 0
 
 
 def make_daemon(tmp_path: Path, with_capture: bool = True, map_text: str = MAP,
@@ -185,14 +190,21 @@ def test_metrics_export_every_counter_peer_and_table(tmp_path: Path) -> None:
     fw.peers = [(11, 1100, 12, 1200), (21, 2100, 22, 2200)]
     # 3 batches of 1, 2 of 3..4, 1 of 64 (bucket 6) inside; outside empty.
     fw.hist = ([3, 0, 2, 0, 0, 0, 1, 0, 0, 0], [0] * BATCH_BUCKETS)
-    m = scrape(d, state.RuntimeInfo(phase=state.RUNNING))
+    fw.rx_dropped = {1: 5}
+    d.device_recreations = 2
+    m = scrape(d, state.RuntimeInfo(phase=state.RUNNING, peer_last_rx={"c": 1234.0}))
 
     assert m["overlayd_build_info{dataplane=python,version=0.1.0}"] == 1
     assert m["overlayd_peer_tx_packets_total{peer=b}"] == 11
     assert m["overlayd_peer_tx_bytes_total{peer=b}"] == 1100
     assert m["overlayd_peer_rx_packets_total{peer=c}"] == 22
     assert m["overlayd_peer_rx_bytes_total{peer=c}"] == 2200
-    assert m["overlayd_peer_info{peer=c,public_ip=192.0.2.3,subnet=10.44.3.0/24}"] == 1
+    assert m["overlayd_peer_info{peer=c,public_ip=192.0.2.3,subnet=10.44.3.0/24,vtep_mac=}"] == 1
+    assert m["overlayd_peer_rx_dropped_packets_total{peer=c}"] == 5
+    assert m["overlayd_peer_rx_dropped_packets_total{peer=b}"] == 0
+    assert m["overlayd_peer_last_rx_timestamp_seconds{peer=c}"] == 1234.0
+    assert "overlayd_peer_last_rx_timestamp_seconds{peer=b}" not in m     # never heard from
+    assert m["overlayd_device_recreations_total"] == 2
     assert m["overlayd_peer_path_mtu_bytes{peer=c}"] == 1400 - 28
     for i, reason in enumerate(DROP_REASONS):
         assert m[f"overlayd_drops_total{{reason={reason}}}"] == fw.values[reason], reason
@@ -680,3 +692,21 @@ def test_capture_on_a_switched_backend_writes_ethernet_frames(
     linktype, records = read_pcap(tmp_path / "l2.pcap")
     assert linktype == capture.LINKTYPE_ETHERNET
     assert [buf for _, buf in records] == [frame]
+
+
+def test_last_received_follows_each_peers_rx_counter(tmp_path: Path) -> None:
+    d = make_daemon(tmp_path)
+    fw, info = d.forwarder, state.RuntimeInfo(phase=state.RUNNING)
+    state.observe_peer_rx(d, info, 100.0)
+    assert info.peer_last_rx == {}                        # nobody heard from yet
+    fw.peers = [(0, 0, 3, 300), (0, 0, 0, 0)]
+    state.observe_peer_rx(d, info, 101.0)
+    fw.peers = [(0, 0, 3, 300), (0, 0, 1, 100)]
+    state.observe_peer_rx(d, info, 102.0)
+    state.observe_peer_rx(d, info, 103.0)                 # silent second: nothing moves
+    assert info.peer_last_rx == {"b": 101.0, "c": 102.0}
+    rows = {p["name"]: p for p in state.peers(d, info, wall_now=110.0)}
+    assert rows["b"]["last_rx_seconds_ago"] == 9.0 and rows["c"]["last_rx_at"] == 102.0
+    text = tables.render_peers(list(rows.values()))
+    assert "LAST RX" in text and "RX DROP" in text and "9s ago" in text
+    assert "VTEP MAC" not in text                         # udp: no VTEPs

@@ -94,7 +94,10 @@ _VXLAN_DROP: Final = {
     vxlan.WRONG_VNI: C["outside_wrong_vni"],
 }
 # Per-peer counter positions.
-TX_PACKETS, TX_BYTES, RX_PACKETS, RX_BYTES = range(4)
+# Per-peer counters. Bytes are inner bytes (the datagram less the outer header the path writes),
+# so they compare with inside_bytes and with the peer's own counters; RX_ACCEPTED counts what
+# passed every check (RX_PACKETS - RX_ACCEPTED: dropped).
+TX_PACKETS, TX_BYTES, RX_PACKETS, RX_BYTES, RX_ACCEPTED = range(5)
 
 
 def batch_bucket(n: int) -> int:
@@ -146,7 +149,7 @@ class State:
                     f"route {ipv4.int_to_addr(network)}/{prefix_len}: target {target} is not "
                     f"a peer index (there are {len(self.peer_keys)} peers)"
                 )
-        self.peer_counters: list[list[int]] = [[0, 0, 0, 0] for _ in self.peer_keys]
+        self.peer_counters: list[list[int]] = [[0, 0, 0, 0, 0] for _ in self.peer_keys]
 
     def index_map(self, old: State) -> dict[int, int]:
         """Old peer index -> new index, for peers whose (ip, port) is in both generations
@@ -271,6 +274,10 @@ class ForwarderBase:
 
     def peer_counters(self) -> list[tuple[int, int, int, int]]:
         return [(c[0], c[1], c[2], c[3]) for c in self._state.peer_counters]
+
+    def peer_rx_accepted(self) -> list[int]:
+        """Per peer: received datagrams that passed every check and went to the device."""
+        return [c[RX_ACCEPTED] for c in self._state.peer_counters]
 
     def offloads(self) -> dict[str, bool]:
         """Which offloads are in use now (udp_gso turns off if the kernel refused it)."""
@@ -511,7 +518,7 @@ class ForwarderBase:
                     ctr[C["forwarded_packets"]] += entry.count
                     counts = state.peer_counters[peer]
                     counts[TX_PACKETS] += entry.count
-                    counts[TX_BYTES] += len(data)
+                    counts[TX_BYTES] += len(data) - entry.count * self._OUTER_PREFIX
                     continue
             # One datagram, or a merged entry GSO did not take: datagram by datagram.
             size = entry.segment_size
@@ -525,7 +532,7 @@ class ForwarderBase:
                 ctr[C["forwarded_packets"]] += 1
                 counts = state.peer_counters[peer]
                 counts[TX_PACKETS] += 1
-                counts[TX_BYTES] += len(datagram)
+                counts[TX_BYTES] += len(datagram) - self._OUTER_PREFIX
         self._queues[sock_index].clear()
 
     def _write_device(self, data: memoryview | bytes) -> bool:
@@ -543,6 +550,7 @@ class ForwarderBase:
     def _deliver_to_device(self, pkt: memoryview, peer: int) -> None:
         """Hot: write a checked packet/frame from ``peer`` into the device - with vnet_hdr,
         hand it to the coalescer, written when the outside batch ends."""
+        self._state.peer_counters[peer][RX_ACCEPTED] += 1
         coalescer = self._coalescer
         if coalescer is not None:
             if self._capture_on:
@@ -659,7 +667,7 @@ class ForwarderBase:
             return -1
         counts = state.peer_counters[peer]
         counts[RX_PACKETS] += 1
-        counts[RX_BYTES] += len(pkt)
+        counts[RX_BYTES] += max(0, len(pkt) - self._OUTER_PREFIX)
         return peer
 
 

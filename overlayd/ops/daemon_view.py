@@ -25,6 +25,7 @@ class DaemonLike(Protocol):
     map_applied_at: float
     map_error: str | None
     last_loop_tick: float
+    device_recreations: int               # times the device was recreated after it vanished
 
     @property
     def device_broken(self) -> bool: ...
@@ -44,3 +45,7 @@ class RuntimeInfo:
     capture_sessions: int = 0
     notify_socket: str | None = None
     watchdog_seconds: float | None = None
+    # Per peer name: Unix time its rx counter was last seen to move (state.observe_peer_rx),
+    # and the count it had then.
+    peer_last_rx: dict[str, float] = field(default_factory=dict)
+    peer_rx_seen: dict[str, int] = field(default_factory=dict)

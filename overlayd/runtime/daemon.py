@@ -82,6 +82,7 @@ class Daemon:
         self._timers: dict[str, asyncio.TimerHandle] = {}   # periodic task -> its next run
         self._readers: list[int] = []
         self._device_broken = False
+        self.device_recreations = 0     # times the device came back after it vanished or failed
         self._ratelimited = RateLimitedLog(log)
         self.on_ready: list[Callable[[], None]] = []
         self.on_reload: list[Callable[[str], None]] = []
@@ -114,7 +115,8 @@ class Daemon:
         if backend.switched:
             self.forwarder.set_now(time.monotonic())
         self.forwarder.set_tables(self._tables(self.view))
-        mode = f"vxlan {backend.mode} vni {backend.vni}" if backend.type == "vxlan" else "udp"
+        mode = (f"vxlan {backend.mode} vni {backend.vni} VTEP MAC {me.vtep_mac}"
+                if backend.type == "vxlan" else "udp")
         log.info("node %s: subnet %s, device %s (%s, mtu %d), %s %s:%d, %d peers, data plane %s",
                  me.name, me.subnet, self.config.device_name, me.address, self.view.device_mtu,
                  mode, bind, backend.port, len(self.view.peers), self.implementation)
@@ -358,6 +360,7 @@ class Daemon:
                                       self.config.device_name, exc)
             return
         self._device_broken = False
+        self.device_recreations += 1
         self._loop.add_reader(self.tun.fileno(), self._on_device_readable)
         log.info("device %s recreated and configured", self.config.device_name)
 
