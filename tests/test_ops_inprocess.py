@@ -120,6 +120,7 @@ class FakeDaemon:
     last_loop_tick: float = field(default_factory=time.monotonic)
     device_broken: bool = False
     device_recreations: int = 0
+    device_problem: str | None = None
 
 
 def make_daemon(tmp_path: Path, with_capture: bool = True, map_text: str = MAP,

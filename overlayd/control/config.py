@@ -48,6 +48,7 @@ class DaemonConfig:
     offloads: bool = True                 # TSO/checksum from the device, UDP GSO/GRO, coalescing
     # At boot the public IP may come later than the daemon: wait this long for it (0: no wait).
     wait_for_address_seconds: float = 120.0
+    bridge: str | None = None             # switched: the Linux bridge the tap is a port of
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,10 @@ def load_config(path: Path) -> tuple[DaemonConfig, SubnetMap]:
             problems = problems + exc.problems
     if config is not None and smap is not None:
         problems = problems + static_mac_problems(config, smap)
+        if config.bridge is not None and not smap.backend.switched:
+            problems.append(Problem(str(config.path), "device.bridge",
+                                    "only for a switched vxlan backend (a tap is a bridge port; "
+                                    "a routed tun is not)"))
     if problems or config is None or smap is None:
         raise ConfigError(problems)
     return config, smap
@@ -103,12 +108,16 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     poll = p.number(map_t, "poll_seconds", "map", default=2.0, low=0.0, high=3600.0)
 
     dev = p.table(data, "device")
-    p.unknown_keys(dev, {"name", "underlay_mtu", "tx_queue_len"}, "device")
+    p.unknown_keys(dev, {"name", "underlay_mtu", "tx_queue_len", "bridge"}, "device")
     device_name = p.string(dev, "name", "device", default="overlay0") or "overlay0"
     if not DEVICE_NAME.match(device_name):
         p.add("device.name", f"{device_name!r}: 1-15 characters of letters, digits, '_', '.', '-'")
     underlay_mtu = p.integer(dev, "underlay_mtu", "device", low=576, high=65535)
     tx_queue_len = p.integer(dev, "tx_queue_len", "device", default=1000, low=1, high=1_000_000)
+    bridge = p.string(dev, "bridge", "device")
+    if bridge is not None and (not DEVICE_NAME.match(bridge) or bridge == device_name):
+        p.add("device.bridge", f"{bridge!r}: the name of a Linux bridge (1-15 characters of "
+                               f"letters, digits, '_', '.', '-'), not the device itself")
 
     tun = p.table(data, "tunnel")
     p.unknown_keys(tun, {"bind", "socket_buffer_bytes", "tx_sockets"}, "tunnel")
@@ -168,7 +177,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         tx_sockets=tx_sockets if tx_sockets is not None else 8,
         mac_ageing_seconds=ageing, fdb_max_entries=fdb_max or 16384,
         static_macs=tuple(static_macs), offloads=bool(offloads),
-        wait_for_address_seconds=address_wait,
+        wait_for_address_seconds=address_wait, bridge=bridge,
     ), []
 
 

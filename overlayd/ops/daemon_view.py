@@ -26,6 +26,7 @@ class DaemonLike(Protocol):
     map_error: str | None
     last_loop_tick: float
     device_recreations: int               # times the device was recreated after it vanished
+    device_problem: str | None            # the device is there but not where it should be
 
     @property
     def device_broken(self) -> bool: ...

@@ -44,6 +44,8 @@ def check(d: daemon_view.DaemonLike, info: daemon_view.RuntimeInfo, now: float) 
         live.append("data plane not running")
     elif d.device_broken:
         live.append(f"device {d.config.device_name} is gone or failing; recreating it")
+    elif d.device_problem:
+        live.append(f"{d.device_problem}; putting it back")
     ready_problems: list[str] = []
     if info.phase == daemon_view.STARTING:
         ready_problems.append("starting")

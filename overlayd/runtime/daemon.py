@@ -83,6 +83,7 @@ class Daemon:
         self._readers: list[int] = []
         self._device_broken = False
         self.device_recreations = 0     # times the device came back after it vanished or failed
+        self.device_problem: str | None = None   # the device exists but is not as configured
         self._ratelimited = RateLimitedLog(log)
         self.on_ready: list[Callable[[], None]] = []
         self.on_reload: list[Callable[[str], None]] = []
@@ -208,7 +209,7 @@ class Daemon:
             self.config.device_name, self.view.node.address, self.view.device_mtu,
             self.config.tx_queue_len, sorted(self.routes),
             prefixlen=self.smap.network.prefixlen if switched else 32,
-            mac=self.view.node.vtep_mac if switched else None)
+            mac=self.view.node.vtep_mac if switched else None, bridge=self.config.bridge)
 
     # -- 2. forward -----------------------------------------------------------------------------
 
@@ -349,6 +350,25 @@ class Daemon:
             self._device_failed("device was deleted")
         if self._device_broken:
             self._recover_device()
+        else:
+            self._check_placement()
+
+    def _check_placement(self) -> None:
+        """The device exists; is it where it should be (in its bridge, its address on it or,
+        bridged, off it)? If not, say so in health and put it back."""
+        assert self.view is not None
+        placement = host_network.device_placement(self.config.device_name)
+        problem = None if placement is None else placement_problem(
+            placement, self.config.device_name, self.view.node.address, self.config.bridge)
+        if problem is not None and problem != self.device_problem:
+            log.warning("%s; putting it back", problem)
+        self.device_problem = problem
+        if problem is not None:
+            try:
+                self._configure_device()
+            except Exception as exc:  # noqa: BLE001 - the next check (1 s) tries again
+                self._ratelimited.warning("placement", "reconfiguring device %s failed: %s",
+                                          self.config.device_name, exc)
 
     def _recover_device(self) -> None:
         assert self._loop is not None and self.tun is not None
@@ -398,6 +418,22 @@ class Daemon:
         if self.tun is not None:
             self.tun.close(keep=self.config.keep_device)
             self.tun = None
+
+
+def placement_problem(placement: host_network.Placement, device: str,
+                      address: ipaddress.IPv4Address, bridge: str | None) -> str | None:
+    """What is wrong with where the device is, or None."""
+    if bridge is not None:
+        if placement.master != bridge:
+            where = f"in bridge {placement.master}" if placement.master else "in no bridge"
+            return f"device {device} is {where}, not in bridge {bridge}"
+        if placement.addresses:
+            return (f"device {device} carries {', '.join(map(str, sorted(placement.addresses)))}"
+                    f"; bridged, the address belongs on bridge {bridge}")
+        return None
+    if address not in placement.addresses:
+        return f"device {device} lost its address {address}"
+    return None
 
 
 def _describe_addresses(addresses: frozenset[ipaddress.IPv4Address], shown: int = 4) -> str:
