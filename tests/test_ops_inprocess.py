@@ -37,7 +37,7 @@ from overlayd.control.config import parse_config
 from overlayd.control.local_node import LocalView, build_local_view
 from overlayd.control.subnet_map import SubnetMap, parse_subnet_map
 from overlayd.dataplane.counters import BATCH_BUCKETS, COUNTER_NAMES, DROP_REASONS
-from overlayd.errors import EX_OSERR, EX_UNAVAILABLE, StartupError
+from overlayd.errors import EX_NOPERM, EX_OSERR, EX_UNAVAILABLE, StartupError
 from overlayd.ops import capture, control_socket, health, state, tables
 from overlayd.ops.http_server import LoopBridge, OpsHttpServer
 from overlayd.ops.metrics import build_registry, read_sample
@@ -441,7 +441,8 @@ def test_control_socket_refuses_a_live_one_and_replaces_a_stale_one(tmp_path: Pa
                                                                      loop: LoopThread) -> None:
     ctl = start_control(make_daemon(tmp_path), loop)
     try:
-        with pytest.raises(StartupError, match="another overlayd is listening"):
+        busy = r"another overlayd \(pid \d+\) is listening there \(set"
+        with pytest.raises(StartupError, match=busy):
             control_socket.bind(ctl.path)
     finally:
         loop.run(ctl.server.close())
@@ -711,3 +712,55 @@ def test_last_received_follows_each_peers_rx_counter(tmp_path: Path) -> None:
     text = tables.render_peers(list(rows.values()))
     assert "LAST RX" in text and "RX DROP" in text and "9s ago" in text
     assert "VTEP MAC" not in text                         # udp: no VTEPs
+
+
+def _cli_as_nobody(argv: list[str]) -> tuple[int, str]:
+    """Run the CLI in a forked child that dropped to uid 65534: (exit status, stderr)."""
+    from overlayd.cli import build_parser
+
+    build_parser()            # import everything now: uid 65534 may not read the interpreter's
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # child: no exec, the CLI is imported already
+        code = 70
+        try:
+            os.dup2(write_end, 2)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            sys.stderr = os.fdopen(2, "w", buffering=1)
+            code = cli_main(argv)
+        except BaseException:                       # noqa: BLE001 - report it as the test's
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as err:
+        text = err.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+def test_a_refused_client_gets_one_line_and_77_every_time(loop: LoopThread) -> None:
+    """The socket opened to others by hand: SO_PEERCRED refuses uid 65534. The daemon answers
+    before the request was read; the CLI must still say why, never a BrokenPipe traceback."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="ovd-peercred-"))
+    try:
+        base.chmod(0o755)
+        ctl = start_control(make_daemon(base), loop)
+        try:
+            ctl.path.parent.chmod(0o755)
+            ctl.path.chmod(0o666)
+            for _ in range(30):
+                code, err = _cli_as_nobody(["status", "--socket", str(ctl.path)])
+                assert "Traceback" not in err, err
+                assert err.count("\n") == 1 and err.startswith("overlayd status: "), err
+                assert code == EX_NOPERM and "permission denied" in err, (code, err)
+        finally:
+            loop.run(ctl.server.close())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
