@@ -16,7 +16,9 @@
 #    to the device) is copied into a bounded ring allocated when capture is first enabled;
 #    what does not fit is counted as capture_dropped. drain_capture (GIL held, never during
 #    a batch) turns the ring into Python objects and empties it. While disabled, the cost is
-#    one branch on capture_on.
+#    one branch on capture_on. While enabled, each batch reads the wall clock once on entry
+#    (the data plane's only clock, and only then) and stamps its records with it: a request
+#    and its reply are read in different batches, so a capture shows their RTT.
 # 5. _RoutedBase: the router shared by the udp and vxlan routed paths - LPM, TTL with an
 #    RFC 1624 checksum update, ICMP errors under a token bucket (RFC 1812), and the IPv4
 #    checks of the outside path.
@@ -75,6 +77,7 @@ ctypedef struct capture_rec_t:  # one captured packet: cap_buf[offset:offset + l
     uint32_t length
     int32_t peer
     int32_t direction
+    double ts                  # Unix time of the batch that read the packet
 
 ctypedef struct txq_t:         # one tunnel socket's send queue
     int fd
@@ -267,6 +270,7 @@ cdef class _ForwarderBase:
     cdef capture_rec_t *cap_recs
     cdef uint32_t cap_n
     cdef uint32_t cap_used
+    cdef double cap_time       # wall clock at the start of the running batch (capture on)
 
     def __cinit__(self, *args, **kwargs):
         self.in_buf = NULL
@@ -429,8 +433,9 @@ cdef class _ForwarderBase:
         self.capture_on = bool(enabled)
 
     def drain_capture(self) -> list:
-        """[(direction, peer, packet)] copied since the last drain, oldest first; empties the
-        ring. direction 0 = inside (to ``peer``), 1 = outside (from ``peer``); peer -1 = a flood."""
+        """[(direction, peer, packet, ts)] copied since the last drain, oldest first; empties
+        the ring. direction 0 = inside (to ``peer``), 1 = outside (from ``peer``); peer -1 = a
+        flood; ts = Unix time the batch that read it began."""
         cdef uint32_t i
         cdef capture_rec_t *r
         if self.cap_n == 0:
@@ -441,7 +446,7 @@ cdef class _ForwarderBase:
             for i in range(self.cap_n):
                 r = &self.cap_recs[i]
                 out.append((r.direction, r.peer,
-                            (<char *>self.cap_buf)[r.offset:r.offset + r.length]))
+                            (<char *>self.cap_buf)[r.offset:r.offset + r.length], r.ts))
             self.cap_n = 0
             self.cap_used = 0
         finally:
@@ -485,6 +490,7 @@ cdef class _ForwarderBase:
         r.length = n
         r.peer = peer
         r.direction = direction
+        r.ts = self.cap_time
         memcpy(self.cap_buf + self.cap_used, data, n)
         self.cap_used += n
         self.cap_n += 1
@@ -497,6 +503,8 @@ cdef class _ForwarderBase:
         cdef int n = 0
         cdef int err = 0
         self._enter()
+        if self.capture_on:
+            self.cap_time = wall_clock()
         try:
             with nogil:
                 n = self._inside_run(t, &err)
@@ -743,6 +751,8 @@ cdef class _ForwarderBase:
         cdef int n = 0
         cdef int err = 0
         self._enter()
+        if self.capture_on:
+            self.cap_time = wall_clock()
         try:
             with nogil:
                 n = self._outside_run(t, &err)

@@ -947,7 +947,7 @@ def test_delivered_segments_are_coalesced(make: Any, path: str) -> None:
     writes = rig.device_writes()
     assert len(writes) == 1
     check_merged(writes[0][:10], writes[0][10:], parts, rig.l2)
-    assert [p for _, _, p in rig.fwd.drain_capture()] == parts
+    assert [r[2] for r in rig.fwd.drain_capture()] == parts
     c = rig.counters()
     assert (c["delivered_packets"], c["offload_coalesced_writes"],
             c["offload_coalesced_segments"], c["offload_gro_receives"]) == (4, 1, 4, 1)

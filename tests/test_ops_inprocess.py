@@ -72,7 +72,7 @@ class FakeForwarder:
         self.rx_dropped: dict[int, int] = {}     # peer index -> received but failed a check
         self.hist = ([0] * BATCH_BUCKETS, [0] * BATCH_BUCKETS)
         self.capturing = False
-        self.captured: list[tuple[int, int, bytes]] = []
+        self.captured: list[tuple[int, int, bytes, float]] = []
         self.capture_calls: list[bool] = []
         if with_capture:
             self.set_capture = self._set_capture
@@ -97,14 +97,14 @@ class FakeForwarder:
         self.capturing = enabled
         self.capture_calls.append(enabled)
 
-    def _drain_capture(self) -> list[tuple[int, int, bytes]]:
+    def _drain_capture(self) -> list[tuple[int, int, bytes, float]]:
         out, self.captured = self.captured, []
         return out
 
     def packet_passes(self, direction: int, peer: int, packet: bytes) -> None:
         """What the data plane does per packet: copy only while capture is on."""
         if self.capturing:
-            self.captured.append((direction, peer, packet))
+            self.captured.append((direction, peer, packet, time.time()))
 
 
 @dataclass

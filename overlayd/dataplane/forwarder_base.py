@@ -15,7 +15,8 @@
    written to the device) is copied into a buffer bounded like the Cython kernel's ring
    (CAPTURE_BYTES of packets, CAPTURE_RECORDS records); what does not fit is counted as
    capture_dropped. ``drain_capture`` returns the records and empties the buffer. While
-   disabled, the cost is one test of ``_capture_on``.
+   disabled, the cost is one test of ``_capture_on``; while enabled, each batch reads the wall
+   clock once on entry and stamps its records with it (the data plane's only clock).
 5. Routed helpers (RoutedForwarderBase): the router part of the inside path (LPM, TTL, ICMP
    errors under a token bucket, RFC 1812) and the IPv4 checks of the outside path.
 6. Offloads (cext/offload.pxi, twin offload.py), each off unless the constructor asks:
@@ -40,6 +41,7 @@ import operator
 import os
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -240,7 +242,8 @@ class ForwarderBase:
         self._hist_outside = [0] * BATCH_BUCKETS
         self._state = State(None)
         self._capture_on = False
-        self._captured: list[tuple[int, int, bytes]] = []
+        self._captured: list[tuple[int, int, bytes, float]] = []
+        self._capture_time = 0.0     # wall clock at the start of the running batch (capture on)
         self._captured_bytes = 0
         self._queues: list[list[TxEntry]] = [[] for _ in range(max(1, len(fds)))]
         self._vnet_hdr = bool(vnet_hdr)
@@ -291,10 +294,10 @@ class ForwarderBase:
         """Start or stop copying packets for capture; what was copied stays until drained."""
         self._capture_on = bool(enabled)
 
-    def drain_capture(self) -> list[tuple[int, int, bytes]]:
-        """[(direction, peer, packet)] copied since the last drain, oldest first; empties the
-        buffer. direction 0 = inside (to ``peer``), 1 = outside (from ``peer``); peer -1 = a
-        flood."""
+    def drain_capture(self) -> list[tuple[int, int, bytes, float]]:
+        """[(direction, peer, packet, ts)] copied since the last drain, oldest first; empties
+        the buffer. direction 0 = inside (to ``peer``), 1 = outside (from ``peer``); peer -1 =
+        a flood; ts = Unix time the batch that read it began."""
         if not self._captured:
             return []
         self._enter()
@@ -312,7 +315,7 @@ class ForwarderBase:
                 or n > CAPTURE_BYTES - self._captured_bytes):
             self._counters[C["capture_dropped"]] += 1
             return
-        self._captured.append((direction, peer, bytes(data)))
+        self._captured.append((direction, peer, bytes(data), self._capture_time))
         self._captured_bytes += n
 
     def _enter(self) -> None:
@@ -336,6 +339,8 @@ class ForwarderBase:
 
     def inside_batch(self) -> int:
         self._enter()
+        if self._capture_on:      # the data plane's only clock, and only while capturing
+            self._capture_time = time.time()
         try:
             return self._inside_batch()
         finally:
@@ -583,6 +588,8 @@ class ForwarderBase:
 
     def outside_batch(self) -> int:
         self._enter()
+        if self._capture_on:
+            self._capture_time = time.time()
         try:
             return self._outside_batch()
         finally:
