@@ -8,11 +8,10 @@ host1's tap is a port of brvm with a VM behind it; host2 is a plain switched hos
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-from netns_helpers import VXLAN_MARKS
+from netns_helpers import VXLAN_MARKS, wait_for
 
 from overlayd.lab import HostSpec, Lab
 
@@ -38,13 +37,6 @@ def tap_ipv4(lab: Lab) -> list[str]:
     return [a["local"] for a in tap(lab).get("addr_info", []) if a.get("family") == "inet"]
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def vm_reaches_host2(lab: Lab) -> bool:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from netns_helpers import NETNS_MARKS, logs
+from netns_helpers import NETNS_MARKS, logs, wait_for
 
 from overlayd.lab import HostSpec, Lab, PingResult
 
@@ -34,13 +34,6 @@ def log_of(lab: Lab, name: str) -> str:
     return lab.host(name).log_path.read_text(errors="replace")
 
 
-def wait_for(predicate: object, timeout_s: float, step_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(step_s)
-    return False
 
 
 def background_ping(lab: Lab, a: str, b: str, count: int) -> tuple[threading.Thread, list]:

@@ -33,12 +33,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from netns_helpers import wait_for
 
 from overlayd.lab import configs, netns
 from overlayd.lab.processes import DaemonProcess, child_pids
@@ -126,11 +126,11 @@ def pip_binds() -> list[str]:
 
 
 def install_overlayd(tree: Path) -> None:
-    src = tree / "root/overlayd"
+    src = tree / "opt/overlayd/src"        # README: not under /root (ProtectHome=)
     copy_sources(src)
     if Path("/etc/pip.conf").exists():
         shutil.copy2("/etc/pip.conf", tree / "etc/pip.conf")
-    script = "set -e; cd /root/overlayd; " + "; ".join(readme_install_commands())
+    script = "set -e; cd /opt/overlayd/src; " + "; ".join(readme_install_commands())
     # Not booted: a plain container process; it uses the host's network only to fetch packages.
     run(["systemd-nspawn", "-q", "-D", str(tree), "--register=no", "--keep-unit", "--pipe",
          *pip_binds(), "/bin/sh", "-c", script], timeout=900)
@@ -158,7 +158,7 @@ def write_configs(tree: Path) -> None:
         "metrics": {"enabled": True, "listen": "127.0.0.1:9586"}}))
     units = tree / "etc/systemd/system"
     for unit in ("overlayd.service", "overlayd@.service"):          # README: cp systemd/...
-        shutil.copy2(tree / "root/overlayd/systemd" / unit, units / unit)
+        shutil.copy2(tree / "opt/overlayd/src/systemd" / unit, units / unit)
     dropin = units / "overlayd.service.d"
     dropin.mkdir(exist_ok=True)
     (dropin / "watchdog.conf").write_text(f"[Service]\nWatchdogSec={WATCHDOG_S}s\n")
@@ -199,13 +199,6 @@ class Container:
         return self.sh("journalctl", "-u", unit, "--no-pager", "-o", "cat").stdout
 
 
-def wait_for(predicate: object, timeout_s: float, step_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(step_s)
-    return False
 
 
 def boot(tree: Path, name: str, ns: str, log: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -213,6 +206,8 @@ def boot(tree: Path, name: str, ns: str, log: Path) -> tuple[subprocess.Popen[by
         proc = subprocess.Popen(
             ["timeout", "--kill-after=10", "1200", "systemd-nspawn", "-q", "-D", str(tree),
              "-b", "--register=no", "--keep-unit", f"--network-namespace-path=/run/netns/{ns}",
+             # a joined namespace is not --private-network: ask for CAP_NET_ADMIN explicitly
+             "--capability=CAP_NET_ADMIN",
              "--console=passive", "-M", name],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
