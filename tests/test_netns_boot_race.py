@@ -104,3 +104,19 @@ def test_without_waiting_a_missing_address_stays_a_config_error(lab: Lab) -> Non
     assert wait_exit(lab, "host1", 15.0) == 78
     assert "no node's public_ip is an address of this host" in Path(
         lab.host("host1").log_path).read_text()
+
+
+def test_pings_from_the_moment_the_device_is_up_are_all_answered(lab: Lab) -> None:
+    """Issue 13, item 15 (pings lost right after start): the device is up with its address and
+    routes before the readers are registered (start, then READY=1), so the kernel queues what it
+    sends into the tun meanwhile; none of it may be lost. Ping at 10 ms from the moment the lab
+    sees the device up (before READY), then account for every packet on both daemons."""
+    lab.start_daemons()                  # returns when each device has its address and route
+    ping = lab.ping("host1", "host2", count=20, interval_s=0.01, wait_s=1.0)
+    assert ping.received == ping.transmitted == 20, ping.output
+    for name in ("host1", "host2"):
+        status = lab.control(name, "status")
+        traffic, drops = status["traffic"], status["drops"]
+        assert traffic["inside_packets"] == traffic["forwarded_packets"] == 20, traffic
+        assert traffic["outside_packets"] == traffic["delivered_packets"] == 20, traffic
+        assert not any(drops.values()), drops
