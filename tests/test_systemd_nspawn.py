@@ -19,7 +19,10 @@ inside the container:
 3. watchdog: a SIGSTOPped daemon is killed and restarted by systemd (a drop-in shortens
    WatchdogSec= to 4 s so the test does not wait 20);
 4. two units: stopping overlayd.service leaves overlayd@blue's socket in /run/overlayd;
-5. stop: the device is gone and the unit inactive.
+5. stop: the device is gone and the unit inactive;
+6. boot race: started before its public IP exists, the daemon waits, says so in STATUS=, keeps
+   systemd's start timeout (shortened to 5 s by the drop-in) at bay with EXTEND_TIMEOUT_USEC=,
+   and comes up when the address appears 8 s later.
 
 The container, its namespaces and its copy of the tree are removed at the end, also on failure.
 """
@@ -33,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +58,7 @@ PACKAGES = ("systemd,systemd-sysv,dbus,iproute2,iputils-ping,procps,python3,pyth
 PIP_MIRRORS = ("/opt/pypi", "/opt/pypi-more", "/opt/wheels", "/etc/xdg/pip", "/etc/ssl/certs")
 UNDERLAY = ("192.168.96.1", "192.168.96.2")     # container, peer
 WATCHDOG_S = 4
+START_TIMEOUT_S = 5     # drop-in: shorter than the boot-race wait below, which must extend it
 
 
 def _why_not() -> str | None:
@@ -161,7 +166,8 @@ def write_configs(tree: Path) -> None:
         shutil.copy2(tree / "opt/overlayd/src/systemd" / unit, units / unit)
     dropin = units / "overlayd.service.d"
     dropin.mkdir(exist_ok=True)
-    (dropin / "watchdog.conf").write_text(f"[Service]\nWatchdogSec={WATCHDOG_S}s\n")
+    (dropin / "short.conf").write_text(f"[Service]\nWatchdogSec={WATCHDOG_S}s\n"
+                                       f"TimeoutStartSec={START_TIMEOUT_S}s\n")
 
 
 @dataclass
@@ -352,3 +358,19 @@ def test_stop_removes_the_device(container: Container) -> None:
     assert c.sh("ip", "link", "show", "overlay0", check=False).returncode != 0
     assert c.sh("test", "-e", "/run/overlayd/overlay0.sock", check=False).returncode != 0
     assert "stopped" in c.journal("overlayd")
+
+
+def test_a_start_before_the_address_waits_past_the_start_timeout(container: Container) -> None:
+    c = container
+    cidr = f"{UNDERLAY[0]}/24"
+    netns.ns_run(c.netns, ["ip", "addr", "del", cidr, "dev", "ul0"])
+    c.sh("systemctl", "start", "--no-block", "overlayd")
+    time.sleep(START_TIMEOUT_S + 3)                    # past TimeoutStartSec=: still starting
+    unit = c.show("overlayd")
+    assert unit["ActiveState"] == "activating", unit
+    assert unit["StatusText"].startswith("waiting for one of the public IPs"), unit
+    netns.add_address(c.netns, "ul0", cidr)
+    assert wait_for(lambda: c.show("overlayd")["ActiveState"] == "active", 15), c.show("overlayd")
+    ping = c.sh("ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", "10.96.2.0", timeout=30)
+    assert " 0% packet loss" in ping.stdout
+    c.systemctl("stop", "overlayd", timeout=60)
