@@ -13,6 +13,7 @@ from pathlib import Path
 
 from overlayd import __version__
 from overlayd.control.problems import EX_CONFIG, ConfigError
+from overlayd.control.subnet_map import SubnetMap
 from overlayd.errors import EX_SOFTWARE, EX_USAGE, StartupError
 
 DEFAULT_CONFIG = "/etc/overlayd/overlayd.toml"
@@ -120,7 +121,20 @@ def cmd_check(path: Path, any_host: bool, connect: bool = False) -> int:
     print(f"{config.map_file}: ok: network {smap.network}, /{smap.subnet_len} subnets, "
           f"backend {smap.backend.type} port {smap.backend.port}, {len(smap.nodes)} nodes")
     print(f"this node: {me_text}")
+    if smap.backend.type == "vxlan":
+        print(vtep_table(smap))
     return 0
+
+
+def vtep_table(smap: SubnetMap) -> str:
+    """Every node's VTEP MAC, what a kernel VTEP (flannel.1) on another host must be told."""
+    from overlayd.control.subnet_map import derive_vtep_mac
+    from overlayd.ops.tables import table
+
+    rows = [[n.name, str(n.public_ip), n.vtep_mac,
+             "derived" if n.vtep_mac == derive_vtep_mac(n.public_ip, smap.backend.vni)
+             else "map"] for n in smap.nodes]
+    return "VTEP MACs:\n" + table(["NODE", "PUBLIC IP", "VTEP MAC", "FROM"], rows)
 
 
 def cmd_run(path: Path) -> int:

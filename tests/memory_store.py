@@ -1,4 +1,4 @@
-"""An in-memory MapStore (control/store_protocol.py) for fast tests of the etcd logic in control/.
+"""An in-memory MapStore (io/store_protocol.py) for fast tests of the etcd logic in control/.
 
 It keeps etcd's semantics that the logic relies on: one revision counter raised by every write,
 create/mod revisions per key, leases whose expiry deletes their keys, compaction (a watch from a
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from overlayd.control.store_protocol import (
+from overlayd.io.store_protocol import (
     CompactedError,
     KeyValue,
     StoreUnavailable,

@@ -19,7 +19,7 @@ from overlayd.control.etcd_source import EtcdMapSource
 from overlayd.control.etcd_watch import LeaseTable, LeaseWatcher
 from overlayd.control.flannel_schema import lease_json, parse_network_config
 from overlayd.control.problems import ConfigError
-from overlayd.control.store_protocol import KeyValue, WatchEvent
+from overlayd.io.store_protocol import KeyValue, WatchEvent
 
 PREFIX = "/coreos.com/network"
 CONFIG = b'{"Network": "10.50.0.0/16", "SubnetLen": 24, "Backend": {"Type": "udp"}}'

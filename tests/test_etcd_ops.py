@@ -28,6 +28,9 @@ class QuietForwarder:
     def peer_counters(self) -> list[tuple[int, int, int, int]]:
         return []
 
+    def peer_rx_accepted(self) -> list[int]:
+        return []
+
     def batch_histogram(self) -> tuple[list[int], list[int]]:
         return [], []
 
@@ -48,6 +51,8 @@ class EtcdDaemon:
     map_error: str | None = None
     last_loop_tick: float = field(default_factory=time.monotonic)
     device_broken: bool = False
+    device_recreations: int = 0
+    device_problem: str | None = None
 
 
 def test_status_readyz_and_metrics_show_the_datastore(tmp_path: Any) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from etcd_helpers import ETCD_MARKS, make_tls, run, unique_prefix
 
-from overlayd.control.store_protocol import (
+from overlayd.io.etcd_store import EtcdStore
+from overlayd.io.store_protocol import (
     CompactedError,
     KeyValue,
     MapStore,
@@ -23,7 +24,6 @@ from overlayd.control.store_protocol import (
     StoreUnavailable,
     WatchEvent,
 )
-from overlayd.io.etcd_store import EtcdStore
 from overlayd.lab.etcd import EtcdCluster, EtcdTLS, loopback_cluster
 
 pytestmark = ETCD_MARKS

@@ -15,8 +15,8 @@ from netns_helpers import netns_required
 
 from overlayd.cli import main
 from overlayd.control.flannel_schema import config_key, lease_json, subnet_key
-from overlayd.control.store_protocol import KeyValue
 from overlayd.io.etcd_store import EtcdStore
+from overlayd.io.store_protocol import KeyValue
 from overlayd.lab import Lab
 from overlayd.lab.etcd import EtcdCluster, EtcdTLS, loopback_cluster, underlay_cluster
 

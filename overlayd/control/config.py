@@ -72,6 +72,9 @@ class DaemonConfig:
     offloads: bool = True                 # TSO/checksum from the device, UDP GSO/GRO, coalescing
     etcd: EtcdSettings | None = None      # map_source == "etcd"
     subnet_env: Path | None = Path(DEFAULT_SUBNET_ENV)   # flannel's subnet.env; None: not written
+    # At boot the public IP may come later than the daemon: wait this long for it (0: no wait).
+    wait_for_address_seconds: float = 120.0
+    bridge: str | None = None             # switched: the Linux bridge the tap is a port of
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,10 @@ def load_config(path: Path) -> tuple[DaemonConfig, SubnetMap | None]:
             problems = problems + exc.problems
     if config is not None and smap is not None:
         problems = problems + static_mac_problems(config, smap)
+        if config.bridge is not None and not smap.backend.switched:
+            problems.append(Problem(str(config.path), "device.bridge",
+                                    "only for a switched vxlan backend (a tap is a bridge port; "
+                                    "a routed tun is not)"))
     if problems or config is None or smap is None:
         raise ConfigError(problems)
     return config, smap
@@ -121,8 +128,10 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
                 "control", "switch"}
     p.unknown_keys(data, sections)
     node = p.table(data, "node")
-    p.unknown_keys(node, {"name"}, "node")
+    p.unknown_keys(node, {"name", "wait_for_address_seconds"}, "node")
     node_name = p.string(node, "name", "node")
+    address_wait = p.number(node, "wait_for_address_seconds", "node", default=120.0, low=0.0,
+                            high=86400.0)
 
     map_t = p.table(data, "map")
     source = p.string(map_t, "source", "map", default="file", choices=MAP_SOURCES) or "file"
@@ -138,12 +147,16 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     subnet_env = _subnet_env(p, map_t, path)
 
     dev = p.table(data, "device")
-    p.unknown_keys(dev, {"name", "underlay_mtu", "tx_queue_len"}, "device")
+    p.unknown_keys(dev, {"name", "underlay_mtu", "tx_queue_len", "bridge"}, "device")
     device_name = p.string(dev, "name", "device", default="overlay0") or "overlay0"
     if not DEVICE_NAME.match(device_name):
         p.add("device.name", f"{device_name!r}: 1-15 characters of letters, digits, '_', '.', '-'")
     underlay_mtu = p.integer(dev, "underlay_mtu", "device", low=576, high=65535)
     tx_queue_len = p.integer(dev, "tx_queue_len", "device", default=1000, low=1, high=1_000_000)
+    bridge = p.string(dev, "bridge", "device")
+    if bridge is not None and (not DEVICE_NAME.match(bridge) or bridge == device_name):
+        p.add("device.bridge", f"{bridge!r}: the name of a Linux bridge (1-15 characters of "
+                               f"letters, digits, '_', '.', '-'), not the device itself")
 
     tun = p.table(data, "tunnel")
     p.unknown_keys(tun, {"bind", "socket_buffer_bytes", "tx_sockets"}, "tunnel")
@@ -203,7 +216,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         tx_sockets=tx_sockets if tx_sockets is not None else 8,
         mac_ageing_seconds=ageing, fdb_max_entries=fdb_max or 16384,
         static_macs=tuple(static_macs), offloads=bool(offloads), etcd=etcd,
-        subnet_env=subnet_env,
+        subnet_env=subnet_env, wait_for_address_seconds=address_wait, bridge=bridge,
     ), []
 
 

@@ -33,7 +33,7 @@ from overlayd.control.flannel_schema import (
     subnets_prefix,
 )
 from overlayd.control.problems import ConfigError
-from overlayd.control.store_protocol import KeyValue, MapStore, StoreError
+from overlayd.io.store_protocol import KeyValue, MapStore, StoreError
 
 RENEW_MARGIN_SECONDS = 3600.0   # flannel renews an hour before expiry
 CLAIM_ATTEMPTS = 10             # create-only races lost in a row before giving up for now

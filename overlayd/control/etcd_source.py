@@ -44,7 +44,6 @@ from overlayd.control.flannel_schema import (
     subnets_prefix,
 )
 from overlayd.control.problems import ConfigError, Problem
-from overlayd.control.store_protocol import KeyValue, MapStore, StoreError
 from overlayd.control.subnet_map import (
     DEFAULT_UNDERLAY_MTU,
     Backend,
@@ -52,6 +51,7 @@ from overlayd.control.subnet_map import (
     SubnetMap,
     derive_vtep_mac,
 )
+from overlayd.io.store_protocol import KeyValue, MapStore, StoreError
 
 log = logging.getLogger("overlayd")
 

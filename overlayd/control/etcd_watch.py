@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from overlayd.control.store_protocol import (
+from overlayd.io.store_protocol import (
     CompactedError,
     KeyValue,
     MapStore,

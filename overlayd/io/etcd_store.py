@@ -41,7 +41,7 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from overlayd.control.store_protocol import (
+from overlayd.io.store_protocol import (
     CompactedError,
     KeyValue,
     StoreError,
@@ -81,7 +81,7 @@ STAT_KEYS = ("get", "list", "txn", "put", "delete", "lease_grant", "lease_ttl", 
 
 
 class EtcdStore:
-    """A MapStore on etcd (see overlayd.control.store_protocol); use it from one event loop."""
+    """A MapStore on etcd (see overlayd.io.store_protocol); use it from one event loop."""
 
     def __init__(self, endpoints: list[str], *, ca_file: str | Path | None = None,
                  cert_file: str | Path | None = None, key_file: str | Path | None = None,

@@ -15,9 +15,12 @@ the name (``_bytes``, ``_seconds``), one ``_info`` gauge per set of descriptive 
 | overlayd_build_info | gauge (1) | version, dataplane |
 | overlayd_start_time_seconds | gauge | |
 | overlayd_healthy, overlayd_ready | gauge (0/1) | |
-| overlayd_peer_info | gauge (1) | peer, public_ip, subnet |
+| overlayd_peer_info | gauge (1) | peer, public_ip, subnet, vtep_mac |
 | overlayd_peer_path_mtu_bytes | gauge | peer |
 | overlayd_peer_{tx,rx}_{packets,bytes}_total | counter | peer |
+| overlayd_peer_rx_dropped_packets_total | counter | peer |
+| overlayd_peer_last_rx_timestamp_seconds | gauge | peer |
+| overlayd_device_recreations_total | counter | |
 | overlayd_{inside,outside}_{packets,bytes}_total | counter | |
 | overlayd_forwarded_packets_total, overlayd_delivered_packets_total | counter | |
 | overlayd_icmp_errors_sent_total | counter | |
@@ -95,9 +98,15 @@ TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
 
 PEER_METRICS = (  # (position in peer_counters() tuples, name, help)
     (0, "overlayd_peer_tx_packets", "Packets sent to the peer."),
-    (1, "overlayd_peer_tx_bytes", "Bytes of inner packets sent to the peer."),
+    (1, "overlayd_peer_tx_bytes",
+     ("Inner bytes sent to the peer (packets or frames as read from the device, without the "
+     "encapsulation overlayd writes in front).")),
     (2, "overlayd_peer_rx_packets", "Datagrams received from the peer (before validation)."),
-    (3, "overlayd_peer_rx_bytes", "Bytes of datagram payloads received from the peer."),
+    (3, "overlayd_peer_rx_bytes",
+     ("Inner bytes received from the peer (datagrams less the encapsulation header, before "
+     "validation).")),
+    (4, "overlayd_peer_rx_dropped_packets",
+     "Datagrams received from the peer that failed a check (counted in drops_total by reason)."),
 )
 
 
@@ -114,7 +123,8 @@ def read_sample(d: state.DaemonLike, info: state.RuntimeInfo) -> dict[str, Any]:
         "started_wall": info.started_wall,
         "healthy": verdict.healthy,
         "ready": verdict.ready,
-        "peers": state.peers(d),
+        "peers": state.peers(d, info),
+        "device_recreations": d.device_recreations,
         "traffic": traffic,
         "drops": drops,
         "tables": {"peers": len(view.peers) if view is not None else 0,
@@ -181,8 +191,12 @@ class OverlaydCollector(Collector):
         gauge("overlayd_ready", "1 when /readyz would answer 200.",
               None if s is None else float(s["ready"]))
 
-        info = gauge("overlayd_peer_info", "One series per peer in the map (value 1).",
-                     labels=["peer", "public_ip", "subnet"])
+        info = gauge("overlayd_peer_info",
+                     "One series per peer in the map (value 1); vtep_mac empty for udp.",
+                     labels=["peer", "public_ip", "subnet", "vtep_mac"])
+        last_rx = gauge("overlayd_peer_last_rx_timestamp_seconds",
+                        "Unix time a datagram from the peer was last received, to the second "
+                        "(absent until one is).", labels=["peer"])
         mtu = gauge("overlayd_peer_path_mtu_bytes",
                     "Largest inner packet that fits the path to the peer.", labels=["peer"])
         per_peer = [(pos, counter(name, doc, labels=["peer"])) for pos, name, doc in PEER_METRICS]
@@ -196,6 +210,10 @@ class OverlaydCollector(Collector):
             counter(name, doc, None if s is None else s["traffic"].get(key, 0))
         drops = counter("overlayd_drops", "Packets dropped by the data plane, by reason.",
                         labels=["reason"])
+        counter("overlayd_device_recreations",
+                "Times the device was recreated after it vanished or failed (each is a short "
+                "gap in forwarding that a scrape interval may not show as unhealthy).",
+                None if s is None else s["device_recreations"])
 
         gauge("overlayd_peers", "Peers in the forwarding table.",
               None if s is None else s["tables"]["peers"])
@@ -220,7 +238,9 @@ class OverlaydCollector(Collector):
         gauge("overlayd_map_current",
               "1 when the last map (re)load was applied; 0 while a rejected map is on disk.",
               None if m is None else float(m["current"]))
-        reloads = counter("overlayd_map_reloads", "Map reloads, by outcome.", labels=["result"])
+        reloads = counter("overlayd_map_reloads",
+                          "Map reloads after the start (the map loaded at start is not one), "
+                          "by outcome; a file content is judged once.", labels=["result"])
         store = self._datastore_families(gauge, counter, None if m is None else m["datastore"])
         gauge("overlayd_capture_sessions", "Running `overlayd capture` sessions.",
               None if s is None else s["capture_sessions"])
@@ -234,9 +254,13 @@ class OverlaydCollector(Collector):
         for name, enabled in s["offloads"].items():
             offloads.add_metric([name], float(enabled))
         for peer in s["peers"]:
-            info.add_metric([peer["name"], peer["public_ip"], peer["subnet"]], 1)
+            info.add_metric([peer["name"], peer["public_ip"], peer["subnet"],
+                             peer["vtep_mac"] or ""], 1)
             mtu.add_metric([peer["name"]], peer["path_mtu"])
-            values = (peer["tx_packets"], peer["tx_bytes"], peer["rx_packets"], peer["rx_bytes"])
+            if peer["last_rx_at"] is not None:
+                last_rx.add_metric([peer["name"]], peer["last_rx_at"])
+            values = (peer["tx_packets"], peer["tx_bytes"], peer["rx_packets"], peer["rx_bytes"],
+                      peer["rx_dropped"])
             for pos, fam in per_peer:
                 fam.add_metric([peer["name"]], values[pos])
         for reason, value in s["drops"].items():

@@ -35,8 +35,8 @@ from overlayd.control.flannel_schema import (
     subnets_prefix,
 )
 from overlayd.control.problems import ConfigError
-from overlayd.control.store_protocol import KeyValue, MapStore, StoreError, StoreUnavailable
 from overlayd.errors import EX_UNAVAILABLE, EX_USAGE
+from overlayd.io.store_protocol import KeyValue, MapStore, StoreError, StoreUnavailable
 from overlayd.ops.tables import human_duration, table
 
 EX_REFUSED = 1

@@ -114,10 +114,17 @@ def render_status(s: dict[str, Any], now: float | None = None) -> str:
         word = "healthy, not ready" if health["healthy"] else "UNHEALTHY"
         lines.append(("health", f"{word}: " + "; ".join(health["problems"])))
     if node is not None:
+        vtep = ""
+        if node.get("vtep_mac"):
+            how = "derived" if node.get("vtep_mac_derived") else "from the map"
+            vtep = f", VTEP MAC {node['vtep_mac']} ({how})"
         lines.append(("node", (f"{node['name']}: subnet {node['subnet']}, address "
-                              f"{node['address']}, public IP {node['public_ip']}")))
+                              f"{node['address']}, public IP {node['public_ip']}{vtep}")))
     mtu = f", mtu {dev['mtu']}" if dev["mtu"] is not None else ""
-    lines.append(("device", f"{dev['name']}{mtu}, {'up' if dev['ok'] else 'BEING RECREATED'}"))
+    again = dev.get("recreations", 0)
+    recreated = f", recreated {again} time{'s' if again != 1 else ''}" if again else ""
+    condition = "up" if dev["ok"] else "BEING RECREATED"
+    lines.append(("device", f"{dev['name']}{mtu}, {condition}{recreated}"))
     backend = (f"vxlan {tun['mode']} backend, VNI {tun.get('vni')}" if tun["backend"] == "vxlan"
                else f"{tun['backend']} backend")
     lines.append(("tunnel", f"{backend}, udp {tun['bind']}:{tun['port']}"))
@@ -171,12 +178,21 @@ def render_offloads(offloads: dict[str, bool], traffic: dict[str, int]) -> str:
 def render_peers(peers: list[dict[str, Any]]) -> str:
     if not peers:
         return "no peers"
-    rows = [[p["name"], f"{p['public_ip']}:{p['port']}",
-             ",".join([p["subnet"], *p["routes"]]), p["path_mtu"],
-             p["tx_packets"], human_bytes(p["tx_bytes"]),
-             p["rx_packets"], human_bytes(p["rx_bytes"])] for p in peers]
-    return table(["PEER", "ENDPOINT", "PREFIXES", "PATH MTU", "TX PKTS", "TX", "RX PKTS", "RX"],
-                 rows)
+    vxlan = any(p.get("vtep_mac") for p in peers)
+    rows = []
+    for p in peers:
+        ago = p.get("last_rx_seconds_ago")
+        row = [p["name"], f"{p['public_ip']}:{p['port']}",
+               ",".join([p["subnet"], *p["routes"]]), p["path_mtu"],
+               p["tx_packets"], human_bytes(p["tx_bytes"]),
+               p["rx_packets"], human_bytes(p["rx_bytes"]), p.get("rx_dropped", 0),
+               "never" if ago is None else f"{human_duration(ago)} ago"]
+        if vxlan:
+            row.append(p["vtep_mac"] + ("" if p.get("vtep_mac_derived") else " (map)"))
+        rows.append(row)
+    headers = ["PEER", "ENDPOINT", "PREFIXES", "PATH MTU", "TX PKTS", "TX", "RX PKTS", "RX",
+               "RX DROP", "LAST RX"]
+    return table(headers + (["VTEP MAC"] if vxlan else []), rows)
 
 
 def render_routes(routes: list[dict[str, Any]]) -> str:

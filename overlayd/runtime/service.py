@@ -43,6 +43,7 @@ from overlayd.runtime.sources import SubnetEnvWriter, open_source
 log = logging.getLogger("overlayd")
 
 STATUS_SECONDS = 10.0          # how often systemd's STATUS= line is refreshed with traffic
+PEER_RX_SECONDS = 1.0          # resolution of each peer's "last received" time
 TEST_HOOKS_ENV = "OVERLAYD_TEST_HOOKS"
 
 
@@ -71,6 +72,7 @@ class Operations:
         daemon.on_ready.append(self._on_ready)
         daemon.on_reload.append(self._on_reload)
         daemon.on_stopping.append(self._on_stopping)
+        daemon.on_waiting.append(self.notifier.waiting)
 
     # -- 1. bind (before the loop) --------------------------------------------------------------
 
@@ -106,7 +108,7 @@ class Operations:
         d = self.daemon
         handlers: dict[str, control_socket.Handler] = {
             "status": lambda _req: state.status(d, self._live_info()),
-            "peers": lambda _req: state.peers(d),
+            "peers": lambda _req: state.peers(d, self._live_info()),
             "routes": lambda _req: state.routes(d),
             "fdb": lambda _req: state.fdb(d),
         }
@@ -129,6 +131,8 @@ class Operations:
         self.notifier.ready(self._status_line())
         log.info("ready: %s", self._status_line())
         assert self._loop is not None
+        self._every("peer-rx", PEER_RX_SECONDS,
+                    lambda: state.observe_peer_rx(self.daemon, self.info, time.time()), now=True)
         if self.info.watchdog_seconds is not None:
             self._every("watchdog", self.info.watchdog_seconds / 2, self.notifier.watchdog,
                         now=True)

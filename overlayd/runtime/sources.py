@@ -86,8 +86,8 @@ def check_etcd(config: DaemonConfig, connect: bool, any_host: bool) -> int:
 
     from overlayd.control.flannel_schema import config_key, parse_network_config
     from overlayd.control.problems import EX_CONFIG, ConfigError
-    from overlayd.control.store_protocol import StoreError
     from overlayd.io.etcd_store import EtcdStore
+    from overlayd.io.store_protocol import StoreError
 
     etcd = config.etcd
     assert etcd is not None
