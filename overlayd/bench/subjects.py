@@ -86,6 +86,8 @@ class Overlayd:
     over_a: str = "100.64.1.1"
     over_b: str = "100.64.2.1"
     daemons: list[DaemonProcess] = field(default_factory=list)
+    # merged into each daemon's config (the profiler turns metrics on inside the namespaces)
+    config_extra: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -105,7 +107,8 @@ class Overlayd:
             doc = configs.daemon_config(
                 node, "map.toml", "ovl0", str(workdir / f"{node}.sock"), "warning",
                 # inner MTU 1450 for every subject: the underlay overlayd plans for is set so
-                {"device": {"underlay_mtu": INNER_MTU + overhead}})
+                configs.merge({"device": {"underlay_mtu": INNER_MTU + overhead}},
+                              self.config_extra))
             path = workdir / f"{node}.toml"
             path.write_text(configs.dumps(doc))
             self.daemons.append(DaemonProcess(
