@@ -120,7 +120,10 @@ cdef uint32_t fdb_remove_if(fdb_t *f, bint statics, bint expired, double now,
                             double max_age) noexcept nogil:
     """Remove static entries (statics) or learned entries older than max_age (expired).
     Scanning with backward-shift deletion: after a delete the same slot is looked at again
-    (something may have moved into it); entries only move backwards, so none is skipped."""
+    (something may have moved into it). No entry is skipped, but one may be looked at twice:
+    a cluster that wraps from the end of the table to its start shifts entries already seen
+    at low slots into the high slot being scanned. That is harmless here (the same test
+    gives the same answer); a scan that changes entries must not delete as it goes."""
     cdef uint64_t i = 0
     cdef uint32_t removed = 0
     cdef fdb_entry_t *e

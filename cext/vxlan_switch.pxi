@@ -51,16 +51,21 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
         try:
             index_map = self._swap(new)
             fdb_remove_if(&self.fdb, True, False, 0.0, 0.0)
-            i = 0
-            while i <= self.fdb.mask:
+            # Two passes: retarget in place (nothing moves), then delete the MACs whose peer
+            # left. Deleting during the scan would let a backward shift carry an entry from
+            # the start of the table (already retargeted) into a slot at its end that the
+            # scan has yet to reach, and retarget it a second time.
+            gone = []
+            for i in range(self.fdb.mask + 1):
                 e = &self.fdb.slots[i]
                 if e.key != 0 and e.target >= 0:
                     target = index_map.get(e.target)
                     if target is None:
-                        fdb_delete_at(&self.fdb, i)
-                        continue
-                    e.target = target
-                i += 1
+                        gone.append(e.key & FDB_MAC)
+                    else:
+                        e.target = target
+            for mac in gone:
+                fdb_delete_at(&self.fdb, fdb_find(&self.fdb, mac) - self.fdb.slots)
             for mac, target in static:
                 e = fdb_find(&self.fdb, mac)
                 if e == NULL:

@@ -497,3 +497,106 @@ def test_batch_parity(kernel_pair: tuple[ModuleType, ModuleType], inside: list[b
                 "peer_counters": pc,
             })
     assert results[0] == results[1]
+
+
+# --- set_tables over a probe cluster that wraps from the end of the table to its start --------
+
+WRAP_CAP = 16         # the C table has 64 slots: more than twice the cap, a power of two
+WRAP_SLOTS = 64
+
+
+def home_slot(m: bytes, nslots: int = WRAP_SLOTS) -> int:
+    """The home slot of a MAC in the C table (cext/fdb.pxi fdb_home: Fibonacci hashing)."""
+    return ((int.from_bytes(m, "big") * 0x9E3779B97F4A7C15) % (1 << 64) >> 32) & (nslots - 1)
+
+
+def wrapping_macs(homes: set[int], count: int) -> list[bytes]:
+    """``count`` unicast MACs whose home slots are in ``homes``, in a fixed order."""
+    out = []
+    for k in range(1 << 16):
+        m = (0x020000000000 + k).to_bytes(6, "big")
+        if home_slot(m) in homes:
+            out.append(m)
+            if len(out) == count:
+                return out
+    raise AssertionError("not enough MACs")
+
+
+@pytest.mark.parametrize("b_peer", [1, 2])
+def test_set_tables_remap_over_a_wrapped_cluster(kernels: ModuleType, b_peer: int) -> None:
+    """a and b both hash to the last slot: b sits in slot 0. Peer 0 (a's) leaves, so a is
+    deleted and b shifts back into the last slot; b must be remapped once, not twice."""
+    a, b = wrapping_macs({WRAP_SLOTS - 1}, 2)
+    with SwRig(kernels, cap=WRAP_CAP) as rig:
+        rig.outside(0, encap(frame(BCAST, a)))
+        rig.outside(b_peer, encap(frame(BCAST, b)))
+        rig.delivered()
+        rig.fwd.set_tables(rig.tables(order=[1, 2]))      # peer 1 -> index 0, peer 2 -> 1
+        assert rig.fdb() == {b: (b_peer - 1, False)}
+        to_b = frame(b, mac(1))
+        rig.inside(to_b)
+        assert rig.where(to_b) == [b_peer]
+
+
+WRAP_MACS = wrapping_macs({WRAP_SLOTS - 2, WRAP_SLOTS - 1, 0}, 8)
+_WRAP_LEARN = st.one_of(   # mostly from peers: those are the entries a swap remaps
+    st.tuples(st.just("out"), st.integers(0, 2), st.sampled_from(WRAP_MACS)),
+    st.tuples(st.just("out"), st.integers(0, 2), st.sampled_from(WRAP_MACS)),
+    st.tuples(st.just("in"), st.sampled_from(WRAP_MACS)),
+    st.tuples(st.just("age"), st.sampled_from([3.0, 10.0])),
+)
+_WRAP_SWAP = st.tuples(st.just("tables"), st.permutations([0, 1, 2]), st.integers(1, 3))
+
+
+@st.composite
+def wrap_ops(draw: st.DrawFn) -> list[tuple[Any, ...]]:
+    """Rounds of a few learns (filling the wrapping clusters) followed by a table swap."""
+    ops: list[tuple[Any, ...]] = []
+    for _ in range(draw(st.integers(1, 4))):
+        ops += draw(st.lists(_WRAP_LEARN, min_size=3, max_size=9))
+        ops.append(draw(_WRAP_SWAP))
+    return ops
+
+
+def run_wrapped(kernels: ModuleType, ops: list[tuple[Any, ...]]) -> list[Any]:
+    """Learn, swap tables and age over clusters that wrap; the FDB must equal a dict's after
+    every step (targets compared as the peer sockets they stand for)."""
+    oracle: dict[bytes, list[Any]] = {}       # mac -> [peer socket or LOCAL, seen]
+    order, now = [0, 1, 2], 0.0
+    history = []
+    with SwRig(kernels, cap=WRAP_CAP) as rig:
+        for k, op in enumerate(ops):
+            now += 1.0
+            rig.fwd.set_now(now)
+            if op[0] == "in":
+                rig.inside(frame(BCAST, op[1], struct.pack("!I", k)))
+                oracle[op[1]] = [LOCAL, now]
+            elif op[0] == "out":
+                rig.outside(op[1], encap(frame(BCAST, op[2], struct.pack("!I", k))))
+                if op[1] in order:
+                    oracle[op[2]] = [op[1], now]
+            elif op[0] == "tables":
+                order = list(op[1][:op[2]])
+                rig.fwd.set_tables(rig.tables(order=order))
+                oracle = {m: e for m, e in oracle.items() if e[0] == LOCAL or e[0] in order}
+            else:
+                removed = rig.fwd.age(now, op[1])
+                old = [m for m, e in oracle.items() if now - e[1] > op[1]]
+                for m in old:
+                    del oracle[m]
+                assert removed == len(old), (k, op)
+            rig.delivered()
+            for i in range(3):
+                rig.received(i)
+            got = {m: (order[t] if t >= 0 else t, seen) for m, t, _, seen in rig.fwd.fdb_entries()}
+            assert got == {m: tuple(e) for m, e in oracle.items()}, (k, op)
+            history.append(sorted(got.items()))
+    return history
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(ops=wrap_ops())
+def test_wrapped_clusters_match_oracle_and_twin(kernel_pair: tuple[ModuleType, ModuleType],
+                                                ops: list[tuple[Any, ...]]) -> None:
+    results = [run_wrapped(kernels, ops) for kernels in kernel_pair]
+    assert results[0] == results[1]
