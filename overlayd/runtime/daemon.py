@@ -41,7 +41,7 @@ log = logging.getLogger("overlayd")
 
 ICMP_REFILL_SECONDS = 0.1     # token bucket granularity for ICMP errors
 HEALTH_CHECK_SECONDS = 1.0    # how often the device's existence is checked
-FDB_TICK_SECONDS = 0.5        # switched: the data plane's clock (set_now) and MAC ageing
+FDB_TICK_SECONDS = 0.5        # switched: MAC ageing (the clock is also set before each batch)
 
 
 def kernel_routes(smap: SubnetMap, view: LocalView) -> set[ipaddress.IPv4Network]:
@@ -80,6 +80,7 @@ class Daemon:
         self._timers: dict[str, asyncio.TimerHandle] = {}   # periodic task -> its next run
         self._readers: list[int] = []
         self._device_broken = False
+        self._clocked = False     # switched: set the data plane's clock before each batch
         self._ratelimited = RateLimitedLog(log)
         self.on_ready: list[Callable[[], None]] = []
         self.on_reload: list[Callable[[str], None]] = []
@@ -108,6 +109,7 @@ class Daemon:
         self._configure_device()
         self.forwarder = self._make_forwarder(me.vtep_mac)
         if backend.switched:
+            self._clocked = True
             self.forwarder.set_now(time.monotonic())
         self.forwarder.set_tables(self._tables(self.view))
         mode = f"vxlan {backend.mode} vni {backend.vni}" if backend.type == "vxlan" else "udp"
@@ -134,7 +136,10 @@ class Daemon:
         if backend.switched:
             return self.kernels.VxlanSwitchForwarder(
                 dev, sock, vni=backend.vni, tx_fds=tx_fds, batch_size=config.batch_size,
-                fdb_max_entries=config.fdb_max_entries, **self.offloads)
+                fdb_max_entries=config.fdb_max_entries, **self.offloads,
+                fdb_port_max_entries=config.fdb_max_entries_per_port,
+                mac_move_hold=config.mac_move_hold_seconds,
+                storm_rate=config.storm_rate_per_second, storm_burst=config.storm_burst)
         return self.kernels.VxlanRoutedForwarder(
             dev, sock, parse_mac(vtep_mac), vni=backend.vni, tx_fds=tx_fds,
             batch_size=config.batch_size, icmp_burst=config.icmp_rate_per_second,
@@ -199,12 +204,16 @@ class Daemon:
         self._readers = []
 
     def _on_device_readable(self) -> None:
+        if self._clocked:   # dampening and storm buckets need sub-tick time
+            self.forwarder.set_now(time.monotonic())
         try:
             self.forwarder.inside_batch()
         except OSError as exc:
             self._device_failed(f"reading the device failed: {exc.strerror or exc}")
 
     def _on_socket_readable(self) -> None:
+        if self._clocked:
+            self.forwarder.set_now(time.monotonic())
         try:
             self.forwarder.outside_batch()
         except OSError as exc:
@@ -273,7 +282,13 @@ class Daemon:
             return False
         underlay = self.view.device_mtu + self.smap.backend.overhead
         view = build_local_view(smap, me, underlay)
-        self.forwarder.set_tables(self._tables(view))     # the one-step swap
+        try:
+            self.forwarder.set_tables(self._tables(view))     # the one-step swap
+        except ValueError as exc:   # e.g. more pinned MACs than fdb_max_entries
+            self.map_error = f"the data plane refused the new map: {exc}"
+            log.error("map reload (%s) rejected, still forwarding on the previous map: %s",
+                      why, exc)
+            return False
         routes = kernel_routes(smap, view)
         try:
             host_network.set_routes(self.config.device_name, me.address,
@@ -314,6 +329,7 @@ class Daemon:
                                       self.config.device_name, exc)
             return
         self._device_broken = False
+        self._clocked = False     # switched: set the data plane's clock before each batch
         self._loop.add_reader(self.tun.fileno(), self._on_device_readable)
         log.info("device %s recreated and configured", self.config.device_name)
 
