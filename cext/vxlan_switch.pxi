@@ -15,7 +15,7 @@
 # the storm buckets (per port: storm_tokens[target + 1]).
 
 
-AGE_LIMIT = 65536     # entries one age() call removes at most (bounds one tick)
+AGE_LIMIT = 16384     # entries one age() call removes at most (bounds one tick to ~4 ms)
 
 
 @cython.final

@@ -48,7 +48,7 @@ from overlayd.wire import ethernet, vxlan
 
 IMPLEMENTATION: Final = "python"
 _HDR: Final = vxlan.HEADER_LEN
-AGE_LIMIT: Final = 65536     # entries one age() call removes at most (bounds one tick)
+AGE_LIMIT: Final = 16384     # entries one age() call removes at most (bounds one tick)
 
 
 def _valid_source(mac: int) -> bool:
