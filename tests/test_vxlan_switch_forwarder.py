@@ -621,6 +621,8 @@ OPS = st.one_of(
     st.tuples(st.just("out"), st.integers(0, 2), MACS, MACS),
     st.tuples(st.just("tick"), st.sampled_from([0.25, 0.5, 1.0, 10.0])),
     st.tuples(st.just("age"), st.sampled_from([0.0, 1.0, 5.0]), st.sampled_from([1, 1 << 20])),
+    # a MAC speaks behind the tap, then a peer claims it: what move dampening is about
+    st.tuples(st.just("claim"), st.integers(0, 2), st.sampled_from([mac(1), mac(2), mac(3)])),
 )
 POLICIES = st.fixed_dictionaries({
     "cap": st.integers(1, 6),
@@ -667,6 +669,14 @@ def run_ops(kernels: ModuleType, ops: list[tuple[Any, ...]],
                 got_dev = rig.delivered()
                 assert (got_dev == [f]) is oracle.outside(op[1], f), (k, op)
                 seen.append(got_dev)
+            elif op[0] == "claim":
+                here, there = frame(BCAST, op[2], payload), frame(BCAST, op[2], payload + b"!")
+                rig.inside(here)
+                rig.outside(op[1], encap(there))
+                got_claim = [rig.where(here), rig.delivered()]
+                assert got_claim == [oracle.inside(here),
+                                     [there] if oracle.outside(op[1], there) else []], (k, op)
+                seen.append(got_claim)
             elif op[0] == "tick":
                 oracle.now += op[1]
                 rig.fwd.set_now(oracle.now)
