@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -216,6 +217,18 @@ def test_storm_control_caps_floods_per_source(lab: Lab) -> None:
     assert read_drop_counters(lab, "host1")["outside_storm_control"] - outside_before >= \
         3000 - allowed
     assert lab.ping("host2", "host1", count=1, wait_s=1.0).ok      # unicast is never limited
+
+
+def test_status_says_what_was_refused(lab: Lab) -> None:
+    out = subprocess.run([sys.executable, "-m", "overlayd", "status", "--socket",
+                          str(lab.host("host1").control_socket)], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("switch"))
+    drops = read_drop_counters(lab, "host1")
+    pinned = drops["inside_pinned_mac"] + drops["outside_pinned_mac"]
+    assert f"refused: {pinned} pinned, {drops['outside_mac_move_dampened']} move dampened" \
+        in line, line
+    assert "port full" in line and "storm controlled" in line, line
 
 
 def test_nothing_left_behind(lab: Lab, namespaces_before: set[str]) -> None:
