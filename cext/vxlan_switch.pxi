@@ -15,7 +15,7 @@
 # the storm buckets (per port: storm_tokens[target + 1]).
 
 
-AGE_LIMIT = 16384     # entries one age() call removes at most (bounds one tick to ~4 ms)
+AGE_LIMIT = 16384     # entries one age() call removes at most (a tick: ~10 ms at 1 Mi entries)
 
 
 @cython.final
