@@ -394,12 +394,23 @@ def test_local_mac_does_not_move_to_a_peer_on_one_frame(kernels: ModuleType) -> 
         rig.fwd.set_now(16.0)
         rig.inside(to_n)
         assert rig.where(to_n) == [2] and rig.fdb()[n] == (2, False)
+        # A pending move follows its peer across a table swap.
+        o = mac(23)
+        rig.inside(frame(BCAST, o))
+        rig.where(frame(BCAST, o))
+        rig.outside(2, encap(frame(BCAST, o)))         # dampened: pending at peer 2
+        rig.fwd.set_tables(rig.tables(order=[2, 0, 1]))  # peer 2 is index 0 now
+        rig.fwd.set_now(18.0)                          # quiet here for the hold
+        to_o = frame(o, mac(1))
+        rig.inside(to_o)
+        assert rig.where(to_o) == [2] and rig.fdb()[o] == (0, False)
+        rig.fwd.set_tables(rig.tables())
         # Moves from a peer to the tap, and between peers, happen at once.
         rig.inside(frame(BCAST, n))
         rig.outside(0, encap(frame(BCAST, mac(22))))
         rig.outside(1, encap(frame(BCAST, mac(22))))
         assert rig.fdb()[n] == (LOCAL, False) and rig.fdb()[mac(22)] == (1, False)
-        assert rig.fwd.counters()["outside_mac_move_dampened"] == 2
+        assert rig.fwd.counters()["outside_mac_move_dampened"] == 3
 
 
 def test_per_port_cap(kernels: ModuleType) -> None:
@@ -442,6 +453,13 @@ def test_storm_control_per_port(kernels: ModuleType) -> None:
         assert len(rig.delivered()) == 1
         c = rig.fwd.counters()
         assert (c["inside_storm_control"], c["outside_storm_control"]) == (3, 2)
+        # Buckets follow their peer across a table swap: peer 0 (now index 1) is still dry,
+        # peer 1 (now index 0) still has its three tokens.
+        rig.fwd.set_tables(rig.tables(order=[1, 0]))
+        rig.outside(0, encap(frame(MCAST, mac(30), b"after")))
+        rig.outside(1, *[encap(frame(MCAST, mac(31), bytes([k]))) for k in range(4)])
+        assert len(rig.delivered()) == 3
+        assert rig.fwd.counters()["outside_storm_control"] == 4
 
 
 def test_ageing_is_bounded_per_call_and_oldest_first(kernels: ModuleType) -> None:
@@ -500,14 +518,16 @@ def test_large_table(kernels: ModuleType) -> None:
 
 class Oracle:
     """A switch that only has to be right: dicts, a clock, the rules of the issue, and naive
-    scans where the kernels keep orders and counts."""
+    scans where the kernels keep orders and counts. Peers are named by their socket in the
+    rig (0, 1, 2), not by their index in the current tables, so table swaps are plain."""
 
     def __init__(self, npeers: int, cap: int, port_cap: int | None = None, hold: float = 0.0,
                  storm_rate: float = 0.0, storm_burst: float = 1.0,
                  static: tuple[tuple[bytes, int], ...] = ()) -> None:
-        self.npeers, self.cap, self.now = npeers, cap, 0.0
+        self.peers, self.cap, self.now = list(range(npeers)), cap, 0.0
         self.port_cap = cap if port_cap is None else port_cap
         self.hold, self.storm_rate, self.storm_burst = hold, storm_rate, storm_burst
+        self.pins = dict(static)                # every pin, whether its peer is there or not
         self.static = dict(static)
         self.fdb: dict[bytes, list[Any]] = {}   # mac -> [target, seen, pending, stamp order]
         self.order = 0
@@ -586,22 +606,35 @@ class Oracle:
             return []
         target = self.lookup(f[:6])
         if target is None:
-            if not self.npeers:
+            if not self.peers:
                 return []
             if not self.take(LOCAL):
                 self.counts["in_storm"] += 1
                 return []
-            return list(range(self.npeers))
+            return sorted(self.peers)
         return [] if target == LOCAL else [target]
 
     def outside(self, peer: int, f: bytes) -> bool:
-        if not self.valid(f[6:12]) or not self.learn(f[6:12], peer):
+        if peer not in self.peers or not self.valid(f[6:12]) or not self.learn(f[6:12], peer):
             return False
         target = self.lookup(f[:6])
         if target is None and not self.take(peer):
             self.counts["out_storm"] += 1
             return False
         return target is None or target == LOCAL
+
+    def swap(self, order: list[int]) -> None:
+        """New tables with peers ``order``: what left goes (its MACs, pins, pending moves,
+        storm bucket); a peer that is new or back starts with a full bucket."""
+        self.static = {m: t for m, t in self.pins.items() if t == LOCAL or t in order}
+        for m, e in list(self.fdb.items()):
+            if m in self.static or (e[0] != LOCAL and e[0] not in order):
+                del self.fdb[m]
+            elif e[2] is not None and e[2] not in order:
+                e[2] = None
+        self.storm = {p: self.storm[p] if p == LOCAL or p in self.peers else
+                      [self.storm_burst, self.now] for p in (LOCAL, *order)}
+        self.peers = list(order)
 
     def age(self, max_age: float, limit: int) -> int:
         old = sorted((e[1], e[3], m) for m, e in self.fdb.items() if self.now - e[1] > max_age)
@@ -623,6 +656,8 @@ OPS = st.one_of(
     st.tuples(st.just("age"), st.sampled_from([0.0, 1.0, 5.0]), st.sampled_from([1, 1 << 20])),
     # a MAC speaks behind the tap, then a peer claims it: what move dampening is about
     st.tuples(st.just("claim"), st.integers(0, 2), st.sampled_from([mac(1), mac(2), mac(3)])),
+    # new tables: some of the three peers, in some order
+    st.tuples(st.just("tables"), st.permutations([0, 1, 2]), st.integers(0, 3)),
 )
 POLICIES = st.fixed_dictionaries({
     "cap": st.integers(1, 6),
@@ -654,6 +689,7 @@ def run_ops(kernels: ModuleType, ops: list[tuple[Any, ...]],
     oracle = Oracle(3, cap, kwargs["fdb_port_max_entries"], policy["hold"],
                     policy["storm_rate"], policy["storm_burst"], static)
     seen: list[Any] = []
+    order = [0, 1, 2]
     with SwRig(kernels, cap=cap, static=static, **kwargs) as rig:
         for k, op in enumerate(ops):
             payload = struct.pack("!I", k)
@@ -680,14 +716,21 @@ def run_ops(kernels: ModuleType, ops: list[tuple[Any, ...]],
             elif op[0] == "tick":
                 oracle.now += op[1]
                 rig.fwd.set_now(oracle.now)
+            elif op[0] == "tables":
+                order = list(op[1][:op[2]])
+                pins = tuple((m, t if t == LOCAL else order.index(t)) for m, t in static
+                             if t == LOCAL or t in order)
+                rig.fwd.set_tables(rig.tables(order=order, static=pins))
+                oracle.swap(order)
             else:
                 assert rig.fwd.age(oracle.now, op[1], op[2]) == oracle.age(op[1], op[2]), (k, op)
             entries = rig.fwd.fdb_entries()
-            assert {m: (t, pin, s) for m, t, pin, s in entries} == oracle.entries(), (k, op)
+            assert {m: (order[t] if t >= 0 else t, pin, s) for m, t, pin, s in entries} == \
+                oracle.entries(), (k, op)
         entries = rig.fwd.fdb_entries()
         c = rig.fwd.counters()
         assert {name: c[counter] for name, counter in COUNTS.items()} == oracle.counts
-        assert rig.fwd.port_entries() == [oracle.on_port(p) for p in range(-1, 3)]
+        assert rig.fwd.port_entries() == [oracle.on_port(p) for p in (LOCAL, *order)]
         assert c["inside_packets"] + c["flooded_copies"] - c["inside_no_route"] >= \
             c["forwarded_packets"]
         assert c["outside_packets"] == c["delivered_packets"] + sum(
