@@ -168,11 +168,7 @@ cdef _TableGeneration build_generation(tables):
         gen.t.by_ip[i].peer = index
     gen.t.npeers = <int32_t>npeers
     gen.routes = RouteTable(routes)
-    for network, prefix_len, target in routes:
-        if target >= npeers:
-            raise ValueError(
-                f"route {_format_addr(network)}/{prefix_len}: target {target} is not a peer "
-                f"index (there are {npeers} peers)")
+    gen.routes.check_targets(npeers)
     gen.t.lpm = gen.routes.lpm()
     gen.t.local_address = local_address
     return gen

@@ -700,6 +700,37 @@ def test_set_tables_rejects_bad_tables_and_keeps_old(make_rig: Any) -> None:
     assert len(rig.collect(rig.peers[1], 1)) == 1
 
 
+class _RoutesOnce:
+    """Tables whose ``routes`` is an iterator: whoever reads it twice sees nothing the second
+    time (the bug: the target check ran on the second pass and so never ran)."""
+
+    def __init__(self, peers: tuple[PeerEntry, ...], routes: list[tuple[int, int, int]]) -> None:
+        self.local_address = LOCAL_ADDRESS
+        self.peers = peers
+        self.routes = iter(routes)
+
+
+def test_set_tables_checks_targets_of_an_iterator_of_routes(make_rig: Any) -> None:
+    rig = make_rig()
+    good = rig.tables()
+    beyond = (A("10.9.0.0"), 16, len(good.peers))      # one past the last peer
+    with pytest.raises(ValueError, match="10.9.0.0/16: target 3 is not a peer index"):
+        rig.fwd.set_tables(_RoutesOnce(good.peers, [*good.routes, beyond]))
+    # The old tables stay in force, and a valid iterator of routes is accepted.
+    rig.fwd.set_tables(_RoutesOnce(good.peers, list(good.routes)))
+    rig.send_inside(packet(overlay(-1), overlay(1)), packet(overlay(-1), "10.9.1.1"))
+    rig.drain_inside()
+    assert len(rig.collect(rig.peers[1], 1)) == 1
+    assert nonzero(rig.fwd.counters())["inside_no_route"] == 1
+
+
+def test_route_table_check_targets(kernels: ModuleType) -> None:
+    table = kernels.RouteTable(iter([(A("10.0.0.0"), 8, 1), (0, 0, LOCAL), (A("10.1.2.3"), 32, 0)]))
+    table.check_targets(2)
+    with pytest.raises(ValueError, match="10.0.0.0/8: target 1 is not a peer index"):
+        table.check_targets(1)
+
+
 @pytest.mark.parametrize("kwargs", [
     {"batch_size": 0}, {"batch_size": 513}, {"batch_size": -1}, {"icmp_burst": -1},
 ])

@@ -140,12 +140,7 @@ class State:
             self.peer_addr.append((ipv4.int_to_addr(ip), port))
             self.peer_by_ip.setdefault(ip, index)  # several ports on one IP: the first wins
         self.routes = RouteTable(routes)
-        for network, prefix_len, target in routes:
-            if target >= len(self.peer_keys):
-                raise ValueError(
-                    f"route {ipv4.int_to_addr(network)}/{prefix_len}: target {target} is not "
-                    f"a peer index (there are {len(self.peer_keys)} peers)"
-                )
+        self.routes.check_targets(len(self.peer_keys))
         self.peer_counters: list[list[int]] = [[0, 0, 0, 0] for _ in self.peer_keys]
 
     def index_map(self, old: State) -> dict[int, int]:
