@@ -43,13 +43,15 @@
 # 5. Coalescing (gro_add / gro_flush): delivered packets are appended to a list of pending
 #    items and written when the batch ends. A packet is *coalescable* when: (tap: ethertype
 #    IPv4 at l2=14) IPv4 with ihl 5, proto 6, neither MF nor a fragment offset, total length ==
-#    n - l2; TCP doff*4 >= 20 within the packet; payload > 0; flags ACK or ACK|PSH only; TCP
-#    checksum right. A *TCP packet* (coalescable or not) is (tap: ethertype IPv4) IPv4, ihl >=
+#    n - l2, header checksum right; TCP doff*4 >= 20 within the packet; payload > 0; flags ACK
+#    or ACK|PSH only; TCP checksum right (what the kernel's inet_gro_receive and
+#    tcp_gro_receive would not merge is written as it came). A *TCP packet* (coalescable or not) is (tap: ethertype IPv4) IPv4, ihl >=
 #    20, proto 6, with its 4 port bytes inside the packet; its flow is (link header, IPv4
 #    source, destination, TCP ports). Every item started by a TCP packet has a flow. The last
 #    GRO_SCAN items are searched newest first for the first one of the same flow; it is merged
-#    into when it is open and has: the same link header, TOS, TTL, DF/flags word, doff, TCP
-#    options bytes, ack number and window; seq == its next seq; payload <= its mss (the first
+#    into when it is open and has: the same link header, TOS, TTL, DF/flags word, TCP byte 12
+#    (doff and the reserved bits), options bytes, ack number and window; IPv4 id == the head's
+#    id + the segments it holds (mod 2**16); seq == its next seq; payload <= its mss (the first
 #    segment's payload); total length + payload <= 65535; fewer than GRO_MAX_SEGS segments.
 #    Merging appends the payload; a payload shorter than the mss, or PSH, closes the item (PSH
 #    is then set on the item's head). A same-flow item that cannot take the packet is closed,
@@ -293,6 +295,9 @@ cdef inline uint32_t gro_payload(const unsigned char *pkt, uint32_t n, uint32_t 
         return 0
     if n < l2 + IPV4_MIN_HEADER + 20:
         return 0
+    # A bad header checksum must reach the device as it came: merging would rewrite it.
+    if csum_fold(csum_partial(ip, IPV4_MIN_HEADER, 0)) != 0:
+        return 0
     doff = (tcp[12] >> 4) * 4
     if doff < 20 or l2 + IPV4_MIN_HEADER + doff >= n:
         return 0
@@ -313,8 +318,11 @@ cdef inline bint gro_mergeable(const gro_item_t *it, const unsigned char *pkt, u
     cdef const unsigned char *tcp = ip + IPV4_MIN_HEADER
     cdef const unsigned char *htcp = hip + IPV4_MIN_HEADER
     cdef uint32_t doff = (tcp[12] >> 4) * 4
+    # Byte 12 whole (doff and the reserved/AE bits); IPv4 ids counting up from the head's, so
+    # the kernel re-cutting the superpacket gives back exactly the segments that came.
     return (it.open and ip[1] == hip[1] and ip[8] == hip[8] and rd16(ip + 6) == rd16(hip + 6)
-            and doff == it.hdr_len - l2 - IPV4_MIN_HEADER
+            and tcp[12] == htcp[12] and doff == it.hdr_len - l2 - IPV4_MIN_HEADER
+            and rd16(ip + 4) == ((rd16(hip + 4) + it.segs) & 0xFFFF)
             and memcmp(tcp + 20, htcp + 20, doff - 20) == 0
             and memcmp(tcp + 8, htcp + 8, 4) == 0 and memcmp(tcp + 14, htcp + 14, 2) == 0
             and rd32(tcp + 4) == it.next_seq and payload <= it.mss

@@ -202,12 +202,13 @@ def _tcp_flow(packet: bytes, l2: int) -> bytes | None:
 class _Segment:
     """What a coalescable packet brings to an item."""
 
-    __slots__ = ("headers", "match", "payload_len", "psh", "seq")
+    __slots__ = ("headers", "ident", "match", "payload_len", "psh", "seq")
 
-    def __init__(self, headers: int, match: bytes, seq: int, payload_len: int,
+    def __init__(self, headers: int, match: bytes, ident: int, seq: int, payload_len: int,
                  psh: bool) -> None:
         self.headers = headers          # l2 + 20 + doff*4: where the payload starts
         self.match = match              # what must equal between merged segments
+        self.ident = ident              # IPv4 id: must count up along a run
         self.seq = seq
         self.payload_len = payload_len
         self.psh = psh
@@ -215,8 +216,9 @@ class _Segment:
 
 def _coalescable(packet: bytes, l2: int) -> _Segment | None:
     """A TCP packet (see _tcp_flow) that may be merged with its neighbours: IHL 5, not a
-    fragment, total length right, a whole TCP header, payload, ACK or ACK|PSH only, right
-    TCP checksum."""
+    fragment, total length and header checksum right, a whole TCP header, payload, ACK or
+    ACK|PSH only, right TCP checksum: what the kernel's GRO would merge. A bad IPv4 header
+    checksum must reach the device as it came: merging would rewrite it."""
     n = len(packet)
     ip = l2
     tcp = ip + _IPV4_MIN_HEADER
@@ -233,6 +235,8 @@ def _coalescable(packet: bytes, l2: int) -> _Segment | None:
     flags = packet[tcp + 13]
     if flags not in (_TCP_ACK, _TCP_ACK | _TCP_PSH):
         return None
+    if ones_sum(packet[ip:tcp]) != 0xFFFF:
+        return None
     if fold_add(_pseudo_header_sum(packet[ip:], n - tcp), ones_sum(packet[tcp:])) != 0xFFFF:
         return None
     match = (packet[ip + 1:ip + 2] + packet[ip + 8:ip + 9]    # TOS, TTL
@@ -241,15 +245,16 @@ def _coalescable(packet: bytes, l2: int) -> _Segment | None:
              + packet[tcp + 8:tcp + 12]                       # ack
              + packet[tcp + 14:tcp + 16]                      # window
              + packet[tcp + _TCP_MIN_HEADER:headers])         # options
-    return _Segment(headers, match, int.from_bytes(packet[tcp + 4:tcp + 8], "big"),
-                    n - headers, bool(flags & _TCP_PSH))
+    return _Segment(headers, match, int.from_bytes(packet[ip + 4:ip + 6], "big"),
+                    int.from_bytes(packet[tcp + 4:tcp + 8], "big"), n - headers,
+                    bool(flags & _TCP_PSH))
 
 
 class _Item:
     """One pending write: a packet as it came, or a run of segments of one flow."""
 
-    __slots__ = ("first", "flow", "headers", "match", "mss", "next_seq", "open", "payloads",
-                 "psh", "total_length")
+    __slots__ = ("first", "first_ident", "flow", "headers", "match", "mss", "next_seq", "open",
+                 "payloads", "psh", "total_length")
 
     def __init__(self, packet: bytes, flow: bytes | None, segment: _Segment | None,
                  l2: int) -> None:
@@ -262,13 +267,17 @@ class _Item:
         if segment is not None:
             self.headers = segment.headers
             self.match = segment.match
+            self.first_ident = segment.ident
             self.mss = segment.payload_len
             self.next_seq = (segment.seq + segment.payload_len) & 0xFFFFFFFF
             self.total_length = len(packet) - l2
 
     def take(self, packet: bytes, segment: _Segment) -> bool:
         """Append ``segment`` if it continues this open item; whether it did."""
+        # IPv4 ids must count up from the head's, so the kernel re-cutting the superpacket
+        # gives back exactly the segments that came.
         if (segment.match != self.match or segment.seq != self.next_seq
+                or segment.ident != (self.first_ident + 1 + len(self.payloads)) & 0xFFFF
                 or segment.payload_len > self.mss
                 or self.total_length + segment.payload_len > _MAX_IPV4_TOTAL
                 or len(self.payloads) + 1 >= GRO_MAX_SEGS):
