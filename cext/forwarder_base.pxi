@@ -38,6 +38,8 @@ cdef enum:
     TX_CTRL_C = 32                 # >= CMSG_SPACE(sizeof(uint16_t))
     RX_CTRL_C = 32                 # >= CMSG_SPACE(sizeof(int))
     BAD_READ_C = 0xFFFFFFFF        # in_len of a read too short to hold a virtio-net header
+    GSO_FLOOR_C = 576 - 28         # a GSO send of datagrams this small refused with EINVAL:
+                                   # no path MTU is that small, the socket cannot do GSO
     STAGE_BYTES_C = 1 << 20        # UDP GSO staging: runs of single datagrams copied together
 
 HEADROOM = HEADROOM_C
@@ -53,6 +55,8 @@ ctypedef struct peer_t:
     uint32_t path_mtu
     unsigned char mac[6]       # vxlan: the peer's VTEP MAC (zeros where the map has none)
     bint has_mac
+    uint32_t gso_max_seg       # UDP GSO: largest datagram merged into a GSO send to this peer
+                               # (lowered when a send of larger ones "did not fit")
     uint64_t tx_packets
     uint64_t tx_bytes
     uint64_t rx_packets
@@ -155,6 +159,7 @@ cdef _TableGeneration build_generation(tables):
         gen.t.peers[i].port = port
         gen.t.peers[i].path_mtu = mtu
         gen.t.peers[i].has_mac = len(mac) == 6
+        gen.t.peers[i].gso_max_seg = GSO_MAX_BYTES_C
         if gen.t.peers[i].has_mac:
             mac_view = mac
             memcpy(gen.t.peers[i].mac, &mac_view[0], 6)
@@ -573,7 +578,8 @@ cdef class _ForwarderBase:
         cdef int k = q.n - 1
         if (self.gso and k >= 0 and q.open[k] and q.peer[k] == peer
                 and <unsigned char *>q.iov[k].iov_base + q.iov[k].iov_len == data
-                and n <= q.seg_size[k] and q.segs[k] < GSO_MAX_SEGS_C
+                and n <= q.seg_size[k] and q.seg_size[k] <= t.peers[peer].gso_max_seg
+                and q.segs[k] < GSO_MAX_SEGS_C
                 and q.iov[k].iov_len + n <= GSO_MAX_BYTES_C):
             # The next segment of the same superpacket to the same peer: one GSO send.
             q.iov[k].iov_len += n
@@ -605,7 +611,7 @@ cdef class _ForwarderBase:
                 self._send(t, &self.txq[k])
 
     @cython.final
-    cdef void _stage_runs(self, txq_t *q) noexcept nogil:
+    cdef void _stage_runs(self, const fwd_tables_t *t, txq_t *q) noexcept nogil:
         """UDP GSO for datagrams that do not lie back to back: copy each run of single
         datagrams to one peer (all of the first one's size, the last may be shorter) into the
         staging buffer and make it one GSO entry. A memcpy of a packet costs far less than the
@@ -617,7 +623,7 @@ cdef class _ForwarderBase:
             j = i + 1
             first = q.iov[i].iov_len
             total = first
-            if q.segs[i] == 1:
+            if q.segs[i] == 1 and first <= t.peers[q.peer[i]].gso_max_seg:
                 while (j < q.n and q.segs[j] == 1 and q.peer[j] == q.peer[i]
                        and j - i < GSO_MAX_SEGS_C):
                     size = q.iov[j].iov_len
@@ -659,7 +665,7 @@ cdef class _ForwarderBase:
         cdef int i = 0, k, sent
         cdef peer_t *peer
         if self.gso and q.n > 1:
-            self._stage_runs(q)
+            self._stage_runs(t, q)
         while i < q.n:
             sent = sendmmsg(q.fd, &q.msgs[i], q.n - i, MSG_DONTWAIT)
             if sent < 0 and errno == EINTR:
@@ -686,14 +692,22 @@ cdef class _ForwarderBase:
     @cython.final
     cdef void _send_gso_singly(self, const fwd_tables_t *t, txq_t *q, int i,
                                int error) noexcept nogil:
-        """The kernel refused GSO entry i: send its datagrams one by one; a kernel that
-        cannot do GSO at all will not be asked again."""
+        """The kernel refused GSO entry i: send its datagrams one by one. EINVAL (or
+        EMSGSIZE) for datagrams larger than GSO_FLOOR_C says this send did not fit (with
+        IP_PMTUDISC_DONT the kernel refuses a GSO segment larger than the egress MTU, which
+        it would fragment if sent alone): datagrams of that size go to this peer singly from
+        now on, until the map changes. Anything else that says the socket or route cannot do
+        GSO at all (EIO, ENOPROTOOPT, EOPNOTSUPP, or EINVAL for small datagrams) turns GSO
+        off for good."""
         cdef unsigned char *data = <unsigned char *>q.iov[i].iov_base
         cdef size_t left = q.iov[i].iov_len, size
         cdef peer_t *peer = &t.peers[q.peer[i]]
         cdef ssize_t r
         self.ctr[CTR_OFFLOAD_GSO_REFUSED] += 1
-        if error == EIO or error == EINVAL or error == ENOPROTOOPT or error == EOPNOTSUPP:
+        if (error == EINVAL or error == EMSGSIZE) and q.seg_size[i] > GSO_FLOOR_C:
+            if peer.gso_max_seg >= q.seg_size[i]:
+                peer.gso_max_seg = q.seg_size[i] - 1
+        elif error == EIO or error == EINVAL or error == ENOPROTOOPT or error == EOPNOTSUPP:
             self.gso = False
         while left:
             size = q.seg_size[i] if left > q.seg_size[i] else left
@@ -784,12 +798,22 @@ cdef class _ForwarderBase:
 
     @cython.final
     cdef uint32_t _gro_size(self, int i) noexcept nogil:
-        """The UDP_GRO segment size of receive i, or 0."""
+        """The UDP_GRO segment size of receive i, or 0. A control message cut short (the
+        kernel's MSG_CTRUNC, or a UDP_GRO cmsg too short to hold its int) leaves the run's
+        datagram boundaries unknown: the receive is then marked MSG_TRUNC, and dropped and
+        counted as truncated, rather than handled as one datagram."""
         cdef msghdr *hdr = &self.rx_msgs[i].msg_hdr
-        cdef cmsghdr *cm = CMSG_FIRSTHDR(hdr)
+        cdef cmsghdr *cm
         cdef int size
+        if hdr.msg_flags & MSG_CTRUNC:
+            hdr.msg_flags |= MSG_TRUNC
+            return 0
+        cm = CMSG_FIRSTHDR(hdr)
         while cm != NULL:
             if cm.cmsg_level == SOL_UDP_C and cm.cmsg_type == UDP_GRO_C:
+                if cm.cmsg_len < CMSG_LEN(sizeof(int)):
+                    hdr.msg_flags |= MSG_TRUNC
+                    return 0
                 memcpy(&size, CMSG_DATA(cm), sizeof(int))
                 return <uint32_t>size if size > 0 else 0
             cm = CMSG_NXTHDR(hdr, cm)

@@ -66,11 +66,16 @@ TRANSIENT_RECV_ERRORS: Final = frozenset({
     errno.ENOMEM, errno.EMSGSIZE, errno.ETIMEDOUT, errno.EPROTO,
 })
 
-# A refused UDP GSO send with one of these says the kernel or route cannot do GSO at all (not
-# that this one send failed): stop trying.
+# A refused UDP GSO send: EINVAL (or EMSGSIZE) for datagrams larger than GSO_FLOOR says this
+# send did not fit (with IP_PMTUDISC_DONT the kernel refuses a GSO segment larger than the
+# egress MTU, which it would fragment if sent alone): datagrams of that size go to that peer
+# singly until the map changes. These, or EINVAL for datagrams that small (no path MTU is),
+# say the socket or route cannot do GSO at all: stop trying.
 GSO_UNSUPPORTED_ERRORS: Final = frozenset({
     errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP,
 })
+GSO_DID_NOT_FIT_ERRORS: Final = frozenset({errno.EINVAL, errno.EMSGSIZE})
+GSO_FLOOR: Final = 576 - 28
 _GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 _GRO_SIZE: Final = struct.Struct("=i")
 
@@ -112,6 +117,7 @@ class State:
         "peer_addr",
         "peer_by_ip",
         "peer_counters",
+        "peer_gso_max",
         "peer_keys",
         "peer_mac",
         "peer_mtu",
@@ -142,6 +148,9 @@ class State:
         self.routes = RouteTable(routes)
         self.routes.check_targets(len(self.peer_keys))
         self.peer_counters: list[list[int]] = [[0, 0, 0, 0] for _ in self.peer_keys]
+        # UDP GSO: the largest datagram merged into a GSO send to each peer (lowered when a
+        # send of larger ones did not fit).
+        self.peer_gso_max: list[int] = [offload.GSO_MAX_BYTES] * len(self.peer_keys)
 
     def index_map(self, old: State) -> dict[int, int]:
         """Old peer index -> new index, for peers whose (ip, port) is in both generations
@@ -426,7 +435,8 @@ class ForwarderBase:
             last = queue[-1]
             length = end - start
             if (last.open and last.buf is buf and last.end == start and last.peer == peer
-                    and length <= last.segment_size and last.count < offload.GSO_MAX_SEGS
+                    and length <= last.segment_size
+                    and last.segment_size <= state.peer_gso_max[peer] and last.count < offload.GSO_MAX_SEGS
                     and last.end - last.start + length <= offload.GSO_MAX_BYTES):
                 last.end = end
                 last.count += 1
@@ -443,7 +453,7 @@ class ForwarderBase:
                 self._send(state, sock)
 
     @staticmethod
-    def _stage_runs(queue: list[TxEntry]) -> list[TxEntry]:
+    def _stage_runs(state: State, queue: list[TxEntry]) -> list[TxEntry]:
         """UDP GSO for datagrams that do not lie back to back: each run of single datagrams
         to one peer (all of the first one's size, the last may be shorter) is copied into one
         staging buffer and becomes one GSO entry (as the Cython kernel's _stage_runs, which
@@ -455,7 +465,7 @@ class ForwarderBase:
             head = queue[i]
             first = head.end - head.start
             total, j = first, i + 1
-            if head.count == 1:
+            if head.count == 1 and first <= state.peer_gso_max[head.peer]:
                 while j < n and j - i < offload.GSO_MAX_SEGS:
                     nxt = queue[j]
                     size = nxt.end - nxt.start
@@ -485,7 +495,7 @@ class ForwarderBase:
         ctr = self._counters
         queue = self._queues[sock_index]
         if self._gso_on and len(queue) > 1:
-            queue = self._stage_runs(queue)
+            queue = self._stage_runs(state, queue)
         for entry in queue:
             peer = entry.peer
             address = state.peer_addr[peer]
@@ -499,7 +509,10 @@ class ForwarderBase:
                                  socket.MSG_DONTWAIT, address)
                 except OSError as exc:
                     ctr[C["offload_gso_refused"]] += 1
-                    if exc.errno in GSO_UNSUPPORTED_ERRORS:
+                    size = entry.segment_size
+                    if exc.errno in GSO_DID_NOT_FIT_ERRORS and size > GSO_FLOOR:
+                        state.peer_gso_max[peer] = min(state.peer_gso_max[peer], size - 1)
+                    elif exc.errno in GSO_UNSUPPORTED_ERRORS:
                         self._gso_on = False
                 else:
                     ctr[C["offload_gso_sends"]] += 1
@@ -596,7 +609,13 @@ class ForwarderBase:
                     return self._recv_failed(error)
                 self._pending_recv_error = error
                 break
-            received.append((nbytes, flags, address, _gro_segment_size(ancdata)))
+            gro_size = _gro_segment_size(ancdata) if cmsg_space else 0
+            if cmsg_space and (flags & socket.MSG_CTRUNC or gro_size < 0):
+                # The control message was cut short: the run's datagram boundaries are
+                # unknown, so it is dropped as truncated rather than handled as one datagram.
+                flags |= socket.MSG_TRUNC
+                gro_size = 0
+            received.append((nbytes, flags, address, gro_size))
         state = self._state
         ctr = self._counters
         for slot, (nbytes, flags, address, gro_size) in enumerate(received):
@@ -659,9 +678,12 @@ class ForwarderBase:
 
 
 def _gro_segment_size(ancdata: list[tuple[int, int, bytes]]) -> int:
-    """The segment size a UDP_GRO control message gives, or 0 when there is none."""
+    """The segment size a UDP_GRO control message gives, 0 when there is none, or -1 when
+    it is too short to hold its int."""
     for level, kind, data in ancdata:
-        if level == socket.SOL_UDP and kind == offload.UDP_GRO and len(data) >= 4:
+        if level == socket.SOL_UDP and kind == offload.UDP_GRO:
+            if len(data) < _GRO_SIZE.size:
+                return -1
             return max(0, _GRO_SIZE.unpack_from(data)[0])
     return 0
 
