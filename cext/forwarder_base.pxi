@@ -692,8 +692,8 @@ cdef class _ForwarderBase:
     @cython.final
     cdef void _send_gso_singly(self, const fwd_tables_t *t, txq_t *q, int i,
                                int error) noexcept nogil:
-        """The kernel refused GSO entry i: send its datagrams one by one. EINVAL (or
-        EMSGSIZE) for datagrams larger than GSO_FLOOR_C says this send did not fit (with
+        """The kernel refused GSO entry i: send its datagrams one by one. EINVAL (EMSGSIZE
+        on newer kernels) for datagrams larger than GSO_FLOOR_C says this send did not fit (with
         IP_PMTUDISC_DONT the kernel refuses a GSO segment larger than the egress MTU, which
         it would fragment if sent alone): datagrams of that size go to this peer singly from
         now on, until the map changes. Anything else that says the socket or route cannot do
