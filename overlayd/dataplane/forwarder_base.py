@@ -68,9 +68,9 @@ TRANSIENT_RECV_ERRORS: Final = frozenset({
 
 # A refused UDP GSO send: EINVAL (EMSGSIZE on newer kernels) for datagrams larger than
 # GSO_FLOOR says this send did not fit (with IP_PMTUDISC_DONT the kernel refuses a GSO segment
-# larger than the egress MTU, which it would fragment if sent alone): datagrams of that size go to that peer
-# singly until the map changes. These, or EINVAL for datagrams that small (no path MTU is),
-# say the socket or route cannot do GSO at all: stop trying.
+# larger than the egress MTU, which it would fragment if sent alone): datagrams of that size go
+# to that peer singly until the map changes. These, or EINVAL for datagrams that small (no
+# path MTU is), say the socket or route cannot do GSO at all: stop trying.
 GSO_UNSUPPORTED_ERRORS: Final = frozenset({
     errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP,
 })
