@@ -13,6 +13,7 @@ cpdef enum:
     CTR_DELIVERED_PACKETS
     CTR_ICMP_SENT
     CTR_FLOODED_COPIES
+    CTR_FLOODED_FRAMES
     CTR_FDB_FULL
     CTR_INSIDE_TOO_SHORT
     CTR_INSIDE_NOT_IPV4
@@ -33,6 +34,7 @@ cpdef enum:
     CTR_OUTSIDE_NOT_FOR_US
     CTR_DEVICE_WRITE_ERROR
     CTR_ICMP_RATE_LIMITED
+    CTR_ICMP_WRITE_ERROR
     CTR_INSIDE_RUNT_FRAME
     CTR_INSIDE_BAD_SOURCE_MAC
     CTR_OUTSIDE_TRUNCATED_VXLAN
@@ -60,6 +62,7 @@ COUNTER_NAMES = (
     "delivered_packets",
     "icmp_sent",
     "flooded_copies",
+    "flooded_frames",
     "fdb_full",
     "inside_too_short",
     "inside_not_ipv4",
@@ -80,6 +83,7 @@ COUNTER_NAMES = (
     "outside_not_for_us",
     "device_write_error",
     "icmp_rate_limited",
+    "icmp_write_error",
     "inside_runt_frame",
     "inside_bad_source_mac",
     "outside_truncated_vxlan",

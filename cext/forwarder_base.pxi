@@ -542,7 +542,10 @@ cdef class _ForwarderBase:
         cdef tso_plan_t plan
         cdef unsigned char *run
         cdef uint32_t i, gso_type
+        # A read the offload path refuses is still a read: counted as one inside packet, so
+        # that inside_packets = forwarded + tx_error + the inside drops holds exactly.
         if n == BAD_READ_C:
+            self.ctr[CTR_INSIDE_PACKETS] += 1
             self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
             return
         memcpy(&h, pkt - VNET_HDR_LEN_C, VNET_HDR_LEN_C)
@@ -550,14 +553,14 @@ cdef class _ForwarderBase:
         if gso_type == VNET_GSO_NONE_C:
             if (h.flags & VNET_F_NEEDS_CSUM_C) and complete_csum(pkt, n, h.csum_start,
                                                                  h.csum_offset) < 0:
-                self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
+                self._bad_offload(n)
                 return
             self._inside_one(t, pkt, n)
             return
         if (gso_type != VNET_GSO_TCPV4_C
                 or tso_plan(&plan, pkt, n, self.l2_len, h.gso_size, self.encap_len) < 0
                 or plan.need > SEG_ARENA_BYTES_C):
-            self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
+            self._bad_offload(n)
             return
         if plan.need > SEG_ARENA_BYTES_C - self.arena_used:
             self._flush(t)          # queued datagrams may point into the arena
@@ -570,6 +573,12 @@ cdef class _ForwarderBase:
         for i in range(plan.nseg):
             self._inside_one(t, run + plan.prefix + <size_t>i * plan.stride,
                              tso_segment_len(&plan, i))
+
+    @cython.final
+    cdef inline void _bad_offload(self, uint32_t n) noexcept nogil:
+        self.ctr[CTR_INSIDE_PACKETS] += 1
+        self.ctr[CTR_INSIDE_BYTES] += n
+        self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
 
     @cython.final
     cdef void _queue(self, const fwd_tables_t *t, unsigned char *data, size_t n,
@@ -734,8 +743,6 @@ cdef class _ForwarderBase:
         while True:
             r = writev(self.dev_fd, iov, 2) if self.vnet else write(self.dev_fd, data, n)
             if r >= 0 or errno != EINTR:
-                if r < 0:
-                    self.ctr[CTR_DEVICE_WRITE_ERROR] += 1
                 return r
 
     # --- outside: underlay -> device -------------------------------------------------------
@@ -853,6 +860,8 @@ cdef class _ForwarderBase:
                 self.ctr[CTR_DELIVERED_PACKETS] += 1
                 if self.capture_on:
                     self._capture(1, peer, pkt, n)
+            else:
+                self.ctr[CTR_DEVICE_WRITE_ERROR] += 1
             return
         if self.capture_on:
             self._capture(1, peer, pkt, n)
@@ -976,6 +985,9 @@ cdef class _RoutedBase(_ForwarderBase):
         length = build_icmp(self.icmp_buf, t.local_address, pkt, n, icmp_type, code, mtu)
         if self._write_device(self.icmp_buf, length) >= 0:
             self.ctr[CTR_ICMP_SENT] += 1
+        else:
+            # Not device_write_error: that one counts delivered packets the device refused.
+            self.ctr[CTR_ICMP_WRITE_ERROR] += 1
 
     @cython.final
     cdef void _deliver(self, const fwd_tables_t *t, const unsigned char *pkt, uint32_t n,

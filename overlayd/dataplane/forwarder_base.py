@@ -379,7 +379,10 @@ class ForwarderBase:
         a checksum the kernel left to us, or cut a TCP superpacket into segments; each packet
         then goes through ``_inside_one``."""
         ctr = self._counters
+        # A read the offload path refuses is still a read: counted as one inside packet, so
+        # that inside_packets = forwarded + tx_error + the inside drops holds exactly.
         if read_length < offload.VNET_HDR_LEN:
+            ctr[C["inside_packets"]] += 1
             ctr[C["inside_bad_offload"]] += 1
             return
         buf = self._inside_mv
@@ -392,7 +395,7 @@ class ForwarderBase:
             if flags & offload.VNET_F_NEEDS_CSUM:
                 where = csum_start + csum_offset
                 if where + 2 > length:
-                    ctr[C["inside_bad_offload"]] += 1
+                    self._bad_offload(length)
                     return
                 pkt = buf[start:start + length]
                 value = offload.completed_checksum(pkt, csum_start)
@@ -409,7 +412,7 @@ class ForwarderBase:
         prefix = self._OUTER_PREFIX
         need = sum(prefix + len(s) for s in segments) if segments is not None else 0
         if segments is None or need > offload.SEG_ARENA_BYTES:
-            ctr[C["inside_bad_offload"]] += 1
+            self._bad_offload(length)
             return
         if need > offload.SEG_ARENA_BYTES - self._arena_used:
             self._flush(state)          # queued datagrams point into the arena
@@ -425,6 +428,12 @@ class ForwarderBase:
             arena[offset:offset + len(segment)] = segment
             self._inside_one(state, arena, offset, len(segment))
             offset += len(segment)
+
+    def _bad_offload(self, length: int) -> None:
+        ctr = self._counters
+        ctr[C["inside_packets"]] += 1
+        ctr[C["inside_bytes"]] += length
+        ctr[C["inside_bad_offload"]] += 1
 
     def _queue(self, state: State, buf: memoryview, start: int, end: int, peer: int,
                sock: int) -> None:
@@ -537,14 +546,14 @@ class ForwarderBase:
         self._queues[sock_index].clear()
 
     def _write_device(self, data: memoryview | bytes) -> bool:
-        """Write one packet we made (an ICMP error) or deliver (no vnet_hdr) into the device."""
+        """Write one packet we made (an ICMP error) or deliver (no vnet_hdr) into the device;
+        whether the device took it (the caller counts a refusal)."""
         try:
             if self._vnet_hdr:
                 os.writev(self._dev_fd, [offload.ZERO_VNET_HDR, data])
             else:
                 os.write(self._dev_fd, data)
         except OSError:
-            self._counters[C["device_write_error"]] += 1
             return False
         return True
 
@@ -563,6 +572,8 @@ class ForwarderBase:
             self._counters[C["delivered_packets"]] += 1
             if self._capture_on:
                 self._capture(1, peer, pkt)
+        else:
+            self._counters[C["device_write_error"]] += 1
 
     def _flush_device(self) -> None:
         """Write what the coalescer holds; each write counts for the segments in it."""
@@ -764,6 +775,9 @@ class RoutedForwarderBase(ForwarderBase):
         if self._write_device(icmp.build_icmp_error(state.local_address, pkt, icmp_type, code,
                                                     mtu)):
             ctr[C["icmp_sent"]] += 1
+        else:
+            # Not device_write_error: that one counts delivered packets the device refused.
+            ctr[C["icmp_write_error"]] += 1
 
     def _deliver(self, state: State, pkt: memoryview, peer: int) -> None:
         """Hot: check an inner IPv4 packet from ``peer`` and write it into the device."""
