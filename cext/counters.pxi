@@ -51,6 +51,7 @@ cpdef enum:
     CTR_OFFLOAD_GRO_RECEIVES
     CTR_OFFLOAD_COALESCED_WRITES
     CTR_OFFLOAD_COALESCED_SEGMENTS
+    CTR_OFFLOAD_CHECKSUMS_FINISHED
     N_COUNTERS
 
 COUNTER_NAMES = (
@@ -100,6 +101,7 @@ COUNTER_NAMES = (
     "offload_gro_receives",
     "offload_coalesced_writes",
     "offload_coalesced_segments",
+    "offload_checksums_finished",
 )
 
 cdef enum:

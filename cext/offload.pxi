@@ -63,6 +63,13 @@
 #    length and header checksum fixed, its TCP checksum set to the folded pseudo-header sum
 #    (not inverted, what CHECKSUM_PARTIAL expects), and the header {NEEDS_CSUM, TCPV4,
 #    hdr_len = l2+20+doff*4, gso_size = mss, csum_start = l2+20, csum_offset = 16}.
+# 6. Unfinished checksums on receipt (finish_partial_l4, forwarder_base _emit): a kernel VTEP
+#    whose link leaves checksums to offload (a veth, many virtual NICs) sends inner TCP/UDP
+#    segments with CHECKSUM_PARTIAL, whose checksum field holds only the folded pseudo-header
+#    sum; a kernel receiver keeps that state, a tun/tap write cannot. A delivered IPv4 packet
+#    (not a fragment, TCP or UDP with a nonzero UDP checksum) whose field is exactly that
+#    pattern and whose whole does not verify is finished in place, as 1. does for reads, and
+#    counted (offload_checksums_finished); anything else is left as it came.
 
 cdef enum:
     VNET_HDR_LEN_C = 10
@@ -85,6 +92,7 @@ cdef enum:
     TCP_ACK = 0x10
     TCP_CWR = 0x80
     PROTO_TCP = 6
+    PROTO_UDP = 17
     SOL_UDP_C = 17
     UDP_SEGMENT_C = 103
     UDP_GRO_C = 104
@@ -124,6 +132,45 @@ cdef inline int complete_csum(unsigned char *pkt, uint32_t n, uint32_t start,
     c = csum_fold(csum_partial(pkt + start, n - start, 0))
     wr16(pkt + start + offset, c if c != 0 else 0xFFFF)
     return 0
+
+
+cdef inline bint finish_partial_l4(unsigned char *pkt, uint32_t n, uint32_t l2) noexcept nogil:
+    """A delivered packet (tun: l2 = 0) or frame (tap: l2 = 14) whose inner TCP/UDP checksum
+    a kernel VTEP left unfinished (see 6.): finish it in place; whether it did."""
+    cdef unsigned char *ip = pkt + l2
+    cdef uint32_t ihl, total, l4, where, need, proto
+    cdef uint64_t pseudo
+    cdef uint16_t field
+    if n < l2 + IPV4_MIN_HEADER or (l2 and rd16(pkt + l2 - 2) != ETHERTYPE_IP):
+        return False
+    if (ip[0] >> 4) != 4 or (rd16(ip + 6) & 0x3FFF) != 0:
+        return False
+    ihl = (ip[0] & 0x0F) * 4
+    total = rd16(ip + 2)                 # not n: a short frame may carry Ethernet padding
+    proto = ip[9]
+    if ihl < IPV4_MIN_HEADER or total < ihl or total > n - l2:
+        return False
+    if proto == PROTO_TCP:
+        where = 16
+        need = 20
+    elif proto == PROTO_UDP:
+        where = 6
+        need = 8
+    else:
+        return False
+    l4 = total - ihl
+    if l4 < need:
+        return False
+    field = rd16(ip + ihl + where)
+    if proto == PROTO_UDP and field == 0:
+        return False                     # no checksum at all: nothing to finish
+    pseudo = csum_partial(ip + 12, 8, 0) + proto + l4
+    if field != (~csum_fold(pseudo) & 0xFFFF):
+        return False                     # the cheap test, on every delivered packet
+    if csum_fold(csum_partial(ip + ihl, l4, pseudo)) == 0:
+        return False                     # a finished checksum that happens to look partial
+    complete_csum(ip, total, ihl, where)
+    return True
 
 
 ctypedef struct tso_plan_t:
@@ -432,6 +479,14 @@ def complete_checksum(packet, csum_start, csum_offset):
                      operator_index(csum_offset)) < 0:
         return None
     return bytes(buf)
+
+
+def finish_partial_checksum(packet, l2):
+    """(the packet with an unfinished TCP/UDP checksum finished, whether it was), as 6."""
+    buf = bytearray(packet) + b"\0"      # one spare byte keeps &view[0] valid for b""
+    cdef unsigned char[::1] view = buf
+    done = finish_partial_l4(&view[0], len(buf) - 1, operator_index(l2))
+    return bytes(buf[:-1]), bool(done)
 
 
 def segment_tcp4(packet, l2, mss):

@@ -89,3 +89,42 @@ def test_gso_send_that_does_not_fit_the_mtu_keeps_gso_on(namespace: str, module:
     assert out["gso_after_big"] is True and out["gso_after_small"] is True, out
     assert c["offload_gso_sends"] == 1, c              # the 1040-byte run still went as one
     assert c["forwarded_packets"] == 9 and "tx_error" not in c, c
+
+
+# --- item 5: a kernel VTEP on a veth sends inner checksums unfinished --------------------------
+
+def tcp_checksum_errors(ns: str) -> int:
+    """TcpInCsumErrors of a namespace's kernel (netstat counters, /proc/net/snmp)."""
+    out = netns.ns_run(ns, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+    tcp = [line.split()[1:] for line in out if line.startswith("Tcp:")]
+    return int(dict(zip(tcp[0], tcp[1], strict=True))["InCsumErrors"])
+
+
+@pytest.mark.parametrize("mode", ["routed", "switched"])
+@pytest.mark.parametrize("tuned", [False, True], ids=["kernel-defaults", "tx-checksum-off"])
+def test_tcp_from_a_kernel_vtep_with_default_offloads(mode: str, tuned: bool) -> None:
+    """TCP from the kernel host to a daemon's host arrives: with the kernel host's offloads at
+    their defaults every inner segment comes with the pseudo-header sum only, and the daemon
+    must finish it (else its host drops them all: TcpInCsumErrors, and the transfer hangs).
+    With `tx off` on the kernel host (the tuned case) there is nothing to finish."""
+    from netns_helpers import VXLAN_UNAVAILABLE, logs
+
+    from overlayd.lab import HostSpec, Lab
+
+    if VXLAN_UNAVAILABLE is not None:
+        pytest.skip(f"vxlan netns tests: {VXLAN_UNAVAILABLE}")
+    extra = {"mode": "switched"} if mode == "switched" else {}
+    specs = [HostSpec(), HostSpec(kernel_vxlan=True, kernel_tx_checksum_off=tuned)]
+    with Lab(specs, backend="vxlan", backend_extra=extra) as lab:
+        lab.wait_mesh(timeout_s=20.0)
+        errors_before = tcp_checksum_errors(lab.host("host1").netns)
+        result = lab.tcp_transfer("host2", "host1", 2_000_000, timeout_s=30.0)
+        assert result.bytes_ok and result.sha256_ok, f"{result}\n{logs(lab)}"
+        status = lab.control("host1", "status")
+        traffic = status["traffic"]
+        assert tcp_checksum_errors(lab.host("host1").netns) == errors_before
+        if tuned:
+            assert traffic["offload_checksums_finished"] == 0, traffic
+        else:
+            assert traffic["offload_checksums_finished"] > 0, traffic
+        assert {k: v for k, v in status["drops"].items() if v} == {}, status["drops"]

@@ -34,7 +34,7 @@ A = ipv4.addr_to_int
 OFFLOAD_NAMES = (
     "complete_checksum", "segment_tcp4", "coalesce", "VNET_HDR_LEN", "VNET_F_NEEDS_CSUM",
     "VNET_GSO_NONE", "VNET_GSO_TCPV4", "VNET_GSO_ECN", "GSO_MAX_SEGS", "GSO_MAX_BYTES",
-    "GRO_SCAN", "GRO_MAX_SEGS",
+    "GRO_SCAN", "GRO_MAX_SEGS", "finish_partial_checksum",
 )
 FIN, SYN, RST, PSH, ACK, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x40, 0x80
 SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
@@ -594,6 +594,30 @@ def test_coalesce_parity(l2: int) -> None:
                 assert kernel_accepts(header, data, l2)
 
 
+@pytest.mark.parametrize("l2", [0, 14])
+def test_partial_checksums_are_finished(off: ModuleType, l2: int) -> None:
+    for packet in (tcp_packet(b"t" * 999, partial=True), udp_packet(b"u" * 33, partial=True),
+                   tcp_packet(b"", partial=True, flags=ACK | PSH)):
+        frame = eth(packet) if l2 else packet
+        finished, done = off.finish_partial_checksum(frame + b"\0" * 7 * bool(l2), l2)
+        assert done and l4_checksum_ok(finished[l2:len(frame)])
+        assert finished[:l2 + 20] == frame[:l2 + 20]      # nothing else changes
+
+
+@pytest.mark.parametrize("packet", [
+    pytest.param(tcp_packet(b"t" * 99), id="finished"),
+    pytest.param(tcp_packet(b"t" * 99, bad_checksum=True), id="wrong-not-partial"),
+    pytest.param(udp_packet(b"u" * 33)[:26] + b"\0\0" + udp_packet(b"u" * 33)[28:],
+                 id="udp-without-checksum"),
+    pytest.param(tcp_packet(b"t" * 99, partial=True, frag=0x2000), id="fragment"),
+    pytest.param(tcp_packet(b"t" * 99, partial=True)[:30], id="truncated"),
+    pytest.param(eth(tcp_packet(b"t" * 99, partial=True), ethertype=0x86DD), id="not-ipv4"),
+])
+def test_other_checksums_are_left_alone(off: ModuleType, packet: bytes) -> None:
+    l2 = 14 if packet[12:14] == b"\x86\xdd" else 0
+    assert off.finish_partial_checksum(packet, l2) == (packet, False)
+
+
 def test_segment_and_checksum_parity() -> None:
     cython = _cython_module()
     rng = random.Random(7)
@@ -610,6 +634,11 @@ def test_segment_and_checksum_parity() -> None:
         start, offset = rng.randint(0, len(packet) + 2), rng.choice([6, 16, 0, 1])
         assert (cython.complete_checksum(packet, start, offset)
                 == py_offload.complete_checksum(packet, start, offset))
+        partial = eth(tcp_packet(payload_of(inner), partial=True)) if l2 else tcp_packet(
+            payload_of(inner), partial=True)
+        for candidate in (packet, partial, mutate_header_byte(rng, partial, l2)):
+            assert (cython.finish_partial_checksum(candidate, l2)
+                    == py_offload.finish_partial_checksum(candidate, l2))
 
 
 # --- forwarders with offloads -----------------------------------------------------------------
@@ -661,6 +690,13 @@ class OffloadRig:
     def frame(self, packet: bytes) -> bytes:
         """What the device carries for an inner packet on this path."""
         return eth(packet) if self.l2 else packet
+
+    def wire(self, inner: bytes) -> bytes:
+        """The datagram a peer sends for an inner packet (tun) or frame (tap) on this path."""
+        header = struct.pack("!BBHI", 8, 0, 0, VNI << 8)
+        if self.path == "routed":
+            return header + eth(inner, dst=OUR_MAC)
+        return header + inner if self.path == "switched" else inner
 
     def inner(self, datagram: bytes) -> bytes:
         """The inner packet (tun) or frame (tap) a datagram carries."""
@@ -1014,12 +1050,7 @@ def test_gro_pieces_are_checked_one_by_one(make: Any) -> None:
 def test_delivered_segments_are_coalesced(make: Any, path: str) -> None:
     rig = make(path, udp_gro=True, static_peer0=False)
     parts = [rig.frame(p) for p in inner_from(0, 4)]
-    if path == "routed":
-        wire = [struct.pack("!BBHI", 8, 0, 0, VNI << 8) + eth(p, dst=OUR_MAC) for p in parts]
-    elif path == "switched":
-        wire = [struct.pack("!BBHI", 8, 0, 0, VNI << 8) + p for p in parts]
-    else:
-        wire = parts
+    wire = [rig.wire(p) for p in parts]
     rig.fwd.set_capture(True)
     rig.send_gso(0, wire)
     assert rig.outside(1) == 1
@@ -1030,6 +1061,27 @@ def test_delivered_segments_are_coalesced(make: Any, path: str) -> None:
     c = rig.counters()
     assert (c["delivered_packets"], c["offload_coalesced_writes"],
             c["offload_coalesced_segments"], c["offload_gro_receives"]) == (4, 1, 4, 1)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_unfinished_checksums_from_a_kernel_vtep_are_finished(make: Any, path: str) -> None:
+    """What a kernel VTEP on a veth sends: segments whose checksum holds the pseudo-header sum
+    only. They reach the device finished (and, finished, are coalesced)."""
+    rig = make(path, udp_gro=True, static_peer0=False)
+    parts = [rig.frame(p) for p in inner_from(0, 3, partial=True)]
+    parts.append(rig.frame(udp_packet(b"u" * 50, src=overlay(0), dst="10.0.0.9", partial=True)))
+    wire = [rig.wire(p) for p in parts]
+    for datagram in wire:
+        rig.peers[0].sendto(datagram, rig.local.getsockname())
+    assert rig.outside(4) == 4
+    writes = rig.device_writes()
+    assert len(writes) == 2
+    finished = [rig.frame(p) for p in inner_from(0, 3)]
+    check_merged(writes[0][:10], writes[0][10:], finished, rig.l2)
+    assert writes[1] == bytes(10) + rig.frame(udp_packet(b"u" * 50, src=overlay(0),
+                                                         dst="10.0.0.9"))
+    c = rig.counters()
+    assert (c["offload_checksums_finished"], c["delivered_packets"]) == (4, 4)
 
 
 def test_coalesced_write_error_counts_every_segment(make: Any) -> None:

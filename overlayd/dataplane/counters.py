@@ -81,6 +81,8 @@ OFFLOAD = (
     "offload_gro_receives",        # UDP GRO receives that carried several datagrams
     "offload_coalesced_writes",    # TCP superpackets written to the device (GRO on writes)
     "offload_coalesced_segments",  # segments inside them (each also in delivered_packets)
+    "offload_checksums_finished",  # delivered TCP/UDP checksums a kernel VTEP left partial
+                                   # (the pseudo-header sum only), finished before the write
 )
 
 COUNTER_NAMES = TRAFFIC + DROP_REASONS + CAPTURE + OFFLOAD

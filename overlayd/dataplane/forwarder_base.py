@@ -559,7 +559,10 @@ class ForwarderBase:
 
     def _deliver_to_device(self, pkt: memoryview, peer: int) -> None:
         """Hot: write a checked packet/frame from ``peer`` into the device - with vnet_hdr,
-        hand it to the coalescer, written when the outside batch ends."""
+        hand it to the coalescer, written when the outside batch ends. A checksum a kernel
+        VTEP left unfinished is finished first (offload.finish_partial_in_place)."""
+        if offload.finish_partial_in_place(pkt, self._LINK_HEADER_LEN):
+            self._counters[C["offload_checksums_finished"]] += 1
         coalescer = self._coalescer
         if coalescer is not None:
             if self._capture_on:

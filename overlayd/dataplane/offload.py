@@ -51,6 +51,9 @@ _ETH_HEADER_LEN: Final = 14
 _IPV4_MIN_HEADER: Final = 20
 _TCP_MIN_HEADER: Final = 20
 _PROTO_TCP: Final = 6
+_PROTO_UDP: Final = 17
+_UDP_HEADER: Final = 8
+_UDP_CSUM_OFFSET: Final = 6
 _MAX_IPV4_TOTAL: Final = 65535
 _IP_MF_AND_OFFSET: Final = 0x3FFF
 _TCP_FIN: Final = 0x01
@@ -109,6 +112,55 @@ def _ipv4_header_checksum(header: bytearray, l2: int, ihl: int) -> None:
     """Recompute, in place, the header checksum of the IPv4 header at ``l2``."""
     header[l2 + 10:l2 + 12] = b"\x00\x00"
     header[l2 + 10:l2 + 12] = checksum(header[l2:l2 + ihl]).to_bytes(2, "big")
+
+
+# --- 6. unfinished checksums on receipt ----------------------------------------------------------
+
+def finish_partial_checksum(packet: bytes | bytearray | memoryview,
+                            l2: int) -> tuple[bytes, bool]:
+    """(``packet`` with an unfinished TCP/UDP checksum finished, whether it was one)."""
+    out = bytearray(packet)
+    done = finish_partial_in_place(out, l2)
+    return bytes(out), done
+
+
+def finish_partial_in_place(packet: memoryview | bytearray, l2: int) -> bool:
+    """Finish, in place, the inner TCP/UDP checksum of a delivered packet (tun: l2 = 0) or
+    frame (tap: l2 = 14) that a kernel VTEP left unfinished: its checksum field holds exactly
+    the folded pseudo-header sum (CHECKSUM_PARTIAL, as a veth or a virtual NIC sends it) and
+    the whole does not verify. Only IPv4, not a fragment, TCP, or UDP with a checksum; whether
+    it did."""
+    n = len(packet)
+    if n < l2 + _IPV4_MIN_HEADER or (l2 and packet[l2 - 2:l2] != _ETHERTYPE_IPV4):
+        return False
+    ip = l2
+    ihl = (packet[ip] & 0x0F) * 4
+    total = int.from_bytes(packet[ip + 2:ip + 4], "big")   # a short frame may carry padding
+    if (packet[ip] >> 4 != 4 or ihl < _IPV4_MIN_HEADER or not ihl <= total <= n - l2
+            or int.from_bytes(packet[ip + 6:ip + 8], "big") & _IP_MF_AND_OFFSET):
+        return False
+    proto = packet[ip + 9]
+    if proto == _PROTO_TCP:
+        where, need = _TCP_CSUM_OFFSET, _TCP_MIN_HEADER
+    elif proto == _PROTO_UDP:
+        where, need = _UDP_CSUM_OFFSET, _UDP_HEADER
+    else:
+        return False
+    length = total - ihl
+    at = ip + ihl + where
+    if length < need:
+        return False
+    field = int.from_bytes(packet[at:at + 2], "big")
+    if proto == _PROTO_UDP and field == 0:
+        return False                        # no checksum at all: nothing to finish
+    if field != fold_add(ones_sum(packet[ip + 12:ip + 20]), proto, length):
+        return False                        # the cheap test, on every delivered packet
+    segment = packet[ip + ihl:ip + total]
+    whole = ones_sum(segment)               # the field holds the pseudo-header sum already
+    if whole == 0xFFFF:
+        return False                        # a finished checksum that happens to look partial
+    packet[at:at + 2] = ((~whole & 0xFFFF) or 0xFFFF).to_bytes(2, "big")
+    return True
 
 
 # --- 2. TCP segmentation of a TSO superpacket --------------------------------------------------

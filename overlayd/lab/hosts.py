@@ -37,6 +37,11 @@ class HostSpec:
     # vxlan: no overlayd here but the kernel's own VXLAN, configured as flannel's vxlan backend
     # configures a host (routed) or as a plain kernel VTEP with flood entries (switched).
     kernel_vxlan: bool = False
+    # A kernel host keeps its links' offloads at the defaults: on a veth the kernel's VXLAN then
+    # sends inner TCP/UDP checksums unfinished (CHECKSUM_PARTIAL), which overlayd must finish.
+    # True: `ethtool -K ul0 tx off` first (the kernel computes them before the veth), as a
+    # tuned host would.
+    kernel_tx_checksum_off: bool = False
 
     @property
     def runs_daemon(self) -> bool:

@@ -94,6 +94,9 @@ TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
                                  "TCP superpackets written to the device (coalesced segments)."),
     "offload_coalesced_segments": ("overlayd_offload_coalesced_segments",
                                    "Segments written inside coalesced superpackets."),
+    "offload_checksums_finished": ("overlayd_offload_checksums_finished",
+                                   ("Delivered TCP/UDP checksums a kernel VTEP left unfinished "
+                                    "(the pseudo-header sum only), finished before the write.")),
 }
 
 PEER_METRICS = (  # (position in peer_counters() tuples, name, help)
