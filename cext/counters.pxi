@@ -43,6 +43,11 @@ cpdef enum:
     CTR_OUTSIDE_WRONG_INNER_MAC
     CTR_OUTSIDE_BAD_SOURCE_MAC
     CTR_INSIDE_BAD_OFFLOAD
+    CTR_INSIDE_MARTIAN_SOURCE
+    CTR_INSIDE_MARTIAN_DESTINATION
+    CTR_OUTSIDE_MARTIAN_SOURCE
+    CTR_OUTSIDE_MARTIAN_DESTINATION
+    CTR_OUTSIDE_LOCAL_SOURCE
     CTR_CAPTURE_DROPPED
     CTR_OFFLOAD_SUPERPACKETS
     CTR_OFFLOAD_SEGMENTS
@@ -93,6 +98,11 @@ COUNTER_NAMES = (
     "outside_wrong_inner_mac",
     "outside_bad_source_mac",
     "inside_bad_offload",
+    "inside_martian_source",
+    "inside_martian_destination",
+    "outside_martian_source",
+    "outside_martian_destination",
+    "outside_local_source",
     "capture_dropped",
     "offload_superpackets",
     "offload_segments",

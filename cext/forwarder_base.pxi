@@ -17,7 +17,9 @@
 #    what does not fit is counted as capture_dropped. drain_capture (GIL held, never during
 #    a batch) turns the ring into Python objects and empties it. While disabled, the cost is
 #    one branch on capture_on.
-# 5. _RoutedBase: the router shared by the udp and vxlan routed paths - LPM, TTL with an
+# 5. _RoutedBase: the router shared by the udp and vxlan routed paths - martians (RFC 1812
+#    5.3.7: 0/8, 127/8, 224/4, 240/4, 255.255.255.255 as source or destination, both
+#    directions; on receive also this host's own addresses as source), LPM, TTL with an
 #    RFC 1624 checksum update, ICMP errors under a token bucket (RFC 1812), and the IPv4
 #    checks of the outside path.
 #
@@ -72,6 +74,8 @@ ctypedef struct fwd_tables_t:
     int32_t npeers
     peer_t *peers
     ip_index_t *by_ip
+    int32_t nhost
+    uint32_t *host_addrs       # this host's own addresses, sorted: never an inner source
 
 ctypedef struct capture_rec_t:  # one captured packet: cap_buf[offset:offset + length]
     uint32_t offset
@@ -101,10 +105,13 @@ cdef class _TableGeneration:
     def __cinit__(self):
         self.t.peers = NULL
         self.t.by_ip = NULL
+        self.t.host_addrs = NULL
+        self.t.nhost = 0
 
     def __dealloc__(self):
         free(self.t.peers)
         free(self.t.by_ip)
+        free(self.t.host_addrs)
 
 
 cdef inline void txq_set_gso(txq_t *q, int k) noexcept nogil:
@@ -126,17 +133,31 @@ cdef _TableGeneration build_generation(tables):
     cdef Py_ssize_t npeers, i
     cdef const unsigned char[::1] mac_view
     if tables is None:
-        local_address, peers, routes = 0, (), ()
+        local_address, peers, routes, host = 0, (), (), ()
     else:
         local_address = getattr(tables, "local_address", 0)
         peers = tuple(tables.peers)
         routes = getattr(tables, "routes", ())
+        host = getattr(tables, "host_addresses", ())
+    own = set()
+    for address in host:
+        address = operator_index(address)
+        if not 0 <= address <= 0xFFFFFFFF:
+            raise ValueError(f"host_addresses: {address!r} is not a u32 IPv4 address")
+        own.add(address)
+    host = sorted(own)
     local_address = operator_index(local_address)
     if not 0 <= local_address <= 0xFFFFFFFF:
         raise ValueError(f"local_address {local_address!r} is not a u32 IPv4 address")
     npeers = len(peers)
     if npeers > 0x7FFFFFFF:
         raise ValueError("too many peers")
+    gen.t.host_addrs = <uint32_t *>calloc(max(len(host), 1), sizeof(uint32_t))
+    if gen.t.host_addrs == NULL:
+        raise MemoryError()
+    for i, address in enumerate(host):
+        gen.t.host_addrs[i] = address
+    gen.t.nhost = <int32_t>len(host)
     gen.t.peers = <peer_t *>calloc(max(npeers, 1), sizeof(peer_t))
     gen.t.by_ip = <ip_index_t *>calloc(max(npeers, 1), sizeof(ip_index_t))
     if gen.t.peers == NULL or gen.t.by_ip == NULL:
@@ -206,6 +227,22 @@ cdef inline int32_t peer_by_ip(const fwd_tables_t *t, uint32_t ip) noexcept nogi
     if lo < t.npeers and t.by_ip[lo].ip == ip:
         return t.by_ip[lo].peer
     return -1
+
+
+cdef inline bint is_host_address(const fwd_tables_t *t, uint32_t ip) noexcept nogil:
+    cdef int32_t lo = 0, hi = t.nhost, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if t.host_addrs[mid] < ip:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < t.nhost and t.host_addrs[lo] == ip
+
+
+cdef inline bint martian(uint32_t ip) noexcept nogil:
+    """RFC 1812 5.3.7: 0/8, 127/8, and from 224.0.0.0 up (multicast, 240/4, broadcast)."""
+    return (ip >> 24) == 0 or (ip >> 24) == 127 or ip >= 0xE0000000u
 
 
 cdef extern from *:
@@ -952,6 +989,13 @@ cdef class _RoutedBase(_ForwarderBase):
         if ihl < IPV4_MIN_HEADER or ihl > n or rd16(pkt + 2) != n:
             ctr[CTR_INSIDE_BAD_HEADER] += 1
             return -1
+        # Martians go nowhere and are never answered (RFC 1812 5.3.7, 4.3.2.7).
+        if martian(rd32(pkt + 12)):
+            ctr[CTR_INSIDE_MARTIAN_SOURCE] += 1
+            return -1
+        if martian(rd32(pkt + 16)):
+            ctr[CTR_INSIDE_MARTIAN_DESTINATION] += 1
+            return -1
         target = lpm_lookup(t.lpm, rd32(pkt + 16))
         if target == NO_ROUTE_C:
             ctr[CTR_INSIDE_NO_ROUTE] += 1
@@ -1014,8 +1058,18 @@ cdef class _RoutedBase(_ForwarderBase):
         if csum_fold(csum_partial(pkt, ihl, 0)) != 0:
             ctr[CTR_OUTSIDE_BAD_CHECKSUM] += 1
             return
+        # Before the prefix checks: a peer owning 0.0.0.0/0 owns every martian too.
+        if martian(rd32(pkt + 12)):
+            ctr[CTR_OUTSIDE_MARTIAN_SOURCE] += 1
+            return
+        if is_host_address(t, rd32(pkt + 12)):
+            ctr[CTR_OUTSIDE_LOCAL_SOURCE] += 1
+            return
         if lpm_lookup(t.lpm, rd32(pkt + 12)) != peer:
             ctr[CTR_OUTSIDE_SPOOFED_SOURCE] += 1
+            return
+        if martian(rd32(pkt + 16)):
+            ctr[CTR_OUTSIDE_MARTIAN_DESTINATION] += 1
             return
         if lpm_lookup(t.lpm, rd32(pkt + 16)) != LOCAL_C:
             ctr[CTR_OUTSIDE_NOT_FOR_US] += 1

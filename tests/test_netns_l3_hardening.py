@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 from netns_helpers import NETNS_MARKS
 
 from overlayd.lab import netns
+from overlayd.runtime.daemon import HOST_ADDRESSES_SECONDS
 
 pytestmark = NETNS_MARKS
 
@@ -128,3 +130,101 @@ def test_tcp_from_a_kernel_vtep_with_default_offloads(mode: str, tuned: bool) ->
         else:
             assert traffic["offload_checksums_finished"] > 0, traffic
         assert {k: v for k, v in status["drops"].items() if v} == {}, status["drops"]
+
+
+# --- item 4: martians, from a member that owns 0.0.0.0/0, and from the host itself -----------
+
+MARTIAN_SOURCES = ["0.0.0.0", "0.1.2.3", "127.0.0.1", "224.0.0.1", "239.1.2.3", "240.0.0.1",
+                   "250.9.9.9", "255.255.255.255"]
+
+# Runs in the gateway's namespace: a plain UDP socket on the gateway's own underlay address
+# (the source a forged datagram would carry) sends each inner packet to the victim daemon.
+SEND_INNER = r"""
+import json, socket, sys
+from overlayd.wire import ipv4
+src_ip, dst_ip, port, overlay_dst = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+echo = bytes([8, 0, 0xF7, 0xFF, 0, 0, 0, 0])             # ICMP echo request, checksum right
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((src_ip, 0))
+for source in sys.argv[5:]:
+    inner = ipv4.build_header(source=ipv4.addr_to_int(source),
+                              destination=ipv4.addr_to_int(overlay_dst),
+                              payload_length=len(echo), protocol=1) + echo
+    sock.sendto(inner, (dst_ip, port))
+print(json.dumps({"sent": len(sys.argv) - 5}))
+"""
+
+# Runs in the daemon's namespace: raw IPv4 packets the kernel routes into the overlay device,
+# with whatever source and destination the test names (a raw socket checks neither).
+SEND_RAW = r"""
+import json, socket, sys
+from overlayd.wire import ipv4
+echo = bytes([8, 0, 0xF7, 0xFF, 0, 0, 0, 0])
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+pairs = [arg.split(">") for arg in sys.argv[1:]]
+for source, destination in pairs:
+    packet = ipv4.build_header(source=ipv4.addr_to_int(source),
+                               destination=ipv4.addr_to_int(destination),
+                               payload_length=len(echo), protocol=1) + echo
+    raw.sendto(packet, (destination, 0))
+print(json.dumps({"sent": len(pairs)}))
+"""
+
+
+def run_code(lab: Any, ref: str, code: str, *args: str) -> Any:
+    env = f"PYTHONPATH={REPO}"
+    proc = lab.exec(ref, ["env", env, sys.executable, "-c", code, *args], timeout_s=30.0)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def settle(lab: Any, ref: str, key: str, want: int, timeout_s: float = 5.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = lab.control(ref, "status")
+        counts = {**status["traffic"], **status["drops"]}
+        if counts.get(key, 0) >= want or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.1)
+
+
+def test_martians_from_a_gateway_member_and_the_host_are_dropped_by_reason() -> None:
+    from netns_helpers import logs
+
+    from overlayd.lab import HostSpec, Lab
+
+    specs = [HostSpec(), HostSpec(node_extra={"routes": ["0.0.0.0/0"]})]
+    with Lab(specs, backend="udp") as lab:
+        lab.wait_mesh(timeout_s=20.0)
+        victim, gateway = lab.host("host1"), lab.host("host2")
+        port = 8285
+        before = settle(lab, "host1", "outside_packets", 0)
+        # Receive: martian sources, the victim's own underlay address, and one good packet
+        # (a source in the gateway's prefixes) that must arrive, so a missing check shows.
+        good = str(next(gateway.subnet.hosts())) if gateway.subnet else ""
+        sources = [*MARTIAN_SOURCES, victim.underlay_ip, good]
+        run_code(lab, "host2", SEND_INNER, gateway.underlay_ip, victim.underlay_ip, str(port),
+                 str(victim.overlay_ip), *sources)
+        after = settle(lab, "host1", "outside_packets", before["outside_packets"] + len(sources))
+        assert after["outside_packets"] - before["outside_packets"] == len(sources), logs(lab)
+        assert after["outside_martian_source"] == len(MARTIAN_SOURCES), after
+        assert after["outside_local_source"] == 1, after
+        assert after["delivered_packets"] - before["delivered_packets"] == 1, after
+        # Send: raw packets from the victim's own stack into its overlay device, a martian
+        # source toward the gateway, a martian destination (the default route is the overlay's).
+        peer_address = str(gateway.overlay_ip)
+        mid = settle(lab, "host1", "forwarded_packets", after["forwarded_packets"] + 1,
+                     timeout_s=1.0)                  # the good echo's reply has gone out
+        run_code(lab, "host1", SEND_RAW, f"240.0.0.1>{peer_address}",
+                 f"127.0.0.9>{peer_address}", f"{victim.overlay_ip}>240.0.0.7")
+        sent = settle(lab, "host1", "inside_martian_destination", 1)
+        assert sent["inside_martian_source"] == 2, sent
+        assert sent["inside_martian_destination"] == 1, sent
+        assert sent["forwarded_packets"] == mid["forwarded_packets"], sent    # none went out
+        # An address the host gains later is refused too, once the daemon re-read them.
+        netns.ip("-n", victim.netns, "addr", "add", "198.51.100.7/32", "dev", "lo")
+        time.sleep(HOST_ADDRESSES_SECONDS + 1.0)
+        run_code(lab, "host2", SEND_INNER, gateway.underlay_ip, victim.underlay_ip, str(port),
+                 str(victim.overlay_ip), "198.51.100.7")
+        late = settle(lab, "host1", "outside_local_source", 2)
+        assert late["outside_local_source"] == 2, late
+        assert late["delivered_packets"] == sent["delivered_packets"], late

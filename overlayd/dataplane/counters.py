@@ -64,6 +64,13 @@ DROP_REASONS = (
     "inside_bad_offload",        # a virtio-net header the data plane cannot honour: checksum
                                  # offsets outside the packet, a GSO type other than TCPv4, a
                                  # TCPv4 superpacket that is not one, or too many segments
+    # martians, routed paths (RFC 1812 5.3.7): 0/8, 127/8, 224/4 (no multicast routing here),
+    # 240/4 and 255.255.255.255, as source or destination; never answered with ICMP
+    "inside_martian_source",
+    "inside_martian_destination",
+    "outside_martian_source",
+    "outside_martian_destination",
+    "outside_local_source",      # inner source is one of this host's own addresses
 )
 
 # Capture (``overlayd capture``): neither traffic nor a drop - the packet itself went on.

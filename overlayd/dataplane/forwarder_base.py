@@ -16,8 +16,10 @@
    (CAPTURE_BYTES of packets, CAPTURE_RECORDS records); what does not fit is counted as
    capture_dropped. ``drain_capture`` returns the records and empties the buffer. While
    disabled, the cost is one test of ``_capture_on``.
-5. Routed helpers (RoutedForwarderBase): the router part of the inside path (LPM, TTL, ICMP
-   errors under a token bucket, RFC 1812) and the IPv4 checks of the outside path.
+5. Routed helpers (RoutedForwarderBase): the router part of the inside path (martians, LPM,
+   TTL, ICMP errors under a token bucket, RFC 1812) and the IPv4 checks of the outside path
+   (martians - RFC 1812 5.3.7: 0/8, 127/8, 224/4, 240/4, 255.255.255.255 as source or
+   destination - and this host's own addresses as source, before the prefix checks).
 6. Offloads (cext/offload.pxi, twin offload.py), each off unless the constructor asks:
    ``vnet_hdr`` - every device read and write carries a virtio-net header; TCP superpackets
    are cut into segments, laid out back to back with the path's outer-header room in front
@@ -102,6 +104,11 @@ _VXLAN_DROP: Final = {
 TX_PACKETS, TX_BYTES, RX_PACKETS, RX_BYTES = range(4)
 
 
+def martian(address: int) -> bool:
+    """RFC 1812 5.3.7: 0/8, 127/8, and from 224.0.0.0 up (multicast, 240/4, broadcast)."""
+    return address >> 24 in (0, 127) or address >= 0xE0000000
+
+
 def batch_bucket(n: int) -> int:
     """Histogram bucket of a batch of n >= 1 packets: 2**(i-1) < n <= 2**i."""
     return (n - 1).bit_length()
@@ -113,6 +120,7 @@ class State:
     them (ForwardingTables), so the switched path's SwitchTables builds one too."""
 
     __slots__ = (
+        "host_addresses",
         "local_address",
         "peer_addr",
         "peer_by_ip",
@@ -128,6 +136,11 @@ class State:
         peers = tables.peers if tables is not None else ()
         routes = getattr(tables, "routes", ())
         local_address = getattr(tables, "local_address", 0)
+        host = frozenset(operator.index(a) for a in getattr(tables, "host_addresses", ()))
+        for address in host:
+            if not 0 <= address <= 0xFFFFFFFF:
+                raise ValueError(f"host_addresses: {address!r} is not a u32 IPv4 address")
+        self.host_addresses: frozenset[int] = host
         self.local_address: int = operator.index(local_address)
         if not 0 <= self.local_address <= 0xFFFFFFFF:
             raise ValueError(f"local_address {local_address!r} is not a u32 IPv4 address")
@@ -741,6 +754,13 @@ class RoutedForwarderBase(ForwarderBase):
         if reason is not None:
             ctr[_INSIDE_DROP[reason]] += 1
             return -1
+        # Martians go nowhere and are never answered (RFC 1812 5.3.7, 4.3.2.7).
+        if martian(ipv4.source(pkt)):
+            ctr[C["inside_martian_source"]] += 1
+            return -1
+        if martian(ipv4.destination(pkt)):
+            ctr[C["inside_martian_destination"]] += 1
+            return -1
         target = state.routes.lookup(ipv4.destination(pkt))
         if target == NO_ROUTE:
             ctr[C["inside_no_route"]] += 1
@@ -789,8 +809,19 @@ class RoutedForwarderBase(ForwarderBase):
         if reason is not None:
             ctr[_OUTSIDE_DROP[reason]] += 1
             return
-        if state.routes.lookup(ipv4.source(pkt)) != peer:
+        source = ipv4.source(pkt)
+        # Before the prefix checks: a peer owning 0.0.0.0/0 owns every martian too.
+        if martian(source):
+            ctr[C["outside_martian_source"]] += 1
+            return
+        if source in state.host_addresses:
+            ctr[C["outside_local_source"]] += 1
+            return
+        if state.routes.lookup(source) != peer:
             ctr[C["outside_spoofed_source"]] += 1
+            return
+        if martian(ipv4.destination(pkt)):
+            ctr[C["outside_martian_destination"]] += 1
             return
         if state.routes.lookup(ipv4.destination(pkt)) != LOCAL:
             ctr[C["outside_not_for_us"]] += 1

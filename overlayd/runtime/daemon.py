@@ -42,6 +42,7 @@ log = logging.getLogger("overlayd")
 ICMP_REFILL_SECONDS = 0.1     # token bucket granularity for ICMP errors
 HEALTH_CHECK_SECONDS = 1.0    # how often the device's existence is checked
 FDB_TICK_SECONDS = 0.5        # switched: the data plane's clock (set_now) and MAC ageing
+HOST_ADDRESSES_SECONDS = 5.0  # routed: how often this host's own addresses are re-read
 
 
 def kernel_routes(smap: SubnetMap, view: LocalView) -> set[ipaddress.IPv4Network]:
@@ -65,6 +66,9 @@ class Daemon:
         self.kernels = kernels
         self.implementation = implementation
         self.view: LocalView | None = None
+        # This host's IPv4 addresses: never an inner source from a peer (the device has
+        # accept_local=1, see io/device.py), re-read every HOST_ADDRESSES_SECONDS.
+        self.host_addresses: tuple[ipaddress.IPv4Address, ...] = ()
         self.tun: OverlayDevice | None = None
         self.sock: socket.socket | None = None
         self.tx_socks: list[socket.socket] = []   # vxlan: outer source ports by flow hash
@@ -93,7 +97,8 @@ class Daemon:
         me = find_local_node(self.smap, str(self.config.map_file), self.config.node_name,
                              (h.address for h in addresses))
         underlay_mtu = self._underlay_mtu(me.public_ip, addresses)
-        self.view = build_local_view(self.smap, me, underlay_mtu)
+        self.host_addresses = tuple(sorted(h.address for h in addresses))
+        self.view = build_local_view(self.smap, me, underlay_mtu, self.host_addresses)
         bind = self.config.bind_address or me.public_ip
         backend = self.smap.backend
         self.sock = open_tunnel_socket(bind, backend.port, self.config.socket_buffer_bytes)
@@ -178,6 +183,7 @@ class Daemon:
             self._every(FDB_TICK_SECONDS, self._fdb_tick)
         else:
             self._every(ICMP_REFILL_SECONDS, self._refill_icmp)
+            self._every(HOST_ADDRESSES_SECONDS, self._refresh_host_addresses)
         self._every(HEALTH_CHECK_SECONDS, self._check_health)
         if self.config.map_poll_seconds > 0:
             self._every(self.config.map_poll_seconds, self._poll_map)
@@ -232,6 +238,18 @@ class Daemon:
         rate = self.config.icmp_rate_per_second
         self.forwarder.add_icmp_tokens(max(1, int(rate * ICMP_REFILL_SECONDS)), rate)
 
+    def _refresh_host_addresses(self) -> None:
+        """An address added to this host (a new interface, a container bridge) is refused as
+        an inner source within seconds: the tables are swapped when the set changed."""
+        assert self.view is not None
+        current = tuple(sorted(h.address for h in host_network.host_addresses()))
+        if current == self.host_addresses:
+            return
+        self.host_addresses = current
+        underlay = self.view.device_mtu + self.smap.backend.overhead
+        self.view = build_local_view(self.smap, self.view.node, underlay, current)
+        self.forwarder.set_tables(self._tables(self.view))
+
     def _fdb_tick(self) -> None:
         now = time.monotonic()
         self.forwarder.set_now(now)
@@ -272,7 +290,7 @@ class Daemon:
             log.error("map reload (%s): %s", why, self.map_error)
             return False
         underlay = self.view.device_mtu + self.smap.backend.overhead
-        view = build_local_view(smap, me, underlay)
+        view = build_local_view(smap, me, underlay, self.host_addresses)
         self.forwarder.set_tables(self._tables(view))     # the one-step swap
         routes = kernel_routes(smap, view)
         try:
