@@ -228,3 +228,67 @@ def test_martians_from_a_gateway_member_and_the_host_are_dropped_by_reason() -> 
         late = settle(lab, "host1", "outside_local_source", 2)
         assert late["outside_local_source"] == 2, late
         assert late["delivered_packets"] == sent["delivered_packets"], late
+
+
+# --- item 6: the vxlan transmit sockets are never read: a flood must not park memory --------
+
+FLOOD = r"""
+import json, socket, sys
+src_ip, dst_ip, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((src_ip, 0))
+sent = 0
+for port in map(int, sys.argv[4:]):
+    for _ in range(count):
+        try:
+            sock.sendto(b"\x08" + bytes(1399), (dst_ip, port))
+            sent += 1
+        except BlockingIOError:
+            pass
+print(json.dumps({"sent": sent}))
+"""
+
+
+def udp_sockets(lab: Any, ref: str, pid: int) -> dict[int, tuple[int, int]]:
+    """{local port: (bytes queued to read, receive buffer size)} of a process's UDP sockets,
+    from `ss -uanmp` in the host's namespace."""
+    import re
+
+    out = lab.exec(ref, ["ss", "-u", "-a", "-n", "-m", "-p"], timeout_s=10.0).stdout
+    sockets: dict[int, tuple[int, int]] = {}
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        fields = line.split()
+        if len(fields) < 5 or f"pid={pid}," not in line:
+            continue
+        port = int(fields[3].rsplit(":", 1)[1])
+        skmem = next((ln for ln in lines[i:i + 2] if "skmem:" in ln), "")
+        rb = re.search(r"rb(\d+)", skmem)
+        sockets[port] = (int(fields[1]), int(rb.group(1)) if rb else -1)
+    return sockets
+
+
+def test_flood_at_the_transmit_sockets_parks_no_memory() -> None:
+    from netns_helpers import VXLAN_UNAVAILABLE, logs
+
+    from overlayd.lab import Lab
+
+    if VXLAN_UNAVAILABLE is not None:
+        pytest.skip(f"vxlan netns tests: {VXLAN_UNAVAILABLE}")
+    with Lab(2, backend="vxlan") as lab:
+        lab.wait_mesh(timeout_s=20.0)
+        victim, stranger = lab.host("host1"), lab.host("host2")
+        assert victim.daemon is not None
+        sockets = udp_sockets(lab, "host1", victim.daemon.pid)
+        tx_ports = sorted(p for p in sockets if p != 8472)
+        assert len(tx_ports) == 8, sockets                       # [tunnel] tx_sockets
+        run_code(lab, "host2", FLOOD, stranger.underlay_ip, victim.underlay_ip, "2000",
+                 *map(str, tx_ports))
+        time.sleep(0.5)
+        after = udp_sockets(lab, "host1", victim.daemon.pid)
+        for port in tx_ports:
+            queued, rcvbuf = after[port]
+            assert queued == 0, (port, after)
+            assert 0 < rcvbuf <= 65536, (port, after)
+        # The daemon still forwards, from those same sockets.
+        assert lab.ping("host1", "host2").ok, logs(lab)

@@ -33,7 +33,12 @@ from overlayd.control.problems import ConfigError
 from overlayd.control.subnet_map import SubnetMap
 from overlayd.io import host_network
 from overlayd.io.device import OverlayDevice, tune_device_sysctls
-from overlayd.io.tunnel_socket import enable_udp_gro, open_tunnel_socket, udp_gso_supported
+from overlayd.io.tunnel_socket import (
+    enable_udp_gro,
+    open_tunnel_socket,
+    open_tx_socket,
+    udp_gso_supported,
+)
 from overlayd.runtime.logs import RateLimitedLog
 from overlayd.wire.ethernet import parse_mac
 
@@ -106,7 +111,7 @@ class Daemon:
             # RFC 7348 wants the outer source port to follow the inner flow; one socket has one
             # port, so datagrams leave from a small pool of sockets on kernel-chosen ephemeral
             # ports, picked per packet by flow hash. Receiving stays on the VXLAN port.
-            self.tx_socks = [open_tunnel_socket(bind, 0, self.config.socket_buffer_bytes)
+            self.tx_socks = [open_tx_socket(bind, self.config.socket_buffer_bytes)
                              for _ in range(self.config.tx_sockets)]
         self.tun = OverlayDevice(self.config.device_name, "tap" if backend.switched else "tun",
                                  persist=self.config.keep_device, offload=self.config.offloads)
