@@ -506,8 +506,10 @@ def test_full_coalescer_writes_what_is_pending_first(off: ModuleType) -> None:
 def refresh_checksums(ip: bytearray | memoryview) -> None:
     """Recompute, in place, the IPv4 header and TCP checksums of a TCP packet (as far as its
     lengths allow), so that a packet with a changed header byte may still be coalescable."""
+    if len(ip) < 20:
+        return
     ihl = (ip[0] & 0x0F) * 4
-    if len(ip) < 20 or ihl < 20 or ihl > len(ip):
+    if ihl < 20 or ihl > len(ip):
         return
     ip[10:12] = b"\x00\x00"
     ip[10:12] = struct.pack("!H", naive_checksum(bytes(ip[:ihl])))
