@@ -1116,6 +1116,8 @@ def random_reads(rng: random.Random, l2: int) -> list[bytes]:
                             flags=rng.choice([ACK, ACK | PSH, ACK | FIN | PSH]))
         if l2:
             packet = eth(packet)
+        if rng.random() < 0.15:
+            packet = mutate_header_byte(rng, packet, l2)
         if roll < 0.7:
             reads.append(tso(packet, mss, l2))
         elif roll < 0.85:
