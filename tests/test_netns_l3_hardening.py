@@ -292,3 +292,62 @@ def test_flood_at_the_transmit_sockets_parks_no_memory() -> None:
             assert 0 < rcvbuf <= 65536, (port, after)
         # The daemon still forwards, from those same sockets.
         assert lab.ping("host1", "host2").ok, logs(lab)
+
+
+# --- items 9, 10: the switched path's coalescing merges only what the kernel's GRO would -----
+
+SEND_RUN = r"""
+import json, socket, struct, sys
+sys.path.insert(0, sys.argv[1])
+from test_offload import eth, tcp_packet
+src_ip, dst_ip, dst_mac, overlay_dst, vm_src = sys.argv[2:7]
+vxlan = struct.pack("!BBHI", 8, 0, 0, 1 << 8)
+runs = {
+    # One flow of three 1000-byte segments: the middle one with a broken IPv4 header
+    # checksum (its TCP checksum is right), then one whose reserved TCP bits differ.
+    "bad-ip-checksum": [dict(), dict(bad_ip_checksum=True), dict()],
+    "reserved-bits": [dict(), dict(reserved=1), dict()],
+}
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((src_ip, 0))
+for k, (name, changes) in enumerate(runs.items()):
+    frames = [vxlan + eth(tcp_packet(bytes([65 + i]) * 1000, seq=1000 + 1000 * i, ident=7 + i,
+                                     src=vm_src, dst=overlay_dst, sport=40000 + k, dport=9,
+                                     **change),
+                          dst=bytes.fromhex(dst_mac.replace(":", "")),
+                          src=bytes.fromhex("02aa000000%02x" % k))
+              for i, change in enumerate(changes)]
+    # One UDP GSO send: the daemon's UDP GRO socket takes the run in one receive.
+    sock.sendmsg([b"".join(frames)], [(17, 103, struct.pack("=H", len(frames[0])))], 0,
+                 (dst_ip, 4789))
+print(json.dumps({"sent": len(runs)}))
+"""
+
+
+def test_switched_coalescing_keeps_what_the_kernel_would_not_merge_apart() -> None:
+    from scapy.layers.inet import IP, TCP
+    from scapy.utils import rdpcap
+
+    from netns_helpers import VXLAN_UNAVAILABLE, logs
+    from overlayd.lab import Lab
+
+    if VXLAN_UNAVAILABLE is not None:
+        pytest.skip(f"vxlan netns tests: {VXLAN_UNAVAILABLE}")
+    with Lab(2, backend="vxlan", backend_extra={"mode": "switched"}) as lab:
+        lab.wait_mesh(timeout_s=20.0)
+        victim, sender = lab.host("host1"), lab.host("host2")
+        vm_src = str(lab.network.network_address + 200)
+        with lab.capture("host1", lab.device, "tcp port 9", count=6, seconds=5.0) as pcap:
+            run_code(lab, "host2", SEND_RUN, str(REPO / "tests"), sender.underlay_ip,
+                     victim.underlay_ip, str(victim.vtep_mac), str(victim.overlay_ip), vm_src)
+        packets = [p for p in rdpcap(str(pcap)) if TCP in p]
+        # Six segments written as six packets: the one with the broken IPv4 header checksum
+        # and the one with other reserved bits each end their run, and nothing is merged
+        # behind them either.
+        assert [len(p[TCP].payload) for p in packets] == [1000] * 6, (
+            [p.summary() for p in packets], logs(lab))
+        bad = [p for p in packets if p[TCP].sport == 40000 and p[TCP].seq == 2000]
+        assert len(bad) == 1
+        header = bytes(bad[0][IP])[:20]
+        assert sum(int.from_bytes(header[i:i + 2], "big") for i in range(0, 20, 2)) % 0xFFFF != 0, \
+            "the broken IPv4 header checksum was repaired"
