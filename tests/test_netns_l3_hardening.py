@@ -325,10 +325,10 @@ print(json.dumps({"sent": len(runs)}))
 
 
 def test_switched_coalescing_keeps_what_the_kernel_would_not_merge_apart() -> None:
+    from netns_helpers import VXLAN_UNAVAILABLE, logs
     from scapy.layers.inet import IP, TCP
     from scapy.utils import rdpcap
 
-    from netns_helpers import VXLAN_UNAVAILABLE, logs
     from overlayd.lab import Lab
 
     if VXLAN_UNAVAILABLE is not None:
