@@ -130,6 +130,7 @@ def test_tcp_from_a_kernel_vtep_with_default_offloads(mode: str, tuned: bool) ->
         else:
             assert traffic["offload_checksums_finished"] > 0, traffic
         assert {k: v for k, v in status["drops"].items() if v} == {}, status["drops"]
+        assert_identities(lab, "host1")
 
 
 # --- item 4: martians, from a member that owns 0.0.0.0/0, and from the host itself -----------
@@ -169,6 +170,16 @@ for source, destination in pairs:
     raw.sendto(packet, (destination, 0))
 print(json.dumps({"sent": len(pairs)}))
 """
+
+
+def assert_identities(lab: Any, ref: str) -> None:
+    """The counter identities README states hold on a live daemon (item 7)."""
+    from overlayd.dataplane.counters import identity_violations
+
+    status = lab.control(ref, "status")
+    peers = [(p["tx_packets"], p["tx_bytes"], p["rx_packets"], p["rx_bytes"])
+             for p in lab.control(ref, "peers")]
+    assert identity_violations({**status["traffic"], **status["drops"]}, peers) == [], status
 
 
 def run_code(lab: Any, ref: str, code: str, *args: str) -> Any:
@@ -228,6 +239,8 @@ def test_martians_from_a_gateway_member_and_the_host_are_dropped_by_reason() -> 
         late = settle(lab, "host1", "outside_local_source", 2)
         assert late["outside_local_source"] == 2, late
         assert late["delivered_packets"] == sent["delivered_packets"], late
+        for name in ("host1", "host2"):
+            assert_identities(lab, name)
 
 
 # --- item 6: the vxlan transmit sockets are never read: a flood must not park memory --------
@@ -292,6 +305,7 @@ def test_flood_at_the_transmit_sockets_parks_no_memory() -> None:
             assert 0 < rcvbuf <= 65536, (port, after)
         # The daemon still forwards, from those same sockets.
         assert lab.ping("host1", "host2").ok, logs(lab)
+        assert_identities(lab, "host1")
 
 
 # --- items 9, 10: the switched path's coalescing merges only what the kernel's GRO would -----
