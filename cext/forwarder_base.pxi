@@ -842,25 +842,25 @@ cdef class _ForwarderBase:
 
     @cython.final
     cdef uint32_t _gro_size(self, int i) noexcept nogil:
-        """The UDP_GRO segment size of receive i, or 0. A control message cut short (the
-        kernel's MSG_CTRUNC, or a UDP_GRO cmsg too short to hold its int) leaves the run's
-        datagram boundaries unknown: the receive is then marked MSG_TRUNC, and dropped and
-        counted as truncated, rather than handled as one datagram."""
+        """The UDP_GRO segment size of receive i, or 0. Without a whole UDP_GRO cmsg, a
+        control message cut short (the kernel's MSG_CTRUNC: another cmsg took the room) or a
+        UDP_GRO cmsg too short for its int leaves the run's datagram boundaries unknown: the
+        receive is then marked MSG_TRUNC, and dropped and counted as truncated, rather than
+        handled as one datagram."""
         cdef msghdr *hdr = &self.rx_msgs[i].msg_hdr
-        cdef cmsghdr *cm
+        cdef cmsghdr *cm = CMSG_FIRSTHDR(hdr)
         cdef int size
-        if hdr.msg_flags & MSG_CTRUNC:
-            hdr.msg_flags |= MSG_TRUNC
-            return 0
-        cm = CMSG_FIRSTHDR(hdr)
         while cm != NULL:
             if cm.cmsg_level == SOL_UDP_C and cm.cmsg_type == UDP_GRO_C:
                 if cm.cmsg_len < CMSG_LEN(sizeof(int)):
-                    hdr.msg_flags |= MSG_TRUNC
-                    return 0
+                    break
                 memcpy(&size, CMSG_DATA(cm), sizeof(int))
                 return <uint32_t>size if size > 0 else 0
             cm = CMSG_NXTHDR(hdr, cm)
+        else:
+            if not (hdr.msg_flags & MSG_CTRUNC):
+                return 0
+        hdr.msg_flags |= MSG_TRUNC
         return 0
 
     @cython.final

@@ -637,9 +637,10 @@ class ForwarderBase:
                 self._pending_recv_error = error
                 break
             gro_size = _gro_segment_size(ancdata) if cmsg_space else 0
-            if cmsg_space and (flags & socket.MSG_CTRUNC or gro_size < 0):
-                # The control message was cut short: the run's datagram boundaries are
-                # unknown, so it is dropped as truncated rather than handled as one datagram.
+            if gro_size < 0 or (gro_size == 0 and cmsg_space and flags & socket.MSG_CTRUNC):
+                # No whole UDP_GRO cmsg, and the control message was cut short: the run's
+                # datagram boundaries are unknown, so it is dropped as truncated rather than
+                # handled as one datagram.
                 flags |= socket.MSG_TRUNC
                 gro_size = 0
             received.append((nbytes, flags, address, gro_size))
