@@ -247,7 +247,12 @@ class Daemon:
         """An address added to this host (a new interface, a container bridge) is refused as
         an inner source within seconds: the tables are swapped when the set changed."""
         assert self.view is not None
-        current = tuple(sorted(h.address for h in host_network.host_addresses()))
+        try:
+            current = tuple(sorted(h.address for h in host_network.host_addresses()))
+        except Exception as exc:  # noqa: BLE001 - keep the last set; the next tick retries
+            self._ratelimited.warning("host-addresses", "reading this host's addresses "
+                                      "failed (the last set stays in force): %s", exc)
+            return
         if current == self.host_addresses:
             return
         self.host_addresses = current
