@@ -40,6 +40,9 @@ OPEN_ELSEWHERE = {
     ("offload", "item9-tcp-reserved-bits-merged"):
         "issue 10 item 9 (Cython coalescer ignores TCP byte 12's low nibble), fixed on branch "
         "harden-l3",
+    ("switched", "item9-retransmitted-run-diverges.json"):
+        "issue 10 item 9 (a retransmitted run whose reserved bits differ: Cython merges it, "
+        "the twin does not), fixed on branch harden-l3",
     ("switched", "item10-bad-ipv4-checksum-merged.json"):
         "issue 10 item 10 (switched coalescing merges a bad IPv4 header checksum), fixed on "
         "branch harden-l3",
