@@ -119,23 +119,17 @@ def _summary(stats: dict[str, object], returncode: int) -> str:
 
 def _minimise(args: argparse.Namespace) -> int:
     from overlayd.fuzz import targets
-    from overlayd.fuzz.forwarders import Finding
 
     (name,) = args.targets
     target = targets.make_target(name)
     try:
         data = args.minimise.read_bytes()
-        try:
-            target(data)
-        except Finding as exc:
-            message = str(exc)
-        except Exception as exc:  # noqa: BLE001 -- the finding to keep
-            message = f"{type(exc).__name__}: {exc}"
-        else:
+        wanted = engine.signature(lambda: target(data))
+        if wanted is None:
             print(f"{args.minimise}: no finding on target {name}", file=sys.stderr)
             return 1
-        small = engine.minimise(target, data, message)
-        _write_minimised(args, name, target, data, small, message)
+        small = engine.minimise(target, data, wanted)
+        _write_minimised(args, name, target, data, small, wanted)
     finally:
         targets.close_target(target)
     return 0

@@ -78,29 +78,33 @@ def load_corpus(*directories: Path | None) -> list[bytes]:
 
 
 def one_input(target: Any, data: bytes, stats: Stats, strict: bool,
-              crashes: Path | None) -> set[str] | None:
-    """Run one input; the labels it reached, or None after a finding (recorded). A new
-    finding is re-raised (atheris then stops) only when ``reraise`` is wanted by the caller."""
-    from overlayd.fuzz.forwarders import Finding, known_issue
+              crashes: Path | None) -> set[str]:
+    """Run one input; the labels it reached. A new finding (and with ``strict`` a known one)
+    is recorded and raised: atheris then stops, the random engine goes on."""
+    from overlayd.fuzz.forwarders import Finding
+    from overlayd.fuzz.targets import KNOWN_PREFIX
 
     stats.execs += 1
     try:
         labels = target(data)
     except Finding as exc:
-        issue = None if strict else known_issue(str(exc))
-        if issue is not None:
-            if not stats.known[issue]:
-                _save(crashes, f"known-{stats.target}", data)
-            stats.known[issue] += 1
-            stats.write()
-            return None
         _record(stats, crashes, data, f"{exc}")
         raise
     except Exception as exc:  # any other exception is a finding too
         _record(stats, crashes, data, f"{type(exc).__name__}: {exc}")
         raise
-    stats.labels.update(labels)
+    known = sorted(label[len(KNOWN_PREFIX):] for label in labels
+                   if label.startswith(KNOWN_PREFIX))
+    for issue in known:
+        if not stats.known[issue]:
+            _save(crashes, f"known-{stats.target}", data)
+        stats.known[issue] += 1
+    stats.labels.update(label for label in labels if not label.startswith(KNOWN_PREFIX))
     stats.write()
+    if strict and known:
+        message = f"known open finding(s), failing as --strict asks: {', '.join(known)}"
+        _record(stats, crashes, data, message)
+        raise Finding(message)
     return labels
 
 
@@ -139,7 +143,7 @@ def run_random(target: Any, stats: Stats, seconds: float, corpus_dir: Path | Non
     seen: set[str] = set()
     for data in corpus:          # the seeds first: they define what is already reached
         try:
-            seen |= one_input(target, data, stats, strict, crashes) or set()
+            seen |= one_input(target, data, stats, strict, crashes)
         except Exception:  # noqa: BLE001, S110 -- recorded in stats; a random run goes on
             pass
     deadline = time.monotonic() + seconds
@@ -181,22 +185,27 @@ def run_atheris(target: Any, stats: Stats, seconds: float, corpus_dir: Path | No
     return 0
 
 
-def minimise(target: Any, data: bytes, message: str, budget: int = 2000) -> bytes:
-    """A shorter/simpler input that still raises a finding starting like ``message``: cut
-    chunks from the end and the middle, then zero bytes (a zero is every draw's simplest
-    choice), each change kept only if the finding stays."""
-    from overlayd.fuzz.forwarders import Finding
+def signature(run: Any) -> str | None:
+    """What a finding looks like, to tell whether a smaller input still has it: the start of
+    the message of what ``run()`` raised, or the known open finding it reported; None when it
+    found nothing."""
+    from overlayd.fuzz.targets import KNOWN_PREFIX
 
-    key = message[:40]
+    try:
+        labels = run()
+    except Exception as exc:  # noqa: BLE001 -- every exception is a finding here
+        text = str(exc) if type(exc).__name__ == "Finding" else f"{type(exc).__name__}: {exc}"
+        return text[:40]
+    known = sorted(label for label in labels if label.startswith(KNOWN_PREFIX))
+    return known[0] if known else None
 
+
+def minimise(target: Any, data: bytes, wanted: str, budget: int = 2000) -> bytes:
+    """A shorter/simpler input whose finding has the signature ``wanted``: cut chunks from the
+    end and the middle, then zero bytes (a zero is every draw's simplest choice), each change
+    kept only if the finding stays."""
     def still(candidate: bytes) -> bool:
-        try:
-            target(candidate)
-        except Finding as exc:
-            return str(exc).startswith(key)
-        except Exception as exc:  # noqa: BLE001 -- another exception is another finding
-            return f"{type(exc).__name__}: {exc}".startswith(key)
-        return False
+        return signature(lambda: target(candidate)) == wanted
 
     runs = 0
     chunk = max(1, len(data) // 2)
@@ -221,18 +230,12 @@ def minimise(target: Any, data: bytes, message: str, budget: int = 2000) -> byte
     return data
 
 
-def minimise_case(target: Any, case: Any, message: str) -> Any:
+def minimise_case(target: Any, case: Any, wanted: str) -> Any:
     """A forwarder case with every step and item dropped that the finding does not need."""
     import copy
 
-    from overlayd.fuzz.forwarders import Finding
-
     def still(candidate: Any) -> bool:
-        try:
-            target.run_case(candidate)
-        except Finding as exc:
-            return str(exc).startswith(message[:40])
-        return False
+        return signature(lambda: target.run_case(candidate)) == wanted
 
     for s in reversed(range(len(case.steps))):
         candidate = copy.deepcopy(case)
