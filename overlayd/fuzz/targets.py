@@ -83,7 +83,7 @@ def offload_target(data: bytes) -> set[str]:
     labels = set()
     kind = src.below(3)
     if kind == 0:
-        read = F._needs_csum(src, l2)
+        read = F.needs_csum(src, l2)
         packet = src.mutate(read[10:], 2)
         start, offset = struct.unpack_from("<HH", read, 6)
         a = cython.complete_checksum(packet, start, offset)
@@ -93,7 +93,7 @@ def offload_target(data: bytes) -> set[str]:
             raise Finding(f"complete_checksum({packet.hex()}, {start}, {offset}) differs: "
                           f"cython {a!r}, python {b!r}")
     elif kind == 1:
-        read = F._superpacket(src, l2)
+        read = F.superpacket(src, l2)
         mss = struct.unpack_from("<H", read, 4)[0]
         packet = read[10:]
         a, b = cython.segment_tcp4(packet, l2, mss), python.segment_tcp4(packet, l2, mss)
@@ -107,7 +107,7 @@ def offload_target(data: bytes) -> set[str]:
                       False, 0, [])
         packets: list[bytes] = []
         while len(packets) < 40 and src.remaining:
-            for item in F._outside_items(src, case):
+            for item in F.outside_items(src, case):
                 size = item.gso_size or len(item.data) or 1
                 for offset in range(0, len(item.data), size):
                     datagram = item.data[offset:offset + size]
@@ -123,7 +123,7 @@ def offload_target(data: bytes) -> set[str]:
         for writes in (a, b):       # what each merged must be mergeable (names a known issue)
             for header, body in writes:
                 if header[1] & 0x7F == 1:
-                    with F._unless_known(known):
+                    with F.unless_known(known):
                         F.check_coalesced(case, bytes(header) + bytes(body), inner)
         labels |= known_labels(known)
         if known and a != b:
@@ -142,7 +142,7 @@ def wire_target(data: bytes) -> set[str]:
 
     src = ByteSource(data)
     if src.flag(70):
-        packet = src.mutate(F._ip_packet(src) if src.flag() else F._icmp_trigger(src), 4)
+        packet = src.mutate(F.ip_packet(src) if src.flag() else F.icmp_trigger(src), 4)
     else:
         packet = src.blob(200)
     labels = set()
