@@ -85,7 +85,7 @@ def _macs_homed_at_the_end(count: int, slots: int) -> tuple[bytes, ...]:
     """Unicast MACs whose home in the compiled FDB's open-addressing table (Fibonacci hash,
     cext/fdb.pxi) is its last slot, so their probe cluster wraps to the start: the case
     a backward-shift delete or a remap gets wrong."""
-    out = []
+    out: list[bytes] = []
     candidate = 0x020000001000
     while len(out) < count:
         candidate += 1
