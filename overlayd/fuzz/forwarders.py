@@ -875,8 +875,13 @@ def _check_device_write(case: Case, data: bytes) -> None:
     if not P.header_checksum_ok(data):
         raise Finding(f"written into the device: not a valid IPv4 packet: {data[:24].hex()}")
     src, dst = data[12:16], data[16:20]
-    if src == LOCAL_ADDRESS and data[9] == P.PROTO_ICMP:
-        return      # an ICMP error of ours
+    if src == LOCAL_ADDRESS and data[9] == P.PROTO_ICMP:    # an ICMP error of ours
+        if len(data) > 576 or len(data) < 20 + 8 + 20 or P.inet_sum(data[20:]):
+            raise Finding(f"a malformed ICMP error went into the device: {data[:40].hex()}")
+        if data[20] not in (3, 11) or data[16:20] != data[20 + 8 + 12:20 + 8 + 16]:
+            raise Finding("an ICMP error not of type 3/11, or not sent to the source of the "
+                          f"packet it quotes: {data[:60].hex()}")
+        return
     if _owner(case, dst) != LOCAL:
         raise Finding(f"written into the device: destination {socket.inet_ntoa(dst)} is "
                       "not ours")
