@@ -108,8 +108,10 @@ def run_step(title: str, cmd: list[str], tree: Path, env: dict[str, str],
     except subprocess.TimeoutExpired as exc:
         output, code = str(exc.stdout or ""), -1
     reports = [line for line in output.splitlines() if any(r in line for r in REPORTS)]
-    tail = "\n".join(output.splitlines()[-25:])
-    print(tail, flush=True)
+    # The fuzz runner's summaries in full (without the libFuzzer logs it quotes, "  | ..."),
+    # and the end of anything else.
+    lines = [line for line in output.splitlines() if not line.startswith("  | ")]
+    print("\n".join(lines[-120:]), flush=True)
     if reports:
         print("sanitizer reports:\n  " + "\n  ".join(reports[:20]), flush=True)
     ok = code == 0 and not reports
