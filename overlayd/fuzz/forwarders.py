@@ -143,6 +143,8 @@ class Case:
 
     def generators(self) -> Iterator[str]:
         for step in self.steps:
+            if not step.items:
+                yield f"step:{step.direction}"      # a map change or a clock tick
             for item in step.items:
                 yield f"{step.direction}:{item.generator}"
 
