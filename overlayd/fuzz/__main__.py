@@ -57,6 +57,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     unknown = [t for t in args.targets if t not in ALL_TARGETS]
     if unknown:
         parser.error(f"unknown target(s) {unknown}; choose from {', '.join(ALL_TARGETS)}")
+    if (args.minimise is not None or args.child) and len(args.targets) != 1:
+        parser.error("--minimise needs exactly one target")
     return args
 
 
@@ -66,8 +68,13 @@ def _child(args: argparse.Namespace) -> int:
     stats = engine.Stats(name, args.engine, args.stats)
     seeds = args.seeds / name if args.seeds is not None else None
     if args.engine == "atheris":
-        import atheris  # type: ignore[import-not-found,unused-ignore]
-
+        try:
+            import atheris  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            print("overlayd.fuzz: atheris is not installed; using the random engine",
+                  file=sys.stderr)
+            args.engine = stats.engine = "random"
+    if args.engine == "atheris":
         with atheris.instrument_imports(include=["overlayd"]):
             from overlayd.fuzz import targets
     else:
