@@ -38,7 +38,7 @@ from overlayd.lab.hosts import DEFAULT_PORTS, SWITCHED_PORT, HostRef, HostSpec, 
 from overlayd.lab.netns import LabError
 from overlayd.lab.processes import DEFAULT_LIFETIME_S, Agent, DaemonProcess
 from overlayd.lab.traffic import Traffic
-from overlayd.lab.vxlan_hosts import VxlanHosts
+from overlayd.lab.vxlan_hosts import VM_BRIDGE, VxlanHosts
 
 READY_POLL_S = 0.05
 
@@ -128,6 +128,8 @@ class Lab(Traffic, VxlanHosts):
             for host in self.hosts:
                 if host.spec is not None and host.spec.kernel_vxlan:
                     self.setup_kernel_vtep(host)
+                elif host.spec is not None and host.spec.vm_bridge:
+                    self.setup_vm_bridge(host)
 
     def _add_ns(self, name: str) -> None:
         netns.add_netns(name)
@@ -175,9 +177,11 @@ class Lab(Traffic, VxlanHosts):
         (self.workdir / "map.toml").write_text(configs.dumps(doc))
         for host in self.hosts:
             assert host.spec is not None
+            extra = host.spec.config_extra
+            if host.spec.vm_bridge:
+                extra = configs.merge({"device": {"bridge": VM_BRIDGE}}, extra)
             cfg = configs.daemon_config(host.name, "../map.toml", self.device,
-                                        str(host.control_socket), self.log_level,
-                                        host.spec.config_extra)
+                                        str(host.control_socket), self.log_level, extra)
             host.config_path.write_text(configs.dumps(cfg))
 
     @property
@@ -276,6 +280,9 @@ class Lab(Traffic, VxlanHosts):
             return "device missing"
         if "UP" not in info.get("flags", []):
             return "device down"
+        if host.spec is not None and host.spec.vm_bridge:
+            # bridged: the tap is a port without an address; the address is on the bridge
+            return "" if info.get("master") == VM_BRIDGE else f"not a port of {VM_BRIDGE} yet"
         addrs = {a.get("local") for a in info.get("addr_info", [])}
         if host.overlay_ip not in addrs:
             return f"address {host.overlay_ip} missing"
