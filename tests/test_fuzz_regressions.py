@@ -4,8 +4,9 @@ ever found something with, and proof that its structured generators reach the de
 1. Every seed in tests/fuzz_corpus/<target>/ runs without a new finding (both kernels, both
    directions; a seed may show a known open finding of another branch: seeds are for reach).
 2. Every input in tests/fuzz_corpus/regressions/<target>/ once broke a property; each must now
-   run clean, strictly: a known open finding fails too (a forwarder's as the decoded case in JSON, which `python3 -m overlayd.fuzz
-   TARGET --minimise FILE` writes, so changing a generator does not void it). The ones whose fix belongs to another branch of issue 10 are strict xfails
+   run clean, strictly: a known open finding fails too. A forwarder's is the decoded case in
+   JSON, which `python3 -m overlayd.fuzz TARGET --minimise FILE` writes, so changing a generator
+   does not void it. The ones whose fix belongs to another branch of issue 10 are strict xfails
    (XPASS fails: un-xfail them when that branch is merged).
 3. The seeds of each forwarder reach what the generators exist for: TSO superpackets, UDP GSO
    sends, GRO runs, coalesced device writes, ICMP errors (routed), floods (switched), and a
@@ -87,7 +88,8 @@ def _files(directory: Path) -> list[Any]:
     for name in targets.TARGETS:
         for path in sorted((directory / name).glob("*")) if (directory / name).is_dir() else []:
             reason = OPEN_ELSEWHERE.get((name, path.name))
-            marks = [pytest.mark.xfail(strict=True, raises=Finding, reason=reason)] if reason else []
+            marks = ([pytest.mark.xfail(strict=True, raises=Finding, reason=reason)]
+                     if reason else [])
             out.append(pytest.param(name, path, id=f"{name}/{path.name}", marks=marks))
     return out
 

@@ -11,7 +11,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "overlayd"
 
 # Higher number = higher layer. Top-level helper modules (errors, rate_limited_log, ...) are
-# below every layer; the tools (lab, bench, demo, fuzz) sit above the cli's layer and may use anything.
+# below every layer; the tools (lab, bench, demo, fuzz) sit above the cli's layer and may use
+# anything.
 RANK = {"wire": 1, "dataplane": 2, "io": 3, "control": 4, "ops": 5, "runtime": 6, "cli": 7,
         "__main__": 8}
 TOOLS = {"lab", "bench", "demo", "fuzz"}   # built on everything; `overlayd demo` dispatches to one

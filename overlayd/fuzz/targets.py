@@ -227,8 +227,9 @@ def _value(src: ByteSource, good: str, bad: tuple[str, ...]) -> str:
 def _map_text(src: ByteSource) -> str:
     nodes = []
     for i in range(src.between(0, 4)):
-        extra = src.choice(("", f'vtep_mac = "02:00:00:00:00:0{i}"\n', 'routes = ["172.20.0.0/16"]\n',
-                            'underlay_mtu = 9000\n', 'vtep_mac = "zz"\n', 'routes = ["0.0.0.0/0"]\n'))
+        extra = src.choice(("", f'vtep_mac = "02:00:00:00:00:0{i}"\n',
+                            'routes = ["172.20.0.0/16"]\n', 'underlay_mtu = 9000\n',
+                            'vtep_mac = "zz"\n', 'routes = ["0.0.0.0/0"]\n'))
         nodes.append(NODE_TEMPLATE.format(
             name=_value(src, f"host{i}", ("", "host0", "x" * 300, "a\\u0000b")),
             subnet=_value(src, f"10.9.{i}.0/24", ("10.9.0.0/24", "10.9.0.1/24", "10.10.0.0/24",
