@@ -44,9 +44,6 @@ OPEN_ELSEWHERE = {
     ("offload", "item9-tcp-reserved-bits-merged"):
         "issue 10 item 9 (Cython coalescer ignores TCP byte 12's low nibble), fixed on branch "
         "harden-l3",
-    ("switched", "item8-remap-of-a-wrapped-cluster-loses-a-mac.json"):
-        "issue 10 item 8 (Cython set_tables remap loses a MAC of a probe cluster that wraps), "
-        "fixed on branch harden-l2",
     ("switched", "item9-retransmitted-run-diverges.json"):
         "issue 10 item 9 (a retransmitted run whose reserved bits differ: Cython merges it, "
         "the twin does not), fixed on branch harden-l3",

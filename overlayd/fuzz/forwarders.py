@@ -659,7 +659,6 @@ KNOWN_OPEN: Final = {
     "merged a segment whose IPv4 ID": "issue 10 item 10 (branch harden-l3)",
     "merged a segment whose TOS or TTL": "issue 10 item 10 (branch harden-l3)",
     "inside_bad_offload is counted as a drop, not as a read": "issue 10 item 7 (branch harden-l3)",
-    "fdb differ after a map change": "issue 10 item 8 (branch harden-l2)",
 }
 
 
