@@ -79,7 +79,26 @@ OFFLOAD = (
     "offload_coalesced_segments",  # segments inside them (each also in delivered_packets)
 )
 
-COUNTER_NAMES = TRAFFIC + DROP_REASONS + CAPTURE + OFFLOAD
+# WireGuard (backend type "wireguard"): what went through, then why datagrams were dropped.
+WIREGUARD_TRAFFIC = (
+    "wg_handshake_messages",       # handshake messages (MAC1 right) queued for the control plane
+    "wg_keepalives_sent",          # empty transport messages sent (timers, session confirmation)
+    "wg_keepalives_received",      # empty transport messages received and authenticated
+)
+WIREGUARD_DROPS = (
+    "wg_bad_message",              # not a WireGuard message: unknown type, wrong length, reserved
+    "wg_bad_mac1",                 # a handshake message whose MAC1 is not keyed for us
+    "wg_handshake_queue_full",     # more handshake messages in one batch than the queue holds
+    "wg_unknown_index",            # a transport message for no keypair of ours
+    "wg_stale_keypair",            # ... for a keypair past REJECT_AFTER_TIME
+    "wg_replay",                   # ... whose counter was seen or is behind the replay window
+    "wg_decrypt_failed",           # ... that does not authenticate (forged or corrupted)
+    "wg_no_session",               # inside: no usable keypair for the peer yet (handshake asked)
+)
+# Every drop reason, exported as overlayd_drops_total{reason=...}.
+ALL_DROP_REASONS = DROP_REASONS + WIREGUARD_DROPS
+
+COUNTER_NAMES = TRAFFIC + DROP_REASONS + CAPTURE + OFFLOAD + WIREGUARD_TRAFFIC + WIREGUARD_DROPS
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 
 # Batch sizes are counted in power-of-two buckets: bucket i counts batches of size n with

@@ -92,6 +92,12 @@ TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
                                  "TCP superpackets written to the device (coalesced segments)."),
     "offload_coalesced_segments": ("overlayd_offload_coalesced_segments",
                                    "Segments written inside coalesced superpackets."),
+    "wg_handshake_messages": ("overlayd_wireguard_handshake_messages",
+                              "WireGuard handshake messages (MAC1 valid) queued for Python."),
+    "wg_keepalives_sent": ("overlayd_wireguard_keepalives_sent",
+                           "WireGuard keepalives (empty transport messages) sent."),
+    "wg_keepalives_received": ("overlayd_wireguard_keepalives_received",
+                               "WireGuard keepalives received and authenticated."),
 }
 
 PEER_METRICS = (  # (position in peer_counters() tuples, name, help)

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from overlayd import __version__
-from overlayd.dataplane.counters import DROP_REASONS
+from overlayd.dataplane.counters import ALL_DROP_REASONS
 from overlayd.dataplane.tables import LOCAL
 
-DROP_SET = frozenset(DROP_REASONS)
+DROP_SET = frozenset(ALL_DROP_REASONS)
 
 # Phases of the daemon's life, as the runtime reports them.
 STARTING, RUNNING, RELOADING, STOPPING = "starting", "running", "reloading", "stopping"
@@ -179,7 +179,7 @@ def fdb_size(d: DaemonLike) -> int:
 def counters(d: DaemonLike) -> tuple[dict[str, int], dict[str, int]]:
     """(traffic counters, drops by reason); every reason is present, zero or not."""
     raw = d.forwarder.counters() if d.forwarder is not None else {}
-    drops = {reason: int(raw.get(reason, 0)) for reason in DROP_REASONS}
+    drops = {reason: int(raw.get(reason, 0)) for reason in ALL_DROP_REASONS}
     traffic = {name: int(v) for name, v in raw.items() if name not in DROP_SET}
     return traffic, drops
 
