@@ -1,4 +1,4 @@
-"""Command line: `overlayd run|check|demo` and `--version`.
+"""Command line: `overlayd run|check|keys|demo` and `--version`.
 
 Every failure the operator can cause ends in one clear line on stderr and a sysexits status
 (78 for a config error, so systemd does not restart a broken config), never a traceback.
@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--any-host", action="store_true",
                        help="do not require this host to be a node of the map (for CI)")
 
+    keys = sub.add_parser("keys", help="print this node's WireGuard public key (creating its "
+                                       "private key file on first use)")
+    keys.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="daemon config (TOML)")
+
     from overlayd import demo
     demo_p = sub.add_parser("demo", help="build a 3-host overlay in namespaces and show it working")
     demo.add_arguments(demo_p)
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(Path(args.config))
         if args.command == "check":
             return cmd_check(Path(args.config), args.any_host)
+        if args.command == "keys":
+            return cmd_keys(Path(args.config))
         if args.command in ops_commands.COMMANDS:
             return ops_commands.run(args)
         if args.command == "demo":
@@ -104,6 +110,20 @@ def cmd_check(path: Path, any_host: bool) -> int:
     print(f"{config.map_file}: ok: network {smap.network}, /{smap.subnet_len} subnets, "
           f"backend {smap.backend.type} port {smap.backend.port}, {len(smap.nodes)} nodes")
     print(f"this node: {me_text}")
+    return 0
+
+
+def cmd_keys(path: Path) -> int:
+    """The public key to put into the map as this node's ``public_key``. Reads only the daemon
+    config: the map cannot be complete before this node's key exists."""
+    from overlayd.control.config import parse_config
+    from overlayd.control.problems import read_toml
+    from overlayd.runtime.wireguard import public_key_text
+
+    config, problems = parse_config(read_toml(path), path)
+    if config is None or config.wireguard is None:
+        raise ConfigError(problems)
+    print(public_key_text(config.wireguard, path))
     return 0
 
 

@@ -46,6 +46,23 @@ class DaemonConfig:
     fdb_max_entries: int = 16384          # switched: cap of the MAC table (learned + static)
     static_macs: tuple[StaticMac, ...] = ()
     offloads: bool = True                 # TSO/checksum from the device, UDP GSO/GRO, coalescing
+    wireguard: WireguardConfig | None = None   # backend "wireguard" only (defaults otherwise)
+
+
+@dataclass(frozen=True, slots=True)
+class WireguardConfig:
+    """[wireguard]: this node's keys and the protocol's timers (whitepaper section 6; shorten
+    them only for tests)."""
+
+    private_key_file: Path
+    preshared_key_file: Path | None = None
+    persistent_keepalive_seconds: float = 0.0
+    rekey_after_seconds: float = 120.0
+    reject_after_seconds: float = 180.0
+    rekey_attempt_seconds: float = 90.0
+    rekey_timeout_seconds: float = 5.0
+    keepalive_timeout_seconds: float = 10.0
+    handshakes_per_second_under_load: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +102,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     """Validate a parsed config file; return (config or None, problems)."""
     p = Problems(str(path))
     sections = {"node", "map", "device", "tunnel", "dataplane", "runtime", "log", "metrics",
-                "control", "switch"}
+                "control", "switch", "wireguard"}
     p.unknown_keys(data, sections)
     node = p.table(data, "node")
     p.unknown_keys(node, {"name"}, "node")
@@ -150,6 +167,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     p.unknown_keys(ctl, {"socket"}, "control")
     sock_text = p.string(ctl, "socket", "control",
                          default=f"/run/overlayd/{device_name}.sock")
+    wireguard = _wireguard(p, p.table(data, "wireguard"), path, device_name)
     if p.found:
         return None, list(p.found)
     assert tx_queue_len is not None and sockbuf is not None and batch is not None
@@ -163,8 +181,40 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         control_socket=Path(sock_text or "/run/overlayd/overlayd.sock"),
         tx_sockets=tx_sockets if tx_sockets is not None else 8,
         mac_ageing_seconds=ageing, fdb_max_entries=fdb_max or 16384,
-        static_macs=tuple(static_macs), offloads=bool(offloads),
+        static_macs=tuple(static_macs), offloads=bool(offloads), wireguard=wireguard,
     ), []
+
+
+def _wireguard(p: Problems, t: dict[str, Any], path: Path, device: str) -> WireguardConfig:
+    p.unknown_keys(t, {"private_key_file", "preshared_key_file", "persistent_keepalive_seconds",
+                       "rekey_after_seconds", "reject_after_seconds", "rekey_attempt_seconds",
+                       "rekey_timeout_seconds", "keepalive_timeout_seconds",
+                       "handshakes_per_second_under_load"}, "wireguard")
+    key = p.string(t, "private_key_file", "wireguard",
+                   default=f"/var/lib/overlayd/{device}.key") or f"/var/lib/overlayd/{device}.key"
+    psk = p.string(t, "preshared_key_file", "wireguard")
+
+    def seconds(name: str, default: float, low: float = 0.05) -> float:
+        return p.number(t, name, "wireguard", default=default, low=low, high=86400.0)
+
+    wg = WireguardConfig(
+        private_key_file=path.parent / key,
+        preshared_key_file=path.parent / psk if psk else None,
+        persistent_keepalive_seconds=seconds("persistent_keepalive_seconds", 0.0, 0.0),
+        rekey_after_seconds=seconds("rekey_after_seconds", 120.0),
+        reject_after_seconds=seconds("reject_after_seconds", 180.0),
+        rekey_attempt_seconds=seconds("rekey_attempt_seconds", 90.0),
+        rekey_timeout_seconds=seconds("rekey_timeout_seconds", 5.0),
+        keepalive_timeout_seconds=seconds("keepalive_timeout_seconds", 10.0),
+        handshakes_per_second_under_load=p.integer(
+            t, "handshakes_per_second_under_load", "wireguard", default=100, low=0,
+            high=1_000_000) or 0,
+    )
+    if wg.reject_after_seconds <= wg.rekey_after_seconds:
+        p.add("wireguard.reject_after_seconds",
+              f"{wg.reject_after_seconds:g} must be longer than rekey_after_seconds "
+              f"{wg.rekey_after_seconds:g} (a session must be renewed before it is refused)")
+    return wg
 
 
 def _static_macs(p: Problems, raw: Any) -> list[StaticMac]:

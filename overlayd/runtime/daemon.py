@@ -35,6 +35,12 @@ from overlayd.io import host_network
 from overlayd.io.device import OverlayDevice, tune_device_sysctls
 from overlayd.io.tunnel_socket import enable_udp_gro, open_tunnel_socket, udp_gso_supported
 from overlayd.runtime.logs import RateLimitedLog
+from overlayd.runtime.wireguard import (
+    WG_TICK_SECONDS,
+    WireguardRuntime,
+    check_own_public_key,
+    node_keys,
+)
 from overlayd.wire.ethernet import parse_mac
 
 log = logging.getLogger("overlayd")
@@ -70,6 +76,7 @@ class Daemon:
         self.tx_socks: list[socket.socket] = []   # vxlan: outer source ports by flow hash
         self.offloads: dict[str, bool] = {"vnet_hdr": False, "udp_gso": False, "udp_gro": False}
         self.forwarder: Any = None
+        self.wireguard: WireguardRuntime | None = None    # backend "wireguard" only
         self.routes: set[ipaddress.IPv4Network] = set()
         self.started_at = time.monotonic()
         self.map_applied_at = time.time()
@@ -96,6 +103,14 @@ class Daemon:
         self.view = build_local_view(self.smap, me, underlay_mtu)
         bind = self.config.bind_address or me.public_ip
         backend = self.smap.backend
+        wg_keys = None
+        if backend.type == "wireguard":
+            assert self.config.wireguard is not None
+            wg_keys = node_keys(self.config.wireguard, str(self.config.path))
+            from overlayd.control.wg_noise import public_key
+
+            check_own_public_key(self.smap, str(self.config.map_file), me.name,
+                                 public_key(wg_keys[0]))
         self.sock = open_tunnel_socket(bind, backend.port, self.config.socket_buffer_bytes)
         if backend.type == "vxlan":
             # RFC 7348 wants the outer source port to follow the inner flow; one socket has one
@@ -106,18 +121,22 @@ class Daemon:
         self.tun = OverlayDevice(self.config.device_name, "tap" if backend.switched else "tun",
                                  persist=self.config.keep_device, offload=self.config.offloads)
         self._configure_device()
-        self.forwarder = self._make_forwarder(me.vtep_mac)
+        self.forwarder = self._make_forwarder(me.vtep_mac, wg_keys)
         if backend.switched:
             self.forwarder.set_now(time.monotonic())
         self.forwarder.set_tables(self._tables(self.view))
-        mode = f"vxlan {backend.mode} vni {backend.vni}" if backend.type == "vxlan" else "udp"
+        if self.wireguard is not None:
+            self.wireguard.set_peers(self.smap, self.view)
+        mode = (f"vxlan {backend.mode} vni {backend.vni}" if backend.type == "vxlan"
+                else backend.type)
         log.info("node %s: subnet %s, device %s (%s, mtu %d), %s %s:%d, %d peers, data plane %s",
                  me.name, me.subnet, self.config.device_name, me.address, self.view.device_mtu,
                  mode, bind, backend.port, len(self.view.peers), self.implementation)
         log.info("offloads: %s", describe_offloads(self.offloads, self.tun.tso))
 
-    def _make_forwarder(self, vtep_mac: str) -> Any:
-        """The kernel for the map's backend: udp, vxlan routed (tun) or vxlan switched (tap)."""
+    def _make_forwarder(self, vtep_mac: str, wg_keys: tuple[bytes, bytes | None] | None) -> Any:
+        """The kernel for the map's backend: udp, vxlan routed (tun), vxlan switched (tap) or
+        wireguard (tun)."""
         assert self.tun is not None and self.sock is not None
         backend, config = self.smap.backend, self.config
         dev, sock = self.tun.fileno(), self.sock.fileno()
@@ -131,6 +150,8 @@ class Daemon:
         if backend.type == "udp":
             return self.kernels.UdpForwarder(dev, sock, config.batch_size,
                                              config.icmp_rate_per_second, **self.offloads)
+        if backend.type == "wireguard":
+            return self._make_wireguard(dev, sock, wg_keys)
         if backend.switched:
             return self.kernels.VxlanSwitchForwarder(
                 dev, sock, vni=backend.vni, tx_fds=tx_fds, batch_size=config.batch_size,
@@ -139,6 +160,27 @@ class Daemon:
             dev, sock, parse_mac(vtep_mac), vni=backend.vni, tx_fds=tx_fds,
             batch_size=config.batch_size, icmp_burst=config.icmp_rate_per_second,
             **self.offloads)
+
+    def _make_wireguard(self, dev: int, sock: int,
+                        wg_keys: tuple[bytes, bytes | None] | None) -> Any:
+        from overlayd.control.wg_noise import public_key
+        from overlayd.wire import wireguard as wg
+
+        assert wg_keys is not None and self.config.wireguard is not None and self.sock
+        kind = getattr(self.kernels, "WireguardForwarder", None)
+        if kind is None:
+            # The compiled extension has no wireguard kernel yet: the twin runs it (and says so).
+            from overlayd.dataplane.wireguard_forwarder import WireguardForwarder
+
+            kind = WireguardForwarder
+            self.implementation = "python (wireguard kernel not compiled)"
+        private, psk = wg_keys
+        forwarder = kind(dev, sock, wg.mac_key(wg.LABEL_MAC1, public_key(private)),
+                         self.config.batch_size, self.config.icmp_rate_per_second,
+                         **self.offloads)
+        self.wireguard = WireguardRuntime(self.config.wireguard, private, psk, forwarder,
+                                          self.sock)
+        return forwarder
 
     def _tables(self, view: LocalView) -> Any:
         if self.smap.backend.switched:
@@ -178,6 +220,8 @@ class Daemon:
             self._every(FDB_TICK_SECONDS, self._fdb_tick)
         else:
             self._every(ICMP_REFILL_SECONDS, self._refill_icmp)
+        if self.wireguard is not None:
+            self._every(WG_TICK_SECONDS, self.wireguard.tick)
         self._every(HEALTH_CHECK_SECONDS, self._check_health)
         if self.config.map_poll_seconds > 0:
             self._every(self.config.map_poll_seconds, self._poll_map)
@@ -203,6 +247,8 @@ class Daemon:
             self.forwarder.inside_batch()
         except OSError as exc:
             self._device_failed(f"reading the device failed: {exc.strerror or exc}")
+        if self.wireguard is not None:
+            self.wireguard.after_batch()
 
     def _on_socket_readable(self) -> None:
         try:
@@ -211,6 +257,8 @@ class Daemon:
             # A socket error the kernel keeps reporting must not spin the loop: log and go on.
             self._ratelimited.warning("socket", "tunnel socket receive failed: %s",
                                       exc.strerror or exc)
+        if self.wireguard is not None:
+            self.wireguard.after_batch()
 
     def _every(self, seconds: float, callback: Callable[[], None]) -> None:
         assert self._loop is not None
@@ -266,14 +314,17 @@ class Daemon:
             return False
         if (smap.backend != self.smap.backend or me.subnet != self.view.node.subnet
                 or me.address != self.view.node.address or me.vtep_mac != self.view.node.vtep_mac
+                or me.public_key != self.view.node.public_key
                 or (smap.network != self.smap.network and smap.backend.switched)):
-            self.map_error = ("this node's subnet/address/VTEP MAC or the backend changed: "
-                              "restart overlayd to apply")
+            self.map_error = ("this node's subnet/address/VTEP MAC/public key or the backend "
+                              "changed: restart overlayd to apply")
             log.error("map reload (%s): %s", why, self.map_error)
             return False
         underlay = self.view.device_mtu + self.smap.backend.overhead
         view = build_local_view(smap, me, underlay)
         self.forwarder.set_tables(self._tables(view))     # the one-step swap
+        if self.wireguard is not None:
+            self.wireguard.set_peers(smap, view)
         routes = kernel_routes(smap, view)
         try:
             host_network.set_routes(self.config.device_name, me.address,
