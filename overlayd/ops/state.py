@@ -81,9 +81,12 @@ def peers(d: DaemonLike) -> list[dict[str, Any]]:
         return []
     out = []
     entries = d.view.tables.peers
+    # wireguard: endpoint (roamed), latest handshake and sessions of each peer
+    wireguard = getattr(d, "wireguard", None)
+    wg_rows = wireguard.peer_status() if wireguard is not None else []
     for index, (node, entry, counts) in enumerate(zip(d.view.peers, entries, peer_counters(d),
                                                       strict=False)):
-        out.append({
+        row: dict[str, Any] = {
             "index": index,
             "name": node.name,
             "public_ip": str(node.public_ip),
@@ -93,7 +96,10 @@ def peers(d: DaemonLike) -> list[dict[str, Any]]:
             "path_mtu": entry.path_mtu,
             "tx_packets": counts[0], "tx_bytes": counts[1],
             "rx_packets": counts[2], "rx_bytes": counts[3],
-        })
+        }
+        if index < len(wg_rows):
+            row["wireguard"] = wg_rows[index]
+        out.append(row)
     return out
 
 
