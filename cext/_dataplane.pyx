@@ -10,6 +10,7 @@ VXLAN flow hash (for tests against the twins and independent parsers).
 cimport cython
 from operator import index as operator_index
 from os import strerror
+from time import time as wall_clock
 
 include "sys.pxi"
 include "counters.pxi"

@@ -16,7 +16,9 @@
 #    to the device) is copied into a bounded ring allocated when capture is first enabled;
 #    what does not fit is counted as capture_dropped. drain_capture (GIL held, never during
 #    a batch) turns the ring into Python objects and empties it. While disabled, the cost is
-#    one branch on capture_on.
+#    one branch on capture_on. While enabled, each batch reads the wall clock once on entry
+#    (the data plane's only clock, and only then) and stamps its records with it: a request
+#    and its reply are read in different batches, so a capture shows their RTT.
 # 5. _RoutedBase: the router shared by the udp and vxlan routed paths - LPM, TTL with an
 #    RFC 1624 checksum update, ICMP errors under a token bucket (RFC 1812), and the IPv4
 #    checks of the outside path.
@@ -54,9 +56,10 @@ ctypedef struct peer_t:
     unsigned char mac[6]       # vxlan: the peer's VTEP MAC (zeros where the map has none)
     bint has_mac
     uint64_t tx_packets
-    uint64_t tx_bytes
+    uint64_t tx_bytes          # inner bytes: the datagrams less the outer header we wrote
     uint64_t rx_packets
-    uint64_t rx_bytes
+    uint64_t rx_bytes          # inner bytes: the datagrams less encap_len (before validation)
+    uint64_t rx_accepted       # datagrams that passed every check (rx_packets - these = drops)
 
 ctypedef struct ip_index_t:    # peers sorted by (ip, index): source IP -> first peer index
     uint32_t ip
@@ -74,6 +77,7 @@ ctypedef struct capture_rec_t:  # one captured packet: cap_buf[offset:offset + l
     uint32_t length
     int32_t peer
     int32_t direction
+    double ts                  # Unix time of the batch that read the packet
 
 ctypedef struct txq_t:         # one tunnel socket's send queue
     int fd
@@ -266,6 +270,7 @@ cdef class _ForwarderBase:
     cdef capture_rec_t *cap_recs
     cdef uint32_t cap_n
     cdef uint32_t cap_used
+    cdef double cap_time       # wall clock at the start of the running batch (capture on)
 
     def __cinit__(self, *args, **kwargs):
         self.in_buf = NULL
@@ -400,6 +405,11 @@ cdef class _ForwarderBase:
         return [(t.peers[i].tx_packets, t.peers[i].tx_bytes,
                  t.peers[i].rx_packets, t.peers[i].rx_bytes) for i in range(t.npeers)]
 
+    def peer_rx_accepted(self) -> list:
+        """Per peer: received datagrams that passed every check and went to the device."""
+        cdef const fwd_tables_t *t = &self.gen.t
+        return [t.peers[i].rx_accepted for i in range(t.npeers)]
+
     def offloads(self) -> dict:
         """Which offloads are in use now (udp_gso turns off if the kernel refused it)."""
         return {"vnet_hdr": bool(self.vnet), "udp_gso": bool(self.gso), "udp_gro": bool(self.gro)}
@@ -423,8 +433,9 @@ cdef class _ForwarderBase:
         self.capture_on = bool(enabled)
 
     def drain_capture(self) -> list:
-        """[(direction, peer, packet)] copied since the last drain, oldest first; empties the
-        ring. direction 0 = inside (to ``peer``), 1 = outside (from ``peer``); peer -1 = a flood."""
+        """[(direction, peer, packet, ts)] copied since the last drain, oldest first; empties
+        the ring. direction 0 = inside (to ``peer``), 1 = outside (from ``peer``); peer -1 = a
+        flood; ts = Unix time the batch that read it began."""
         cdef uint32_t i
         cdef capture_rec_t *r
         if self.cap_n == 0:
@@ -435,7 +446,7 @@ cdef class _ForwarderBase:
             for i in range(self.cap_n):
                 r = &self.cap_recs[i]
                 out.append((r.direction, r.peer,
-                            (<char *>self.cap_buf)[r.offset:r.offset + r.length]))
+                            (<char *>self.cap_buf)[r.offset:r.offset + r.length], r.ts))
             self.cap_n = 0
             self.cap_used = 0
         finally:
@@ -461,6 +472,7 @@ cdef class _ForwarderBase:
             new.t.peers[j].tx_bytes = old.t.peers[i].tx_bytes
             new.t.peers[j].rx_packets = old.t.peers[i].rx_packets
             new.t.peers[j].rx_bytes = old.t.peers[i].rx_bytes
+            new.t.peers[j].rx_accepted = old.t.peers[i].rx_accepted
         self.gen = new
         return index_map
 
@@ -478,6 +490,7 @@ cdef class _ForwarderBase:
         r.length = n
         r.peer = peer
         r.direction = direction
+        r.ts = self.cap_time
         memcpy(self.cap_buf + self.cap_used, data, n)
         self.cap_used += n
         self.cap_n += 1
@@ -490,6 +503,8 @@ cdef class _ForwarderBase:
         cdef int n = 0
         cdef int err = 0
         self._enter()
+        if self.capture_on:
+            self.cap_time = wall_clock()
         try:
             with nogil:
                 n = self._inside_run(t, &err)
@@ -680,7 +695,7 @@ cdef class _ForwarderBase:
             for k in range(i, i + sent):
                 peer = &t.peers[q.peer[k]]
                 peer.tx_packets += q.segs[k]
-                peer.tx_bytes += q.iov[k].iov_len
+                peer.tx_bytes += q.iov[k].iov_len - <size_t>q.segs[k] * self.encap_len
                 self.ctr[CTR_FORWARDED_PACKETS] += q.segs[k]
                 if q.segs[k] > 1:
                     self.ctr[CTR_OFFLOAD_GSO_SENDS] += 1
@@ -708,7 +723,7 @@ cdef class _ForwarderBase:
                 self.ctr[CTR_TX_ERROR] += 1
             else:
                 peer.tx_packets += 1
-                peer.tx_bytes += size
+                peer.tx_bytes += size - self.encap_len
                 self.ctr[CTR_FORWARDED_PACKETS] += 1
             data += size
             left -= size
@@ -736,6 +751,8 @@ cdef class _ForwarderBase:
         cdef int n = 0
         cdef int err = 0
         self._enter()
+        if self.capture_on:
+            self.cap_time = wall_clock()
         try:
             with nogil:
                 n = self._outside_run(t, &err)
@@ -817,7 +834,7 @@ cdef class _ForwarderBase:
             self.ctr[CTR_OUTSIDE_UNKNOWN_PEER] += 1
             return -1
         t.peers[peer].rx_packets += 1
-        t.peers[peer].rx_bytes += n
+        t.peers[peer].rx_bytes += n - self.encap_len if n > self.encap_len else 0
         return peer
 
     cdef void _outside_one(self, const fwd_tables_t *t, unsigned char *pkt, uint32_t n,
@@ -825,9 +842,11 @@ cdef class _ForwarderBase:
         pass
 
     @cython.final
-    cdef void _emit(self, unsigned char *pkt, uint32_t n, int32_t peer) noexcept nogil:
+    cdef void _emit(self, const fwd_tables_t *t, unsigned char *pkt, uint32_t n,
+                    int32_t peer) noexcept nogil:
         """Deliver a checked packet (tun) or frame (tap) into the device: at once, or with a
         virtio-net header through the coalescer, written when the batch ends."""
+        t.peers[peer].rx_accepted += 1
         if not self.vnet:
             if self._write_device(pkt, n) >= 0:
                 self.ctr[CTR_DELIVERED_PACKETS] += 1
@@ -985,4 +1004,4 @@ cdef class _RoutedBase(_ForwarderBase):
         if lpm_lookup(t.lpm, rd32(pkt + 16)) != LOCAL_C:
             ctr[CTR_OUTSIDE_NOT_FOR_US] += 1
             return
-        self._emit(<unsigned char *>pkt, n, peer)
+        self._emit(t, <unsigned char *>pkt, n, peer)

@@ -182,4 +182,4 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
         if not ((dst >> 40) & 1) and fdb_lookup(&self.fdb, dst) >= 0:
             self.ctr[CTR_OUTSIDE_NOT_FOR_US] += 1
             return
-        self._emit(<unsigned char *>frame, n - VXLAN_HEADER, peer)
+        self._emit(t, <unsigned char *>frame, n - VXLAN_HEADER, peer)

@@ -1,4 +1,4 @@
-"""Command line: `overlayd run|check|keys|demo` and `--version`.
+"""Command line: `overlayd run|check|keys|demo|net` and `--version`.
 
 Every failure the operator can cause ends in one clear line on stderr and a sysexits status
 (78 for a config error, so systemd does not restart a broken config), never a traceback.
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from overlayd import __version__
 from overlayd.control.problems import EX_CONFIG, ConfigError
+from overlayd.control.subnet_map import SubnetMap
 from overlayd.errors import EX_SOFTWARE, EX_USAGE, StartupError
 
 DEFAULT_CONFIG = "/etc/overlayd/overlayd.toml"
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="daemon config (TOML)")
     check.add_argument("--any-host", action="store_true",
                        help="do not require this host to be a node of the map (for CI)")
+    check.add_argument("--connect", action="store_true",
+                       help="etcd source: also say whether etcd answers and whether the "
+                            "network config there is valid")
 
     keys = sub.add_parser("keys", help="print this node's WireGuard public key (creating its "
                                        "private key file on first use)")
@@ -50,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from overlayd.ops import commands as ops_commands
     ops_commands.add_subcommands(sub)
+
+    from overlayd.ops import net_commands
+    net_commands.add_subcommands(sub)
     return parser
 
 
@@ -68,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(Path(args.config))
         if args.command == "check":
-            return cmd_check(Path(args.config), args.any_host)
+            return cmd_check(Path(args.config), args.any_host, args.connect)
         if args.command == "keys":
             return cmd_keys(Path(args.config))
         if args.command in ops_commands.COMMANDS:
             return ops_commands.run(args)
+        if args.command == "net":
+            from overlayd.ops import net_commands
+            return net_commands.run(args)
         if args.command == "demo":
             from overlayd import demo
             return demo.run_from_args(args)
@@ -88,11 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     return EX_USAGE
 
 
-def cmd_check(path: Path, any_host: bool) -> int:
+def cmd_check(path: Path, any_host: bool, connect: bool = False) -> int:
     from overlayd.control.config import load_config
     from overlayd.control.local_node import find_local_node
 
     config, smap = load_config(path)
+    if smap is None:                 # etcd: the map is not in a file
+        from overlayd.runtime.sources import check_etcd
+
+        print(f"{path}: ok")
+        return check_etcd(config, connect, any_host)
+    if connect:
+        print("--connect: the file source has nothing to connect to")
     problems = []
     me_text = "not checked (--any-host)"
     if not any_host or config.node_name is not None:
@@ -110,6 +127,8 @@ def cmd_check(path: Path, any_host: bool) -> int:
     print(f"{config.map_file}: ok: network {smap.network}, /{smap.subnet_len} subnets, "
           f"backend {smap.backend.type} port {smap.backend.port}, {len(smap.nodes)} nodes")
     print(f"this node: {me_text}")
+    if smap.backend.type == "vxlan":
+        print(vtep_table(smap))
     return 0
 
 
@@ -125,6 +144,15 @@ def cmd_keys(path: Path) -> int:
         raise ConfigError(problems)
     print(public_key_text(config.wireguard, path))
     return 0
+def vtep_table(smap: SubnetMap) -> str:
+    """Every node's VTEP MAC, what a kernel VTEP (flannel.1) on another host must be told."""
+    from overlayd.control.subnet_map import derive_vtep_mac
+    from overlayd.ops.tables import table
+
+    rows = [[n.name, str(n.public_ip), n.vtep_mac,
+             "derived" if n.vtep_mac == derive_vtep_mac(n.public_ip, smap.backend.vni)
+             else "map"] for n in smap.nodes]
+    return "VTEP MACs:\n" + table(["NODE", "PUBLIC IP", "VTEP MAC", "FROM"], rows)
 
 
 def cmd_run(path: Path) -> int:

@@ -7,6 +7,10 @@
 4. stop the daemons with SIGTERM (they must exit 0 and take their devices with them);
 5. print a summary; remove everything — also on failure, Ctrl-C or SIGTERM.
 
+With `--map etcd` the demo starts its own etcd in a namespace on the underlay and writes the
+network config there (`overlayd net init`); the hosts claim their subnets in etcd, the leases are
+listed, and one more host joins while the others run and is reached by every one of them.
+
 Exit status: 0 when every step passed; 1 when a check failed; 77 not root; 69 the machine lacks
 what the lab needs (tun, iproute2, ping); 130 interrupted.
 """
@@ -77,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="udp",
                         help="data path: udp, vxlan (routed) or vxlan-switched (L2, tap) "
                              "(default udp)")
+    parser.add_argument("--map", choices=("file", "etcd"), default="file",
+                        help="where the subnet map comes from: a file on every host, or etcd "
+                             "(the demo starts its own etcd in a namespace; hosts claim "
+                             "their subnets there and find each other) (default file)")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR",
                         help="copy the configs and daemon logs to DIR before removing the lab")
     parser.add_argument("--overlayd", default=None, metavar="CMD",
@@ -117,8 +125,20 @@ def run_from_args(args: argparse.Namespace) -> int:
     cmd = shlex.split(args.overlayd) if args.overlayd else None
     specs = [HostSpec() for _ in range(args.hosts)]
     backend, backend_extra = BACKENDS[args.backend]
-    lab = Lab(specs, backend=backend, backend_extra=backend_extra,
-              overlayd_cmd=cmd, start=False, keep_logs=args.keep_logs)
+    if args.map == "etcd":
+        from overlayd.lab.etcd import etcd_unavailable
+        from overlayd.lab.etcd_lab import EtcdLab, etcdctl_unavailable
+
+        missing = etcd_unavailable() or etcdctl_unavailable()
+        if missing:
+            _say_err(f"overlayd demo --map etcd: {missing}")
+            return EX_UNAVAILABLE
+        lab: Lab = EtcdLab(specs, backend=backend, backend_extra=backend_extra,
+                           overlayd_cmd=cmd, start=False, keep_logs=args.keep_logs,
+                           ready_timeout_s=30.0)
+    else:
+        lab = Lab(specs, backend=backend, backend_extra=backend_extra,
+                  overlayd_cmd=cmd, start=False, keep_logs=args.keep_logs)
     try:
         with _signals_unwind():
             ok = _run(lab, args)
@@ -129,7 +149,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         _say_err(f"overlayd demo: FAILED: {exc}")
         _where_logs(args)
         return EX_FAILED
-    _say(f"removed: {len(lab.hosts) + 1} namespaces with their devices, {lab.workdir}")
+    _say(f"removed: {len(lab.hosts) + len(lab.bystanders) + 1} namespaces with their devices, "
+         f"{lab.workdir}")
     if not ok:
         _where_logs(args)
     return 0 if ok else EX_FAILED
@@ -160,6 +181,7 @@ def _run(lab: Lab, args: argparse.Namespace) -> bool:
             _say(f"   {host.name}: ul0 {host.underlay_ip}  {lab.device} {host.overlay_ip} "
                  f"({host.subnet}) mtu {info.get('mtu', '?')}  overlayd pid {pid}")
         _say(f"   all daemons up in {time.monotonic() - t0:.1f}s")
+        joined_ok = _etcd_story(lab) if hasattr(lab, "etcdctl") else True
 
         _say(f"== ping across the overlay ({args.pings} per ordered pair)")
         rtts = _ping_matrix(lab, args.pings)
@@ -200,11 +222,41 @@ def _run(lab: Lab, args: argparse.Namespace) -> bool:
         ("stop", f"all exit 0 in {stop_s:.1f}s, devices removed" if stop_ok
          else f"exit codes {codes}, devices left {leftovers}", stop_ok),
     ]
+    if hasattr(lab, "etcdctl"):
+        rows.insert(1, ("join", "a new host claimed a subnet in etcd and every host reached it"
+                        if joined_ok else "a new host was NOT reached by every host", joined_ok))
     for name, detail, ok in rows:
         _say(f"   {name:<6} {'PASS' if ok else 'FAIL'}  {detail}")
-    passed = pings_ok and transfer_ok and stop_ok
+    passed = pings_ok and transfer_ok and stop_ok and joined_ok
     _say(f"== {'PASS' if passed else 'FAIL'}")
     return passed
+
+
+def _etcd_story(lab: Lab) -> bool:
+    """--map etcd: show the leases the hosts claimed, then one more host joining live."""
+    from overlayd.lab.etcd_lab import EtcdLab
+
+    assert isinstance(lab, EtcdLab)
+    _say(f"== etcd at {', '.join(lab.endpoints)} (namespace {lab.etcd_hosts[0].netns}): "
+         "each host claimed its subnet with a create-only transaction")
+    listed = lab.exec(lab.etcd_hosts[0], [sys.executable, "-m", "overlayd", "net", "leases",
+                                          "--etcd-endpoints", *lab.endpoints], timeout_s=30,
+                      check=False)
+    for line in (listed.stdout or listed.stderr).splitlines():
+        _say(f"   {line}")
+    name = f"host{len(lab.hosts) + 1}"
+    _say(f"== {name} joins: its daemon claims a subnet, the others learn it from their watch")
+    t0 = time.monotonic()
+    host = lab.add_host(name)
+    _say(f"   {name}: ul0 {host.underlay_ip}  claimed {host.subnet} in "
+         f"{time.monotonic() - t0:.1f}s")
+    reached = []
+    for other in lab.hosts[:-1]:
+        ok = any(lab.ping(other, host, count=1, wait_s=1.0).ok for _ in range(WARMUP_TRIES))
+        reached.append(ok)
+        _say(f"   {other.name} -> {name}: {'reached' if ok else 'NOT reached'} "
+             "(no restart, no config change)")
+    return all(reached)
 
 
 def _ping_matrix(lab: Lab, count: int) -> dict[tuple[str, str], float | None]:

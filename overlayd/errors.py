@@ -6,6 +6,7 @@ EX_USAGE = 64        # bad command line
 EX_UNAVAILABLE = 69  # a facility the daemon needs is missing (/dev/net/tun)
 EX_SOFTWARE = 70     # a bug: the daemon failed in a way it did not foresee
 EX_OSERR = 71        # the OS refused something (port in use, device name in use)
+EX_TEMPFAIL = 75     # try again later: what the daemon waited for (its public IP) did not come
 EX_NOPERM = 77       # not allowed (needs CAP_NET_ADMIN)
 EX_CONFIG = 78       # configuration error: systemd's RestartPreventExitStatus
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import pytest
@@ -124,3 +126,13 @@ def close_leaving_nothing(lab: Lab, namespaces_before: set[str]) -> None:
     lab.close()
     assert lab.leftovers() == []
     assert own_namespaces() - namespaces_before == set()
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, step_s: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout_s`` passed (bounded); whether it was."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step_s)
+    return False

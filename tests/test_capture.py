@@ -10,9 +10,11 @@ Rigs (sockets standing in for devices, loopback peers) come from the forwarder t
 
 from __future__ import annotations
 
+import time
 from types import ModuleType
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_forwarder import FIXTURE_OK, Rig, inner_packets, overlay, packet
@@ -22,6 +24,15 @@ from test_vxlan_switch_forwarder import BCAST, SwRig, frame, mac
 from test_vxlan_switch_forwarder import encap as switch_encap
 
 INSIDE, OUTSIDE = 0, 1
+
+
+
+def drain(rig: Any) -> list[tuple[int, int, bytes]]:
+    """The drained records without their timestamps, which must be recent Unix times."""
+    records = rig.fwd.drain_capture()
+    now = time.time()
+    assert all(type(ts) is float and now - 60 < ts <= now for *_, ts in records), records
+    return [(d, p, b) for d, p, b, _ts in records]
 
 
 def ttl_minus_one(pkt: bytes) -> bytes:
@@ -42,8 +53,8 @@ def udp_run(kernels: ModuleType, inside: list[bytes], outside: list[tuple[int, b
         for sender, data in outside:
             rig.send_outside(rig.peers[sender], data)
         rig.drain_outside(len(outside))
-        records = rig.fwd.drain_capture()
-        again = rig.fwd.drain_capture()
+        records = drain(rig)
+        again = drain(rig)
         return {"records": records, "again": again, "counters": rig.fwd.counters()}
 
 
@@ -84,7 +95,7 @@ def test_switching_off_keeps_what_was_copied(kernels: ModuleType) -> None:
         rig.fwd.set_capture(False)
         rig.send_inside(to0)
         rig.drain_inside()
-        assert rig.fwd.drain_capture() == [(INSIDE, 0, ttl_minus_one(to0))]
+        assert drain(rig) == [(INSIDE, 0, ttl_minus_one(to0))]
         assert rig.fwd.counters()["forwarded_packets"] == 2
 
 
@@ -100,10 +111,10 @@ def test_record_limit_counts_capture_dropped(kernels: ModuleType) -> None:
         c = rig.fwd.counters()
         assert c["forwarded_packets"] + c["tx_error"] == total   # capture never drops traffic
         assert c["capture_dropped"] == 7
-        assert len(rig.fwd.drain_capture()) == limit
+        assert len(drain(rig)) == limit
         rig.send_inside(pkt)                       # drained: room again
         rig.drain_inside()
-        assert rig.fwd.drain_capture() == [(INSIDE, 0, ttl_minus_one(pkt))]
+        assert drain(rig) == [(INSIDE, 0, ttl_minus_one(pkt))]
         assert rig.fwd.counters()["capture_dropped"] == 7
 
 
@@ -119,7 +130,7 @@ def test_byte_limit_counts_capture_dropped(kernels: ModuleType) -> None:
         assert rig.fwd.counters()["capture_dropped"] == 2
         rig.send_inside(small)       # what still fits is still taken
         rig.drain_inside()
-        records = rig.fwd.drain_capture()
+        records = drain(rig)
         assert len(records) == fits + 1 and records[-1][2] == ttl_minus_one(small)
 
 
@@ -149,7 +160,7 @@ def routed_run(kernels: ModuleType) -> list[tuple[int, int, bytes]]:
         rig.send_outside(rig.peers[0], routed_encap(from0))
         rig.send_outside(rig.peers[0], routed_encap(from0, b"\x02" * 6))   # wrong inner MAC
         rig.drain_outside(2)
-        records = rig.fwd.drain_capture()
+        records = drain(rig)
     assert records == [(INSIDE, 1, ttl_minus_one(to1)), (OUTSIDE, 0, from0)]
     return records
 
@@ -169,7 +180,7 @@ def switch_run(kernels: ModuleType) -> tuple[list[tuple[int, int, bytes]], dict[
         rig.inside(arp)
         rig.outside(2, switch_encap(from_peer))
         rig.inside(unicast, local)
-        records = rig.fwd.drain_capture()
+        records = drain(rig)
         counters = rig.fwd.counters()
     assert records == [(INSIDE, -1, arp), (OUTSIDE, 2, from_peer), (INSIDE, 2, unicast)]
     return records, counters
@@ -179,3 +190,51 @@ def test_vxlan_switched_records_frames(kernel_pair: tuple[ModuleType, ModuleType
     results = [switch_run(kernels) for kernels in kernel_pair]
     assert results[0] == results[1]
     assert results[0][1]["flooded_copies"] == 3
+
+
+def test_records_carry_the_time_their_batch_read_them(kernels: ModuleType) -> None:
+    """A request and its reply are read in different batches: their timestamps differ by the
+    time between them, not by the drain's (the hub drains every 10 ms, after both)."""
+    request = packet(overlay(-1, 2), overlay(0), b"request")
+    reply = packet(overlay(0), overlay(-1, 2), b"reply")
+    with Rig(kernels) as rig:
+        rig.fwd.set_capture(True)
+        before = time.time()
+        rig.send_inside(request)
+        rig.drain_inside()
+        time.sleep(0.05)
+        rig.send_outside(rig.peers[0], reply)
+        rig.drain_outside(1)
+        after = time.time()
+        time.sleep(0.05)                       # the drain comes later still
+        (sent, got) = rig.fwd.drain_capture()
+    assert (sent[0], got[0]) == (INSIDE, OUTSIDE)
+    assert before <= sent[3] < got[3] <= after
+    assert got[3] - sent[3] >= 0.05
+
+
+def test_what_readme_says_tcpdump_and_tshark_show(tmp_path: Any) -> None:
+    """README: `tcpdump -e` shows the direction (Out / In); the peer's public IP is the cooked
+    header's source address, which tshark shows as sll.src.ipv4 (tcpdump 4.99 prints none)."""
+    import shutil
+    import subprocess
+
+    import dpkt
+
+    from overlayd.ops.capture import LINKTYPE_LINUX_SLL, sll_frame
+
+    if shutil.which("tcpdump") is None or shutil.which("tshark") is None:
+        pytest.skip("tcpdump and tshark are needed (apt-get install tcpdump tshark)")
+    ping = packet(overlay(-1, 2), overlay(0), b"ping")
+    path = tmp_path / "c.pcap"
+    with open(path, "wb") as f:
+        writer = dpkt.pcap.Writer(f, linktype=LINKTYPE_LINUX_SLL)
+        writer.writepkt(sll_frame(INSIDE, 0xC0A84D02, ping), ts=1.0)
+        writer.writepkt(sll_frame(OUTSIDE, 0xC0A84D03, ping), ts=2.0)
+    dump = subprocess.run(["tcpdump", "-nn", "-e", "-r", str(path)], capture_output=True,
+                          text=True, timeout=30, check=True).stdout.splitlines()
+    assert [line.split()[1] for line in dump] == ["Out", "In"]
+    fields = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "sll.pkttype",
+                             "-e", "sll.src.ipv4"], capture_output=True, text=True, timeout=60,
+                            check=True).stdout.split()
+    assert fields == ["4", "192.168.77.2", "0", "192.168.77.3"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from overlayd.control.config import load_config
 from overlayd.control.local_node import build_local_view, find_local_node
 from overlayd.control.problems import ConfigError
-from overlayd.control.subnet_map import parse_subnet_map
+from overlayd.control.subnet_map import derive_vtep_mac, parse_subnet_map
 from overlayd.dataplane.tables import LOCAL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -226,6 +228,15 @@ def test_check_accepts_shipped_vxlan_maps(tmp_path: Path, map_name: str) -> None
     config.write_text(f'[map]\nfile = "{REPO / "configs" / map_name}"\n')
     result = run_cli("check", "-c", str(config), "--any-host")
     assert result.returncode == 0, result.stderr
+    # Every node's VTEP MAC is shown, and where it came from: a flannel host needs them.
+    smap = parse_subnet_map(tomllib.loads((REPO / "configs" / map_name).read_text()), map_name)
+    for node in smap.nodes:
+        derived = node.vtep_mac == derive_vtep_mac(node.public_ip, smap.backend.vni)
+        assert re.search(rf"^{re.escape(node.name)} +{node.public_ip} +{node.vtep_mac} +"
+                         rf"{'derived' if derived else 'map'}$", result.stdout, re.MULTILINE), \
+            result.stdout
+    if map_name == "map-vxlan.toml":
+        assert "0e:8a:1c:22:4b:01  map" in result.stdout      # the flannel host's, pinned
 
 
 def test_overlap_found_among_thousands_of_nodes() -> None:

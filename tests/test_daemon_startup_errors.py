@@ -133,7 +133,9 @@ def test_config_error_is_78(netns: tuple[str, Path]) -> None:
 
 def test_bind_address_not_local(netns: tuple[str, Path]) -> None:
     ns, config = netns
-    config.write_text(config.read_text() + '[node]\nname = "solo"\n[tunnel]\nbind = "192.168.91.77"\n')
+    # The daemon waits for a bind address that is not (yet) local (a boot race); 0.5 s here.
+    config.write_text(config.read_text() + '[node]\nname = "solo"\nwait_for_address_seconds = 0.5\n'
+                      '[tunnel]\nbind = "192.168.91.77"\n')
     result = run_daemon(ns, config)
     assert_one_clear_line(result, 71, "not an address of this host")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 from netns_helpers import netns_required, own_namespaces
@@ -41,4 +42,18 @@ def test_demo_runs_and_leaves_nothing(capsys: pytest.CaptureFixture[str], backen
                       "--backend", backend]) == 0
     out = capsys.readouterr().out
     assert "== PASS" in out and "sha256 matches" in out
+    assert own_namespaces() == before
+
+
+@netns_required
+@pytest.mark.skipif(shutil.which("etcd") is None and not os.path.exists("/usr/bin/etcd"),
+                    reason="etcd-server is not installed")
+def test_demo_with_etcd_claims_subnets_and_a_joining_host_is_reached(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    before = own_namespaces()
+    assert demo.main(["--hosts", "2", "--bytes", "1M", "--pings", "1", "--map", "etcd",
+                      "--backend", "vxlan"]) == 0
+    out = capsys.readouterr().out
+    assert "== PASS" in out and "join   PASS" in out and "claimed 10.77." in out
+    assert "PUBLIC IP" in out                     # `overlayd net leases` listed the claims
     assert own_namespaces() == before

@@ -6,12 +6,13 @@ deleted device comes back by itself, and a killed daemon takes its device with i
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
-from netns_helpers import NETNS_MARKS, logs
+from netns_helpers import NETNS_MARKS, logs, wait_for
 
 from overlayd.lab import HostSpec, Lab, PingResult
 
@@ -33,13 +34,6 @@ def log_of(lab: Lab, name: str) -> str:
     return lab.host(name).log_path.read_text(errors="replace")
 
 
-def wait_for(predicate: object, timeout_s: float, step_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(step_s)
-    return False
 
 
 def background_ping(lab: Lab, a: str, b: str, count: int) -> tuple[threading.Thread, list]:
@@ -96,11 +90,24 @@ def test_sighup_reloads_a_daemon_that_does_not_poll(lab: Lab) -> None:
 
 def test_broken_map_is_refused_and_the_old_one_kept(lab: Lab) -> None:
     original = lab.map_path.read_text()
-    lab.map_path.write_text(original.replace('subnet_len = 24', 'subnet_len = "x"'))
+    broken = original.replace('subnet_len = 24', 'subnet_len = "x"\ncidr_typo = 1')
+    lab.map_path.write_text(broken)
     assert wait_for(lambda: "rejected" in log_of(lab, "host1"), timeout_s=3.0)
     assert "network.subnet_len" in log_of(lab, "host1")
     assert lab.ping("host1", "host2").ok and lab.ping("host2", "host3").ok
+    time.sleep(1.2)       # 6 more polls of host1 (0.2 s) with the broken file still on disk
+    lab.map_path.write_text(broken)        # rewritten, same content: nothing new to judge
+    time.sleep(0.6)
+    lines = log_of(lab, "host1").splitlines()
+    rejections = [ln for ln in lines if "rejected" in ln]
+    assert len(rejections) == 1, rejections           # judged once, not at every poll
+    # One record, one line: both problems are in the rejection's own (timestamped) line.
+    assert "network.subnet_len" in rejections[0] and "cidr_typo" in rejections[0]
+    assert all(" overlayd[" in ln for ln in lines), [ln for ln in lines if " overlayd[" not in ln]
+    assert lab.control("host1", "status")["map"]["reloads_rejected"] == 1
     lab.map_path.write_text(original)
+    assert wait_for(lambda: "map reloaded" in log_of(lab, "host1"), timeout_s=3.0)
+    assert lab.control("host1", "status")["map"]["reloads_applied"] == 1
 
 
 def test_deleted_device_is_recreated(lab: Lab) -> None:
@@ -110,6 +117,11 @@ def test_deleted_device_is_recreated(lab: Lab) -> None:
     assert info is not None and info["mtu"] == 1472
     assert any(r.get("dst") == "10.78.0.0/16" for r in lab.device_routes("host2"))
     assert "recreated" in log_of(lab, "host2")
+    # The gap is short enough to slip between two scrapes; the counter does not.
+    assert lab.control("host2", "status")["device"]["recreations"] == 1
+    peers = {p["name"]: p for p in lab.control("host2", "peers")}
+    assert peers["host1"]["last_rx_seconds_ago"] is not None   # host1's pings were heard
+    assert peers["host1"]["last_rx_seconds_ago"] < 3.0
 
 
 def test_killed_daemon_takes_its_device_along(lab: Lab) -> None:
@@ -121,3 +133,23 @@ def test_killed_daemon_takes_its_device_along(lab: Lab) -> None:
     assert not lab.ping("host1", "host2", wait_s=0.5).ok
     lab.start_daemon("host2")
     assert wait_for(lambda: lab.ping("host1", "host2", wait_s=0.5).ok, timeout_s=5.0)
+
+
+def test_garbage_from_a_peer_counts_as_that_peers_drop(lab: Lab) -> None:
+    """A silent peer and a peer that sends only garbage look alike in rx_packets; the per-peer
+    drop count and the last-received time tell them apart."""
+    host2 = lab.host("host2")
+    send = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            f"s.bind(('{lab.host('host1').underlay_ip}', 0)); "
+            f"[s.sendto(bytes([0x45]) + bytes(40), ('{host2.underlay_ip}', {lab.port})) "
+            "for _ in range(3)]")
+    lab.exec("host1", [sys.executable, "-c", send])
+
+    def dropped() -> int:
+        peers = {p["name"]: p for p in lab.control("host2", "peers")}
+        return int(peers["host1"]["rx_dropped"])
+
+    assert wait_for(lambda: dropped() == 3, timeout_s=3.0), lab.control("host2", "peers")
+    peers = {p["name"]: p for p in lab.control("host2", "peers")}
+    assert peers["host3"]["rx_dropped"] == 0
+    assert lab.ping("host1", "host2").ok and dropped() == 3     # good traffic is no drop

@@ -57,6 +57,16 @@ def test_devices(lab: Lab) -> None:
     assert re.search(r"vxlan id 1 .*dstport 8472", kernel) and "nolearning" in kernel
 
 
+def test_every_nodes_vtep_mac_is_visible(lab: Lab) -> None:
+    """The own VTEP MAC in status, each peer's in peers: what a flannel host must be told."""
+    status = lab.control("host1", "status")
+    assert status["node"]["vtep_mac"] == lab.host("host1").vtep_mac
+    assert status["node"]["vtep_mac_derived"] is False          # the lab pins them in the map
+    peers = {p["name"]: p["vtep_mac"] for p in lab.control("host1", "peers")}
+    assert peers == {n: lab.host(n).vtep_mac for n in ("host2", "host3")}
+    assert f"VTEP MAC {lab.host('host1').vtep_mac}" in lab.host("host1").log_path.read_text()
+
+
 @pytest.mark.parametrize(("a", "b"), PAIRS, ids=IDS)
 def test_ping(lab: Lab, a: str, b: str) -> None:
     result = lab.ping(a, b, count=3, interval_s=0.05)

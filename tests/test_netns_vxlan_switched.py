@@ -48,7 +48,8 @@ def namespaces_before() -> set[str]:
 
 @pytest.fixture(scope="module")
 def lab(namespaces_before: set[str]) -> Iterator[Lab]:
-    specs = [HostSpec(), HostSpec(), HostSpec(kernel_vxlan=True)]
+    # host1 and host2 carry VMs: their taps are ports of a bridge (`[device] bridge`)
+    specs = [HostSpec(vm_bridge=True), HostSpec(vm_bridge=True), HostSpec(kernel_vxlan=True)]
     with Lab(specs, backend="vxlan", backend_extra={"mode": "switched", "vni": VNI}) as lab:
         lab.wait_mesh(timeout_s=20.0)
         for name, (host, address, mac) in VMS.items():

@@ -42,7 +42,7 @@ from overlayd.dataplane.counters import (
     COUNTER_NAMES,
     DROP_REASONS,
 )
-from overlayd.errors import EX_OSERR, EX_UNAVAILABLE, StartupError
+from overlayd.errors import EX_NOPERM, EX_OSERR, EX_UNAVAILABLE, StartupError
 from overlayd.ops import capture, control_socket, health, state, tables
 from overlayd.ops.http_server import LoopBridge, OpsHttpServer
 from overlayd.ops.metrics import build_registry, read_sample
@@ -74,9 +74,10 @@ class FakeForwarder:
     def __init__(self, peers: int, with_capture: bool) -> None:
         self.values = dict.fromkeys(COUNTER_NAMES, 0)
         self.peers = [(0, 0, 0, 0)] * peers
+        self.rx_dropped: dict[int, int] = {}     # peer index -> received but failed a check
         self.hist = ([0] * BATCH_BUCKETS, [0] * BATCH_BUCKETS)
         self.capturing = False
-        self.captured: list[tuple[int, int, bytes]] = []
+        self.captured: list[tuple[int, int, bytes, float]] = []
         self.capture_calls: list[bool] = []
         if with_capture:
             self.set_capture = self._set_capture
@@ -88,6 +89,9 @@ class FakeForwarder:
     def peer_counters(self) -> list[tuple[int, int, int, int]]:
         return list(self.peers)
 
+    def peer_rx_accepted(self) -> list[int]:
+        return [p[2] - self.rx_dropped.get(i, 0) for i, p in enumerate(self.peers)]
+
     def offloads(self) -> dict[str, bool]:
         return {"vnet_hdr": True, "udp_gso": False, "udp_gro": True}
 
@@ -98,14 +102,14 @@ class FakeForwarder:
         self.capturing = enabled
         self.capture_calls.append(enabled)
 
-    def _drain_capture(self) -> list[tuple[int, int, bytes]]:
+    def _drain_capture(self) -> list[tuple[int, int, bytes, float]]:
         out, self.captured = self.captured, []
         return out
 
     def packet_passes(self, direction: int, peer: int, packet: bytes) -> None:
         """What the data plane does per packet: copy only while capture is on."""
         if self.capturing:
-            self.captured.append((direction, peer, packet))
+            self.captured.append((direction, peer, packet, time.time()))
 
 
 @dataclass
@@ -120,6 +124,8 @@ class FakeDaemon:
     map_error: str | None = None
     last_loop_tick: float = field(default_factory=time.monotonic)
     device_broken: bool = False
+    device_recreations: int = 0
+    device_problem: str | None = None
 
 
 def make_daemon(tmp_path: Path, with_capture: bool = True, map_text: str = MAP,
@@ -190,14 +196,21 @@ def test_metrics_export_every_counter_peer_and_table(tmp_path: Path) -> None:
     fw.peers = [(11, 1100, 12, 1200), (21, 2100, 22, 2200)]
     # 3 batches of 1, 2 of 3..4, 1 of 64 (bucket 6) inside; outside empty.
     fw.hist = ([3, 0, 2, 0, 0, 0, 1, 0, 0, 0], [0] * BATCH_BUCKETS)
-    m = scrape(d, state.RuntimeInfo(phase=state.RUNNING))
+    fw.rx_dropped = {1: 5}
+    d.device_recreations = 2
+    m = scrape(d, state.RuntimeInfo(phase=state.RUNNING, peer_last_rx={"c": 1234.0}))
 
     assert m["overlayd_build_info{dataplane=python,version=0.1.0}"] == 1
     assert m["overlayd_peer_tx_packets_total{peer=b}"] == 11
     assert m["overlayd_peer_tx_bytes_total{peer=b}"] == 1100
     assert m["overlayd_peer_rx_packets_total{peer=c}"] == 22
     assert m["overlayd_peer_rx_bytes_total{peer=c}"] == 2200
-    assert m["overlayd_peer_info{peer=c,public_ip=192.0.2.3,subnet=10.44.3.0/24}"] == 1
+    assert m["overlayd_peer_info{peer=c,public_ip=192.0.2.3,subnet=10.44.3.0/24,vtep_mac=}"] == 1
+    assert m["overlayd_peer_rx_dropped_packets_total{peer=c}"] == 5
+    assert m["overlayd_peer_rx_dropped_packets_total{peer=b}"] == 0
+    assert m["overlayd_peer_last_rx_timestamp_seconds{peer=c}"] == 1234.0
+    assert "overlayd_peer_last_rx_timestamp_seconds{peer=b}" not in m     # never heard from
+    assert m["overlayd_device_recreations_total"] == 2
     assert m["overlayd_peer_path_mtu_bytes{peer=c}"] == 1400 - 28
     for i, reason in enumerate(DROP_REASONS):
         assert m[f"overlayd_drops_total{{reason={reason}}}"] == fw.values[reason], reason
@@ -433,7 +446,8 @@ def test_control_socket_refuses_a_live_one_and_replaces_a_stale_one(tmp_path: Pa
                                                                      loop: LoopThread) -> None:
     ctl = start_control(make_daemon(tmp_path), loop)
     try:
-        with pytest.raises(StartupError, match="another overlayd is listening"):
+        busy = r"another overlayd \(pid \d+\) is listening there \(set"
+        with pytest.raises(StartupError, match=busy):
             control_socket.bind(ctl.path)
     finally:
         loop.run(ctl.server.close())
@@ -685,3 +699,73 @@ def test_capture_on_a_switched_backend_writes_ethernet_frames(
     linktype, records = read_pcap(tmp_path / "l2.pcap")
     assert linktype == capture.LINKTYPE_ETHERNET
     assert [buf for _, buf in records] == [frame]
+
+
+def test_last_received_follows_each_peers_rx_counter(tmp_path: Path) -> None:
+    d = make_daemon(tmp_path)
+    fw, info = d.forwarder, state.RuntimeInfo(phase=state.RUNNING)
+    state.observe_peer_rx(d, info, 100.0)
+    assert info.peer_last_rx == {}                        # nobody heard from yet
+    fw.peers = [(0, 0, 3, 300), (0, 0, 0, 0)]
+    state.observe_peer_rx(d, info, 101.0)
+    fw.peers = [(0, 0, 3, 300), (0, 0, 1, 100)]
+    state.observe_peer_rx(d, info, 102.0)
+    state.observe_peer_rx(d, info, 103.0)                 # silent second: nothing moves
+    assert info.peer_last_rx == {"b": 101.0, "c": 102.0}
+    rows = {p["name"]: p for p in state.peers(d, info, wall_now=110.0)}
+    assert rows["b"]["last_rx_seconds_ago"] == 9.0 and rows["c"]["last_rx_at"] == 102.0
+    text = tables.render_peers(list(rows.values()))
+    assert "LAST RX" in text and "RX DROP" in text and "9s ago" in text
+    assert "VTEP MAC" not in text                         # udp: no VTEPs
+
+
+def _cli_as_nobody(argv: list[str]) -> tuple[int, str]:
+    """Run the CLI in a forked child that dropped to uid 65534: (exit status, stderr)."""
+    from overlayd.cli import build_parser
+
+    build_parser()            # import everything now: uid 65534 may not read the interpreter's
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # child: no exec, the CLI is imported already
+        code = 70
+        try:
+            os.dup2(write_end, 2)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            sys.stderr = os.fdopen(2, "w", buffering=1)
+            code = cli_main(argv)
+        except BaseException:                       # noqa: BLE001 - report it as the test's
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as err:
+        text = err.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+def test_a_refused_client_gets_one_line_and_77_every_time(loop: LoopThread) -> None:
+    """The socket opened to others by hand: SO_PEERCRED refuses uid 65534. The daemon answers
+    before the request was read; the CLI must still say why, never a BrokenPipe traceback."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="ovd-peercred-"))
+    try:
+        base.chmod(0o755)
+        ctl = start_control(make_daemon(base), loop)
+        try:
+            ctl.path.parent.chmod(0o755)
+            ctl.path.chmod(0o666)
+            for _ in range(30):
+                code, err = _cli_as_nobody(["status", "--socket", str(ctl.path)])
+                assert "Traceback" not in err, err
+                assert err.count("\n") == 1 and err.startswith("overlayd status: "), err
+                assert code == EX_NOPERM and "permission denied" in err, (code, err)
+        finally:
+            loop.run(ctl.server.close())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

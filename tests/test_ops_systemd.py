@@ -1,8 +1,10 @@
 """The systemd units: `systemd-analyze verify` accepts them and the hardening stays in place.
 
-`verify` checks that ExecStart's binary exists; the units name /usr/local/bin/overlayd (where
-`pip install` puts it), so the test verifies copies whose ExecStart points at a stand-in script
-that runs this tree's `python -m overlayd`. Everything else is verified as shipped.
+`verify` checks that ExecStart's binary exists. The units name /opt/overlayd/bin/overlayd, the
+venv README's setup command creates (and .ci/run creates the same way): the first test verifies
+the units exactly as shipped against that install. The others verify copies whose ExecStart
+points at a stand-in script that runs this tree's `python -m overlayd`, so they also run on a
+machine without the install.
 
 Without systemd (PID 1 here is not systemd), the last test runs real daemons under the unit's
 main restrictions made by hand: root with only CAP_NET_ADMIN in the bounding set, no new
@@ -22,7 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
-INSTALLED = "/usr/local/bin/overlayd"
+INSTALLED = "/opt/overlayd/bin/overlayd"   # README's setup command puts it there
 MAX_EXPOSURE = 3.0     # systemd's scale: < 2 "OK-ish" ... 10 "UNSAFE"; README states the score
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
@@ -47,6 +49,23 @@ def staged(tmp_path: Path, unit: str, name: str | None = None) -> Path:
 def analyze(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True,
                           timeout=60, check=False, cwd="/")
+
+
+@pytest.mark.parametrize(("unit", "instance"), [("overlayd.service", None),
+                                                ("overlayd@.service", "overlayd@blue.service")])
+def test_units_as_shipped_verify_against_the_readme_install(tmp_path: Path, unit: str,
+                                                            instance: str | None) -> None:
+    if not os.access(INSTALLED, os.X_OK):
+        pytest.skip(f"{INSTALLED} is not installed (README's setup command creates it)")
+    assert f"ExecStart={INSTALLED} run -c " in (UNITS / unit).read_text()
+    if instance is None:
+        path = UNITS / unit
+    else:                      # an instance of a template: a link named like the instance
+        path = tmp_path / instance
+        path.symlink_to(UNITS / unit)
+    result = analyze("verify", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stderr
 
 
 @pytest.mark.parametrize(("unit", "instance"), [("overlayd.service", None),
@@ -78,6 +97,9 @@ def test_units_say_what_the_daemon_needs(unit: str) -> None:
                      "ProtectSystem=strict", "NoNewPrivileges=yes", "RuntimeDirectory=overlayd"):
         assert required in lines, required
     assert any(ln.startswith("WatchdogSec=") for ln in lines)
+    # Every unit shares /run/overlayd: without Preserve, stopping one would remove the
+    # directory with every other instance's control socket in it.
+    assert "RuntimeDirectoryPreserve=yes" in lines
     # A tun daemon needs /dev/net/tun and /proc/sys/net: these would break it.
     for forbidden in ("PrivateDevices=yes", "ProcSubset=pid", "ProtectKernelTunables=yes",
                       "PrivateNetwork=yes"):

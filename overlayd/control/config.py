@@ -19,14 +19,38 @@ from overlayd.control.subnet_map import MAC, SubnetMap, parse_subnet_map
 DEVICE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/' or whitespace
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DATAPLANES = ("auto", "cython", "python")
+MAP_SOURCES = ("file", "etcd")
+ETCD_ENDPOINT = re.compile(r"^(https?://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
+DEFAULT_ETCD_PREFIX = "/coreos.com/network"    # flannel's default
+DEFAULT_LEASE_TTL_SECONDS = 86400              # flannel's: 24 h
+DEFAULT_SUBNET_ENV = "/run/flannel/subnet.env"  # where the flannel CNI plugin reads it
+FILE_KEYS = {"file", "poll_seconds"}
+ETCD_KEYS = {"endpoints", "prefix", "ca_file", "cert_file", "key_file", "lease_ttl_seconds",
+             "public_ip", "interface"}
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdSettings:
+    """``[map] source = "etcd"``: where etcd is and how this node claims its subnet there."""
+
+    endpoints: tuple[str, ...]            # tried in turn; the client fails over between them
+    prefix: str                           # flannel's key prefix, without a trailing '/'
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+    lease_ttl_seconds: int
+    # This node's public IP (its identity in flannel's schema): explicit, else the first IPv4
+    # address of ``interface``, else the address of the interface holding the default route.
+    public_ip: ipaddress.IPv4Address | None
+    interface: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
     path: Path
     node_name: str | None                 # None: find the node by a public IP this host holds
-    map_source: str                       # "file"
-    map_file: Path
+    map_source: str                       # "file" or "etcd"
+    map_file: Path                        # file source (unused with etcd)
     map_poll_seconds: float               # how often the map file's mtime is checked (0 = never)
     device_name: str
     underlay_mtu: int | None              # None: the MTU of the interface holding the public IP
@@ -46,6 +70,11 @@ class DaemonConfig:
     fdb_max_entries: int = 16384          # switched: cap of the MAC table (learned + static)
     static_macs: tuple[StaticMac, ...] = ()
     offloads: bool = True                 # TSO/checksum from the device, UDP GSO/GRO, coalescing
+    etcd: EtcdSettings | None = None      # map_source == "etcd"
+    subnet_env: Path | None = Path(DEFAULT_SUBNET_ENV)   # flannel's subnet.env; None: not written
+    # At boot the public IP may come later than the daemon: wait this long for it (0: no wait).
+    wait_for_address_seconds: float = 120.0
+    bridge: str | None = None             # switched: the Linux bridge the tap is a port of
     wireguard: WireguardConfig | None = None   # backend "wireguard" only (defaults otherwise)
 
 
@@ -73,10 +102,15 @@ class StaticMac:
     node: str         # a node name of the map; this node's own name means "behind our tap"
 
 
-def load_config(path: Path) -> tuple[DaemonConfig, SubnetMap]:
-    """Read and validate the daemon config and its subnet map; raise ConfigError on any problem."""
+def load_config(path: Path) -> tuple[DaemonConfig, SubnetMap | None]:
+    """Read and validate the daemon config and its subnet map; raise ConfigError on any problem.
+
+    The map is None with ``source = "etcd"``: it lives in etcd, read once the daemon runs.
+    """
     data = read_toml(path)
     config, problems = parse_config(data, path)
+    if config is not None and config.map_source == "etcd":
+        return config, None
     # The map is checked even when the config has problems, so one run reports both files.
     map_file = _map_file(data, path)
     smap: SubnetMap | None = None
@@ -87,6 +121,10 @@ def load_config(path: Path) -> tuple[DaemonConfig, SubnetMap]:
             problems = problems + exc.problems
     if config is not None and smap is not None:
         problems = problems + static_mac_problems(config, smap)
+        if config.bridge is not None and not smap.backend.switched:
+            problems.append(Problem(str(config.path), "device.bridge",
+                                    "only for a switched vxlan backend (a tap is a bridge port; "
+                                    "a routed tun is not)"))
     if problems or config is None or smap is None:
         raise ConfigError(problems)
     return config, smap
@@ -94,6 +132,8 @@ def load_config(path: Path) -> tuple[DaemonConfig, SubnetMap]:
 
 def _map_file(data: dict[str, Any], path: Path) -> Path | None:
     map_t = data.get("map")
+    if isinstance(map_t, dict) and map_t.get("source") == "etcd":
+        return None
     name = map_t.get("file") if isinstance(map_t, dict) else None
     return path.parent / name if isinstance(name, str) and name else None
 
@@ -105,23 +145,35 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
                 "control", "switch", "wireguard"}
     p.unknown_keys(data, sections)
     node = p.table(data, "node")
-    p.unknown_keys(node, {"name"}, "node")
+    p.unknown_keys(node, {"name", "wait_for_address_seconds"}, "node")
     node_name = p.string(node, "name", "node")
+    address_wait = p.number(node, "wait_for_address_seconds", "node", default=120.0, low=0.0,
+                            high=86400.0)
 
     map_t = p.table(data, "map")
-    p.unknown_keys(map_t, {"source", "file", "poll_seconds"}, "map")
-    source = p.string(map_t, "source", "map", default="file", choices=("file",)) or "file"
-    map_file_text = p.string(map_t, "file", "map", required=True)
+    source = p.string(map_t, "source", "map", default="file", choices=MAP_SOURCES) or "file"
+    p.unknown_keys(map_t, {"source", "subnet_env"} | (ETCD_KEYS if source == "etcd"
+                                                     else FILE_KEYS), "map")
+    map_file_text = p.string(map_t, "file", "map", required=source == "file")
     map_file = (path.parent / map_file_text) if map_file_text else path.parent / "map.toml"
     poll = p.number(map_t, "poll_seconds", "map", default=2.0, low=0.0, high=3600.0)
+    etcd = _etcd_settings(p, map_t, path) if source == "etcd" else None
+    if source == "etcd" and node_name is not None:
+        p.add("node.name", 'not used with [map] source = "etcd": a node is its public IP '
+                           "([map] public_ip / interface) and named by its lease")
+    subnet_env = _subnet_env(p, map_t, path)
 
     dev = p.table(data, "device")
-    p.unknown_keys(dev, {"name", "underlay_mtu", "tx_queue_len"}, "device")
+    p.unknown_keys(dev, {"name", "underlay_mtu", "tx_queue_len", "bridge"}, "device")
     device_name = p.string(dev, "name", "device", default="overlay0") or "overlay0"
     if not DEVICE_NAME.match(device_name):
         p.add("device.name", f"{device_name!r}: 1-15 characters of letters, digits, '_', '.', '-'")
     underlay_mtu = p.integer(dev, "underlay_mtu", "device", low=576, high=65535)
     tx_queue_len = p.integer(dev, "tx_queue_len", "device", default=1000, low=1, high=1_000_000)
+    bridge = p.string(dev, "bridge", "device")
+    if bridge is not None and (not DEVICE_NAME.match(bridge) or bridge == device_name):
+        p.add("device.bridge", f"{bridge!r}: the name of a Linux bridge (1-15 characters of "
+                               f"letters, digits, '_', '.', '-'), not the device itself")
 
     tun = p.table(data, "tunnel")
     p.unknown_keys(tun, {"bind", "socket_buffer_bytes", "tx_sockets"}, "tunnel")
@@ -181,7 +233,9 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         control_socket=Path(sock_text or "/run/overlayd/overlayd.sock"),
         tx_sockets=tx_sockets if tx_sockets is not None else 8,
         mac_ageing_seconds=ageing, fdb_max_entries=fdb_max or 16384,
-        static_macs=tuple(static_macs), offloads=bool(offloads), wireguard=wireguard,
+        static_macs=tuple(static_macs), offloads=bool(offloads), etcd=etcd,
+        subnet_env=subnet_env, wait_for_address_seconds=address_wait, bridge=bridge,
+        wireguard=wireguard,
     ), []
 
 
@@ -215,6 +269,62 @@ def _wireguard(p: Problems, t: dict[str, Any], path: Path, device: str) -> Wireg
               f"{wg.reject_after_seconds:g} must be longer than rekey_after_seconds "
               f"{wg.rekey_after_seconds:g} (a session must be renewed before it is refused)")
     return wg
+
+
+def _subnet_env(p: Problems, map_t: dict[str, Any], path: Path) -> Path | None:
+    """``subnet_env``: a path (relative to the config's directory), or false for none."""
+    raw = map_t.get("subnet_env", DEFAULT_SUBNET_ENV)
+    if raw is False:
+        return None
+    if not isinstance(raw, str) or not raw:
+        p.add("map.subnet_env", "must be a file path, or false to write none")
+        return None
+    return path.parent / raw
+
+
+def _etcd_settings(p: Problems, map_t: dict[str, Any], path: Path) -> EtcdSettings | None:
+    before = len(p.found)
+    raw = map_t.get("endpoints")
+    endpoints: list[str] = []
+    if raw is None:
+        p.add("map.endpoints", 'missing (required with source = "etcd"), e.g. '
+                               '["http://10.0.0.1:2379"]')
+    elif not isinstance(raw, list) or not raw or not all(isinstance(e, str) for e in raw):
+        p.add("map.endpoints", "must be a non-empty array of URLs (http://HOST:PORT)")
+    else:
+        for i, text in enumerate(raw):
+            if not ETCD_ENDPOINT.match(text):
+                p.add(f"map.endpoints[{i}]", f"{text!r}: expected http://HOST:PORT or "
+                                             "https://HOST:PORT")
+            endpoints.append(text)
+    prefix = p.string(map_t, "prefix", "map", default=DEFAULT_ETCD_PREFIX) or DEFAULT_ETCD_PREFIX
+    if not prefix.startswith("/") or prefix.rstrip("/") == "" or "//" in prefix:
+        p.add("map.prefix", f"{prefix!r}: an absolute key prefix such as /coreos.com/network")
+    files: dict[str, Path | None] = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        text = p.string(map_t, key, "map")
+        files[key] = None if text is None else path.parent / text
+        if files[key] is not None and not files[key].is_file():   # type: ignore[union-attr]
+            p.add(f"map.{key}", f"{files[key]}: file not found")
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        p.add("map.cert_file", "cert_file and key_file go together (TLS client certificate)")
+    tls = any(f is not None for f in files.values())
+    for i, text in enumerate(endpoints):
+        if tls and text.startswith("http://"):
+            p.add(f"map.endpoints[{i}]", f"{text!r}: TLS files are set; use https://")
+    ttl = p.integer(map_t, "lease_ttl_seconds", "map", default=DEFAULT_LEASE_TTL_SECONDS,
+                    low=10, high=10 * 365 * 86400)
+    public_ip = p.ipv4_address(map_t, "public_ip", "map")
+    interface = p.string(map_t, "interface", "map")
+    if interface is not None and not DEVICE_NAME.match(interface):
+        p.add("map.interface", f"{interface!r} is not an interface name")
+    if public_ip is not None and interface is not None:
+        p.add("map.interface", "set public_ip or interface, not both")
+    if len(p.found) != before:
+        return None
+    return EtcdSettings(tuple(endpoints), prefix.rstrip("/"), files["ca_file"],
+                        files["cert_file"], files["key_file"], ttl or DEFAULT_LEASE_TTL_SECONDS,
+                        public_ip, interface)
 
 
 def _static_macs(p: Problems, raw: Any) -> list[StaticMac]:

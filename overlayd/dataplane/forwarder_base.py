@@ -15,7 +15,8 @@
    written to the device) is copied into a buffer bounded like the Cython kernel's ring
    (CAPTURE_BYTES of packets, CAPTURE_RECORDS records); what does not fit is counted as
    capture_dropped. ``drain_capture`` returns the records and empties the buffer. While
-   disabled, the cost is one test of ``_capture_on``.
+   disabled, the cost is one test of ``_capture_on``; while enabled, each batch reads the wall
+   clock once on entry and stamps its records with it (the data plane's only clock).
 5. Routed helpers (RoutedForwarderBase): the router part of the inside path (LPM, TTL, ICMP
    errors under a token bucket, RFC 1812) and the IPv4 checks of the outside path.
 6. Offloads (cext/offload.pxi, twin offload.py), each off unless the constructor asks:
@@ -40,6 +41,7 @@ import operator
 import os
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -94,7 +96,10 @@ _VXLAN_DROP: Final = {
     vxlan.WRONG_VNI: C["outside_wrong_vni"],
 }
 # Per-peer counter positions.
-TX_PACKETS, TX_BYTES, RX_PACKETS, RX_BYTES = range(4)
+# Per-peer counters. Bytes are inner bytes (the datagram less the outer header the path writes),
+# so they compare with inside_bytes and with the peer's own counters; RX_ACCEPTED counts what
+# passed every check (RX_PACKETS - RX_ACCEPTED: dropped).
+TX_PACKETS, TX_BYTES, RX_PACKETS, RX_BYTES, RX_ACCEPTED = range(5)
 
 
 def batch_bucket(n: int) -> int:
@@ -146,7 +151,7 @@ class State:
                     f"route {ipv4.int_to_addr(network)}/{prefix_len}: target {target} is not "
                     f"a peer index (there are {len(self.peer_keys)} peers)"
                 )
-        self.peer_counters: list[list[int]] = [[0, 0, 0, 0] for _ in self.peer_keys]
+        self.peer_counters: list[list[int]] = [[0, 0, 0, 0, 0] for _ in self.peer_keys]
 
     def index_map(self, old: State) -> dict[int, int]:
         """Old peer index -> new index, for peers whose (ip, port) is in both generations
@@ -237,7 +242,8 @@ class ForwarderBase:
         self._hist_outside = [0] * BATCH_BUCKETS
         self._state = State(None)
         self._capture_on = False
-        self._captured: list[tuple[int, int, bytes]] = []
+        self._captured: list[tuple[int, int, bytes, float]] = []
+        self._capture_time = 0.0     # wall clock at the start of the running batch (capture on)
         self._captured_bytes = 0
         self._queues: list[list[TxEntry]] = [[] for _ in range(max(1, len(fds)))]
         self._vnet_hdr = bool(vnet_hdr)
@@ -272,6 +278,10 @@ class ForwarderBase:
     def peer_counters(self) -> list[tuple[int, int, int, int]]:
         return [(c[0], c[1], c[2], c[3]) for c in self._state.peer_counters]
 
+    def peer_rx_accepted(self) -> list[int]:
+        """Per peer: received datagrams that passed every check and went to the device."""
+        return [c[RX_ACCEPTED] for c in self._state.peer_counters]
+
     def offloads(self) -> dict[str, bool]:
         """Which offloads are in use now (udp_gso turns off if the kernel refused it)."""
         return {"vnet_hdr": self._vnet_hdr, "udp_gso": self._gso_on,
@@ -284,10 +294,10 @@ class ForwarderBase:
         """Start or stop copying packets for capture; what was copied stays until drained."""
         self._capture_on = bool(enabled)
 
-    def drain_capture(self) -> list[tuple[int, int, bytes]]:
-        """[(direction, peer, packet)] copied since the last drain, oldest first; empties the
-        buffer. direction 0 = inside (to ``peer``), 1 = outside (from ``peer``); peer -1 = a
-        flood."""
+    def drain_capture(self) -> list[tuple[int, int, bytes, float]]:
+        """[(direction, peer, packet, ts)] copied since the last drain, oldest first; empties
+        the buffer. direction 0 = inside (to ``peer``), 1 = outside (from ``peer``); peer -1 =
+        a flood; ts = Unix time the batch that read it began."""
         if not self._captured:
             return []
         self._enter()
@@ -305,7 +315,7 @@ class ForwarderBase:
                 or n > CAPTURE_BYTES - self._captured_bytes):
             self._counters[C["capture_dropped"]] += 1
             return
-        self._captured.append((direction, peer, bytes(data)))
+        self._captured.append((direction, peer, bytes(data), self._capture_time))
         self._captured_bytes += n
 
     def _enter(self) -> None:
@@ -329,6 +339,8 @@ class ForwarderBase:
 
     def inside_batch(self) -> int:
         self._enter()
+        if self._capture_on:      # the data plane's only clock, and only while capturing
+            self._capture_time = time.time()
         try:
             return self._inside_batch()
         finally:
@@ -511,7 +523,7 @@ class ForwarderBase:
                     ctr[C["forwarded_packets"]] += entry.count
                     counts = state.peer_counters[peer]
                     counts[TX_PACKETS] += entry.count
-                    counts[TX_BYTES] += len(data)
+                    counts[TX_BYTES] += len(data) - entry.count * self._OUTER_PREFIX
                     continue
             # One datagram, or a merged entry GSO did not take: datagram by datagram.
             size = entry.segment_size
@@ -525,7 +537,7 @@ class ForwarderBase:
                 ctr[C["forwarded_packets"]] += 1
                 counts = state.peer_counters[peer]
                 counts[TX_PACKETS] += 1
-                counts[TX_BYTES] += len(datagram)
+                counts[TX_BYTES] += len(datagram) - self._OUTER_PREFIX
         self._queues[sock_index].clear()
 
     def _write_device(self, data: memoryview | bytes) -> bool:
@@ -543,6 +555,7 @@ class ForwarderBase:
     def _deliver_to_device(self, pkt: memoryview, peer: int) -> None:
         """Hot: write a checked packet/frame from ``peer`` into the device - with vnet_hdr,
         hand it to the coalescer, written when the outside batch ends."""
+        self._state.peer_counters[peer][RX_ACCEPTED] += 1
         coalescer = self._coalescer
         if coalescer is not None:
             if self._capture_on:
@@ -575,6 +588,8 @@ class ForwarderBase:
 
     def outside_batch(self) -> int:
         self._enter()
+        if self._capture_on:
+            self._capture_time = time.time()
         try:
             return self._outside_batch()
         finally:
@@ -659,7 +674,7 @@ class ForwarderBase:
             return -1
         counts = state.peer_counters[peer]
         counts[RX_PACKETS] += 1
-        counts[RX_BYTES] += len(pkt)
+        counts[RX_BYTES] += max(0, len(pkt) - self._OUTER_PREFIX)
         return peer
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -108,7 +109,8 @@ def daemon_config(node_name: str, map_file: str, device: str, control_socket: st
     """
     doc: Table = {
         "node": {"name": node_name},
-        "map": {"file": map_file},
+        # subnet.env next to the control socket: never the host's /run/flannel
+        "map": {"file": map_file, "subnet_env": str(Path(control_socket).parent / "subnet.env")},
         "device": {"name": device},
         "log": {"level": log_level},
         "metrics": {"enabled": False},

@@ -37,6 +37,9 @@ class HostSpec:
     # vxlan: no overlayd here but the kernel's own VXLAN, configured as flannel's vxlan backend
     # configures a host (routed) or as a plain kernel VTEP with flood entries (switched).
     kernel_vxlan: bool = False
+    # switched vxlan: the tap is a port of a Linux bridge (brvm, created before the daemon
+    # starts, with the node's address on it) that VMs plug into: `[device] bridge = "brvm"`.
+    vm_bridge: bool = False
 
     @property
     def runs_daemon(self) -> bool:

@@ -40,7 +40,7 @@ from overlayd.lab.hosts import DEFAULT_PORTS, SWITCHED_PORT, HostRef, HostSpec, 
 from overlayd.lab.netns import LabError
 from overlayd.lab.processes import DEFAULT_LIFETIME_S, Agent, DaemonProcess
 from overlayd.lab.traffic import Traffic
-from overlayd.lab.vxlan_hosts import VxlanHosts
+from overlayd.lab.vxlan_hosts import VM_BRIDGE, VxlanHosts
 
 READY_POLL_S = 0.05
 
@@ -135,6 +135,8 @@ class Lab(Traffic, VxlanHosts):
             for host in self.hosts:
                 if host.spec is not None and host.spec.kernel_vxlan:
                     self.setup_kernel_vtep(host)
+                elif host.spec is not None and host.spec.vm_bridge:
+                    self.setup_vm_bridge(host)
 
     def _add_ns(self, name: str) -> None:
         netns.add_netns(name)
@@ -187,6 +189,8 @@ class Lab(Traffic, VxlanHosts):
             extra = host.spec.config_extra
             if host.wg_private_key is not None:
                 extra = configs.merge({"wireguard": {"private_key_file": "wg.key"}}, extra)
+            if host.spec.vm_bridge:
+                extra = configs.merge({"device": {"bridge": VM_BRIDGE}}, extra)
             cfg = configs.daemon_config(host.name, "../map.toml", self.device,
                                         str(host.control_socket), self.log_level, extra)
             host.config_path.write_text(configs.dumps(cfg))
@@ -287,6 +291,9 @@ class Lab(Traffic, VxlanHosts):
             return "device missing"
         if "UP" not in info.get("flags", []):
             return "device down"
+        if host.spec is not None and host.spec.vm_bridge:
+            # bridged: the tap is a port without an address; the address is on the bridge
+            return "" if info.get("master") == VM_BRIDGE else f"not a port of {VM_BRIDGE} yet"
         addrs = {a.get("local") for a in info.get("addr_info", [])}
         if host.overlay_ip not in addrs:
             return f"address {host.overlay_ip} missing"

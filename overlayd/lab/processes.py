@@ -43,14 +43,15 @@ def child_pids(pid: int) -> list[int]:
 
 
 class DaemonProcess:
-    """One daemon in one namespace, logging to a file, stopped by pid."""
+    """One daemon in one namespace (None: the root namespace), logging to a file, stopped by pid."""
 
-    def __init__(self, ns: str, argv: Sequence[str], log_path: Path,
+    def __init__(self, ns: str | None, argv: Sequence[str], log_path: Path,
                  lifetime_s: int = DEFAULT_LIFETIME_S, env: dict[str, str] | None = None) -> None:
         self.ns = ns
         self.argv = list(argv)
         self.log_path = log_path
-        wrapped = ["timeout", "--kill-after=5", str(lifetime_s), *ns_cmd(ns, self.argv)]
+        inner = ns_cmd(ns, self.argv) if ns is not None else self.argv
+        wrapped = ["timeout", "--kill-after=5", str(lifetime_s), *inner]
         with open(log_path, "ab") as log:   # the child keeps its own copy of the fd
             self.wrapper = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True,

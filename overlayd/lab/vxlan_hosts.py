@@ -111,15 +111,15 @@ class VxlanHosts(HostsView):
 
     # -- VMs behind a bridge --------------------------------------------------------------------
 
-    def _vm_bridge(self, host: LabHost) -> None:
-        """brvm on ``host`` with its tap as a port and its overlay address moved onto it."""
-        if VM_BRIDGE in {link.get("ifname") for link in netns.ip_json("-n", host.netns, "link")}:
-            return
+    def setup_vm_bridge(self, host: LabHost) -> None:
+        """brvm on ``host``, before its daemon starts, with the node's overlay address on it;
+        the daemon's config names it (`[device] bridge`), so overlayd makes its tap a port."""
         netns.add_bridge(host.netns, VM_BRIDGE)
-        cidr = f"{host.overlay_ip}/{self.overlay_prefixlen()}"
-        netns.ip("-n", host.netns, "addr", "del", cidr, "dev", self.device)
-        netns.set_master(host.netns, self.device, VM_BRIDGE)
-        netns.add_address(host.netns, VM_BRIDGE, cidr)
+        netns.add_address(host.netns, VM_BRIDGE, f"{host.overlay_ip}/{self.overlay_prefixlen()}")
+
+    def _vm_bridge(self, host: LabHost) -> None:
+        if host.spec is None or not host.spec.vm_bridge:
+            raise LabError(f"{host.name}: VMs need a bridge: build it with HostSpec(vm_bridge=True)")
 
     def add_vm(self, ref: HostRef, name: str, address: str, mac: str) -> LabHost:
         """A namespace ``name`` with eth0 (``mac``, ``address``/network) bridged on ``ref``."""

@@ -2,8 +2,9 @@
 
 Data-plane contract (both forwarders): ``set_capture(enabled)``; while enabled, the forwarder
 appends a copy of each decapsulated packet to a bounded internal buffer, which
-``drain_capture() -> [(direction, peer_index, bytes)]`` returns and empties (direction 0 =
-inside, read from the device; 1 = outside, received from a peer; peer -1 = none). While disabled
+``drain_capture() -> [(direction, peer_index, bytes, ts)]`` returns and empties (direction 0 =
+inside, read from the device; 1 = outside, received from a peer; peer -1 = none; ts = Unix time
+of the data-plane batch that read the packet). While disabled
 nothing is copied, so a daemon nobody captures from pays nothing.
 
 1. ``overlayd capture`` sends a JSON request on the control socket; the hub validates it, turns
@@ -16,8 +17,9 @@ nothing is copied, so a daemon nobody captures from pays nothing.
    turns capture off in the forwarder.
 
 Invariants: the loop never waits for a client (a record that does not fit a client's buffer is
-dropped and counted in the summary); timestamps are when the daemon drained the packet (within
-``DRAIN_SECONDS`` of it crossing the data plane).
+dropped and counted in the summary); timestamps are when the data plane read the packet (the
+start of its batch), not when the hub drained it, so the RTT of a request and its reply can be
+read from a capture.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import ipaddress
 import json
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,11 +139,9 @@ class CaptureSession:
 class CaptureHub:
     """All capture sessions of one daemon, and the forwarder's capture switch."""
 
-    def __init__(self, daemon: DaemonLike, loop: asyncio.AbstractEventLoop,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, daemon: DaemonLike, loop: asyncio.AbstractEventLoop) -> None:
         self.daemon = daemon
         self.loop = loop
-        self.clock = clock
         self.sessions: list[CaptureSession] = []
         self._timer: asyncio.TimerHandle | None = None
         self._on = False             # whether the forwarder is copying packets for us
@@ -202,10 +201,11 @@ class CaptureHub:
     def drain(self) -> None:
         records = self.daemon.forwarder.drain_capture()
         if records:
-            ts = self.clock()
             view = self.daemon.view
             peers = view.peers if view is not None else ()
-            for direction, peer, data in records:
+            # ts: when the data plane read the packet (its batch), not this drain, so a
+            # request and its reply keep their own times
+            for direction, peer, data, ts in records:
                 node = peers[peer] if 0 <= peer < len(peers) else None
                 name = node.name if node is not None else None
                 ip = int(node.public_ip) if node is not None else 0

@@ -26,6 +26,7 @@ from overlayd.control.problems import read_toml
 from overlayd.errors import EX_NOPERM, EX_UNAVAILABLE, EX_USAGE
 from overlayd.ops import capture as cap
 from overlayd.ops import tables
+from overlayd.ops.control_socket import PERMISSION_DENIED
 
 COMMANDS = {"status", "peers", "routes", "fdb", "capture"}
 
@@ -79,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     except ClientError as exc:
         print(f"overlayd {args.command}: {exc}", file=sys.stderr)
         return exc.code
+    except OSError as exc:    # whatever else the socket says: one line, never a traceback
+        print(f"overlayd {args.command}: talking to overlayd failed: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EX_UNAVAILABLE
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
@@ -132,6 +137,8 @@ def _read_line(sock: socket.socket) -> bytes:
             chunk = sock.recv(65536 if not data else 4096, socket.MSG_PEEK)
         except TimeoutError:
             raise ClientError("overlayd did not answer in time", EX_UNAVAILABLE) from None
+        except ConnectionResetError:
+            chunk = b""
         if not chunk:
             raise ClientError("overlayd closed the connection without an answer",
                               EX_UNAVAILABLE)
@@ -148,6 +155,9 @@ def _answer(sock: socket.socket) -> Any:
         raise ClientError(f"unreadable answer from overlayd: {exc}", EX_UNAVAILABLE) from None
     if not message.get("ok"):
         error = str(message.get("error", "request refused"))
+        if error == PERMISSION_DENIED:
+            raise ClientError(f"{error}: the control socket is for root (or the daemon's user) "
+                              f"only", EX_NOPERM)
         raise ClientError(error, EX_UNAVAILABLE if error == cap.NOT_SUPPORTED else 1)
     return message.get("result")
 
@@ -155,7 +165,10 @@ def _answer(sock: socket.socket) -> Any:
 def request(path: Path, message: dict[str, Any]) -> Any:
     sock = connect(path)
     try:
-        sock.sendall(json.dumps(message).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(message).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass      # the daemon answered and closed before reading (a refusal): read why
         return _answer(sock)
     finally:
         sock.close()

@@ -32,28 +32,53 @@ from typing import Any
 
 from overlayd.errors import EX_OSERR, StartupError
 from overlayd.ops.capture import CaptureError, CaptureHub
-from overlayd.runtime.logs import RateLimitedLog
+from overlayd.rate_limited_log import RateLimitedLog
 
 log = logging.getLogger("overlayd")
 
 MAX_REQUEST_BYTES = 64 * 1024
 REQUEST_TIMEOUT_SECONDS = 5.0
+REFUSAL_READ_SECONDS = 0.5     # how long a refused client may take to send its request
+PERMISSION_DENIED = "permission denied"   # the refusal; the CLI exits 77 (EX_NOPERM) on it
 SOCKET_MODE = 0o600
 DIRECTORY_MODE = 0o755        # the socket's own mode is what keeps others out
 
 Handler = Callable[[dict[str, Any]], Any]
 
 
-def _in_use(path: Path) -> bool:
+def _listener_pid(path: Path) -> int | None:
+    """The pid of the process listening on ``path`` (SO_PEERCRED of a probe connection; 0 if
+    it cannot be told), or None when nothing listens there."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
         probe.connect(str(path))
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
-        return False
+        return None
     finally:
         probe.close()
-    return True
+    return int(struct.unpack("3i", creds)[0])
+
+
+def _same_network_namespace(pid: int) -> bool | None:
+    """Whether ``pid`` shares our network namespace; None if /proc does not say."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def _in_use_message(path: Path, pid: int) -> str:
+    # /run is one file system for every network namespace on the host, so two daemons with
+    # the same device name in two namespaces (containers, `ip netns exec`) meet here.
+    who = f"another overlayd (pid {pid})" if pid else "another overlayd"
+    if pid and _same_network_namespace(pid) is False:
+        return (f"control socket {path}: {who} is listening there, in another network "
+                f"namespace; namespaces share /run, so give each daemon its own [control] "
+                f"socket")
+    return (f"control socket {path}: {who} is listening there (set a different [control] "
+            f"socket or device name; daemons in other network namespaces share /run too)")
 
 
 def bind(path: Path) -> socket.socket:
@@ -64,10 +89,9 @@ def bind(path: Path) -> socket.socket:
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 raise StartupError(f"control socket {path}: exists and is not a socket; "
                                    f"remove it or set [control] socket", EX_OSERR)
-            if _in_use(path):
-                raise StartupError(f"control socket {path}: another overlayd is listening "
-                                   f"there (set a different [control] socket or device name)",
-                                   EX_OSERR)
+            pid = _listener_pid(path)
+            if pid is not None:
+                raise StartupError(_in_use_message(path, pid), EX_OSERR)
             path.unlink()        # stale: left by a daemon that did not exit cleanly
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
@@ -133,7 +157,11 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         uid = _peer_uid(writer)
         if uid is not None and uid not in (0, os.geteuid()):
-            await self._answer(writer, {"ok": False, "error": "permission denied"})
+            # Take the request off the socket first (bounded): closing with unread data makes
+            # the kernel reset the connection, and the client would lose the answer.
+            with contextlib.suppress(TimeoutError, ValueError, asyncio.LimitOverrunError):
+                await asyncio.wait_for(reader.readline(), REFUSAL_READ_SECONDS)
+            await self._answer(writer, {"ok": False, "error": PERMISSION_DENIED})
             return
         try:
             line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT_SECONDS)

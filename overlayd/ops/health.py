@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from overlayd.ops import state
+from overlayd.ops import daemon_view
 
 # The daemon's periodic timers tick every 0.1 s; 5 s without one means the loop is stuck
 # (or starved by a callback that never returns) even if this check itself got scheduled.
@@ -33,9 +33,9 @@ class Verdict:
         return self.live_problems + self.ready_problems
 
 
-def check(d: state.DaemonLike, info: state.RuntimeInfo, now: float) -> Verdict:
+def check(d: daemon_view.DaemonLike, info: daemon_view.RuntimeInfo, now: float) -> Verdict:
     live: list[str] = []
-    if info.phase == state.STOPPING:
+    if info.phase == daemon_view.STOPPING:
         live.append("stopping")
     tick_age = now - d.last_loop_tick
     if tick_age > LOOP_STALL_SECONDS:
@@ -44,8 +44,10 @@ def check(d: state.DaemonLike, info: state.RuntimeInfo, now: float) -> Verdict:
         live.append("data plane not running")
     elif d.device_broken:
         live.append(f"device {d.config.device_name} is gone or failing; recreating it")
+    elif d.device_problem:
+        live.append(f"{d.device_problem}; putting it back")
     ready_problems: list[str] = []
-    if info.phase == state.STARTING:
+    if info.phase == daemon_view.STARTING:
         ready_problems.append("starting")
     if d.view is None:
         ready_problems.append("no subnet map loaded")
@@ -54,4 +56,7 @@ def check(d: state.DaemonLike, info: state.RuntimeInfo, now: float) -> Verdict:
         more = " (and more; see the log)" if len(d.map_error.strip().splitlines()) > 1 else ""
         ready_problems.append(f"subnet map not current: the last reload was rejected, still "
                               f"forwarding on the previous map: {first}{more}")
+    # The source's own problems (etcd: network config invalid, lease lost): the map in force
+    # goes on forwarding but is not current.
+    ready_problems.extend(daemon_view.map_source(d)[2].get("problems", []))
     return Verdict(not live, not live and not ready_problems, tuple(live), tuple(ready_problems))

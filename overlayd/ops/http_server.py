@@ -27,7 +27,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from overlayd.errors import EX_OSERR, StartupError
 from overlayd.ops.health import Verdict
-from overlayd.runtime.logs import RateLimitedLog
+from overlayd.rate_limited_log import RateLimitedLog
 
 log = logging.getLogger("overlayd")
 

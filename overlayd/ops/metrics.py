@@ -15,9 +15,12 @@ the name (``_bytes``, ``_seconds``), one ``_info`` gauge per set of descriptive 
 | overlayd_build_info | gauge (1) | version, dataplane |
 | overlayd_start_time_seconds | gauge | |
 | overlayd_healthy, overlayd_ready | gauge (0/1) | |
-| overlayd_peer_info | gauge (1) | peer, public_ip, subnet |
+| overlayd_peer_info | gauge (1) | peer, public_ip, subnet, vtep_mac |
 | overlayd_peer_path_mtu_bytes | gauge | peer |
 | overlayd_peer_{tx,rx}_{packets,bytes}_total | counter | peer |
+| overlayd_peer_rx_dropped_packets_total | counter | peer |
+| overlayd_peer_last_rx_timestamp_seconds | gauge | peer |
+| overlayd_device_recreations_total | counter | |
 | overlayd_{inside,outside}_{packets,bytes}_total | counter | |
 | overlayd_forwarded_packets_total, overlayd_delivered_packets_total | counter | |
 | overlayd_icmp_errors_sent_total | counter | |
@@ -36,7 +39,6 @@ the name (``_bytes``, ``_seconds``), one ``_info`` gauge per set of descriptive 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -102,9 +104,15 @@ TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
 
 PEER_METRICS = (  # (position in peer_counters() tuples, name, help)
     (0, "overlayd_peer_tx_packets", "Packets sent to the peer."),
-    (1, "overlayd_peer_tx_bytes", "Bytes of inner packets sent to the peer."),
+    (1, "overlayd_peer_tx_bytes",
+     ("Inner bytes sent to the peer (packets or frames as read from the device, without the "
+     "encapsulation overlayd writes in front).")),
     (2, "overlayd_peer_rx_packets", "Datagrams received from the peer (before validation)."),
-    (3, "overlayd_peer_rx_bytes", "Bytes of datagram payloads received from the peer."),
+    (3, "overlayd_peer_rx_bytes",
+     ("Inner bytes received from the peer (datagrams less the encapsulation header, before "
+     "validation).")),
+    (4, "overlayd_peer_rx_dropped_packets",
+     "Datagrams received from the peer that failed a check (counted in drops_total by reason)."),
 )
 
 
@@ -114,13 +122,15 @@ def read_sample(d: state.DaemonLike, info: state.RuntimeInfo) -> dict[str, Any]:
     traffic, drops = state.counters(d)
     inside, outside = state.batches(d)
     verdict = health.check(d, info, now)
+    kind, location, report = state.map_source(d)
     view = d.view
     return {
         "dataplane": d.implementation,
         "started_wall": info.started_wall,
         "healthy": verdict.healthy,
         "ready": verdict.ready,
-        "peers": state.peers(d),
+        "peers": state.peers(d, info),
+        "device_recreations": d.device_recreations,
         "traffic": traffic,
         "drops": drops,
         "tables": {"peers": len(view.peers) if view is not None else 0,
@@ -128,8 +138,7 @@ def read_sample(d: state.DaemonLike, info: state.RuntimeInfo) -> dict[str, Any]:
                    "fdb_entries": state.fdb_size(d)},
         "batches": {"inside": inside, "outside": outside},
         "offloads": state.offloads(d),
-        "map": {"source": d.config.map_source,
-                "location": os.path.normpath(d.config.map_file),
+        "map": {"source": kind, "location": location, "datastore": report,
                 "nodes": len(d.smap.nodes), "applied_at": d.map_applied_at,
                 "current": d.map_error is None, "applied": info.reloads_applied,
                 "rejected": info.reloads_rejected},
@@ -188,8 +197,12 @@ class OverlaydCollector(Collector):
         gauge("overlayd_ready", "1 when /readyz would answer 200.",
               None if s is None else float(s["ready"]))
 
-        info = gauge("overlayd_peer_info", "One series per peer in the map (value 1).",
-                     labels=["peer", "public_ip", "subnet"])
+        info = gauge("overlayd_peer_info",
+                     "One series per peer in the map (value 1); vtep_mac empty for udp.",
+                     labels=["peer", "public_ip", "subnet", "vtep_mac"])
+        last_rx = gauge("overlayd_peer_last_rx_timestamp_seconds",
+                        "Unix time a datagram from the peer was last received, to the second "
+                        "(absent until one is).", labels=["peer"])
         mtu = gauge("overlayd_peer_path_mtu_bytes",
                     "Largest inner packet that fits the path to the peer.", labels=["peer"])
         per_peer = [(pos, counter(name, doc, labels=["peer"])) for pos, name, doc in PEER_METRICS]
@@ -203,6 +216,10 @@ class OverlaydCollector(Collector):
             counter(name, doc, None if s is None else s["traffic"].get(key, 0))
         drops = counter("overlayd_drops", "Packets dropped by the data plane, by reason.",
                         labels=["reason"])
+        counter("overlayd_device_recreations",
+                "Times the device was recreated after it vanished or failed (each is a short "
+                "gap in forwarding that a scrape interval may not show as unhealthy).",
+                None if s is None else s["device_recreations"])
 
         gauge("overlayd_peers", "Peers in the forwarding table.",
               None if s is None else s["tables"]["peers"])
@@ -227,7 +244,10 @@ class OverlaydCollector(Collector):
         gauge("overlayd_map_current",
               "1 when the last map (re)load was applied; 0 while a rejected map is on disk.",
               None if m is None else float(m["current"]))
-        reloads = counter("overlayd_map_reloads", "Map reloads, by outcome.", labels=["result"])
+        reloads = counter("overlayd_map_reloads",
+                          "Map reloads after the start (the map loaded at start is not one), "
+                          "by outcome; a file content is judged once.", labels=["result"])
+        store = self._datastore_families(gauge, counter, None if m is None else m["datastore"])
         gauge("overlayd_capture_sessions", "Running `overlayd capture` sessions.",
               None if s is None else s["capture_sessions"])
         offloads = gauge("overlayd_offload_enabled",
@@ -240,9 +260,13 @@ class OverlaydCollector(Collector):
         for name, enabled in s["offloads"].items():
             offloads.add_metric([name], float(enabled))
         for peer in s["peers"]:
-            info.add_metric([peer["name"], peer["public_ip"], peer["subnet"]], 1)
+            info.add_metric([peer["name"], peer["public_ip"], peer["subnet"],
+                             peer["vtep_mac"] or ""], 1)
             mtu.add_metric([peer["name"]], peer["path_mtu"])
-            values = (peer["tx_packets"], peer["tx_bytes"], peer["rx_packets"], peer["rx_bytes"])
+            if peer["last_rx_at"] is not None:
+                last_rx.add_metric([peer["name"]], peer["last_rx_at"])
+            values = (peer["tx_packets"], peer["tx_bytes"], peer["rx_packets"], peer["rx_bytes"],
+                      peer["rx_dropped"])
             for pos, fam in per_peer:
                 fam.add_metric([peer["name"]], values[pos])
         for reason, value in s["drops"].items():
@@ -255,9 +279,60 @@ class OverlaydCollector(Collector):
                 hist.add_metric([direction], _histogram_buckets(counts),
                                 float(s["traffic"].get(f"{direction}_packets", 0)))
         map_info.add_metric([m["source"], m["location"]], 1)  # type: ignore[index]
+        store()
         reloads.add_metric(["applied"], m["applied"])  # type: ignore[index]
         reloads.add_metric(["rejected"], m["rejected"])  # type: ignore[index]
         return fams
+
+
+    @staticmethod
+    def _datastore_families(gauge: Callable[..., GaugeMetricFamily],
+                            counter: Callable[..., CounterMetricFamily],
+                            r: dict[str, Any] | None) -> Callable[[], None]:
+        """The etcd source's families (empty for the file source); returns what fills them."""
+        reachable = gauge("overlayd_datastore_reachable",
+                          "1 while the map's datastore (etcd) answers.", labels=[])
+        age = gauge("overlayd_datastore_last_contact_age_seconds",
+                    "Seconds since etcd last answered.", labels=[])
+        remaining = gauge("overlayd_lease_remaining_seconds",
+                          "Seconds until this node's subnet lease expires unless renewed "
+                          "(absent for a reservation).", labels=[])
+        lease_held = gauge("overlayd_lease_held", "1 while this node holds its subnet lease.",
+                           labels=[])
+        counts = {name: counter(f"overlayd_{name}", doc, labels=[]) for name, doc in (
+            ("watch_resumes", "Attempts to resume a broken watch from the last seen revision + 1."),
+            ("watch_compaction_relists", ("Full re-lists because the watch revision was "
+                                         "compacted away.")),
+            ("datastore_reconnects", "Failed etcd lists/watches retried after a backoff."),
+            ("map_resyncs", "Periodic full list-and-diff runs of the map."),
+            ("lease_renewals", "Subnet lease renewals (compare-on-revision)."),
+            ("lease_losses", "Times this node's subnet lease was found lost."),
+        )}
+        skipped = counter("overlayd_map_skipped_keys",
+                          "Keys of the map's datastore skipped as invalid, by reason.",
+                          labels=["reason"])
+
+        def fill() -> None:
+            if not r:
+                return
+            reachable.add_metric([], float(r["reachable"]))
+            if r["last_contact_seconds"] is not None:
+                age.add_metric([], r["last_contact_seconds"])
+            lease = r.get("lease") or {}
+            lease_held.add_metric([], float(bool(lease) and not lease.get("lost")))
+            if lease.get("remaining_seconds") is not None:
+                remaining.add_metric([], lease["remaining_seconds"])
+            w = r["watch"]
+            values = {"watch_resumes": w["resumes"], "watch_compaction_relists":
+                      w["compaction_relists"], "datastore_reconnects": w["reconnects"],
+                      "map_resyncs": w["resyncs"], "lease_renewals": lease.get("renewals", 0),
+                      "lease_losses": lease.get("losses", 0)}
+            for name, fam in counts.items():
+                fam.add_metric([], values[name])
+            for reason, n in sorted(r["skipped_keys"].items()):
+                skipped.add_metric([reason], n)
+
+        return fill
 
 
 def build_registry(read: Callable[[], dict[str, Any]]) -> CollectorRegistry:

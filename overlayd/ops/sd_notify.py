@@ -26,6 +26,7 @@ from collections.abc import Mapping
 log = logging.getLogger("overlayd")
 
 MAX_STATUS_CHARS = 400   # systemctl shows one line; keep a runaway message from filling a datagram
+EXTEND_MARGIN_SECONDS = 10.0   # EXTEND_TIMEOUT_USEC= covers the next wait slice and this much more
 
 
 def monotonic_usec() -> int:
@@ -106,6 +107,12 @@ class Notifier:
 
     def status(self, status: str) -> bool:
         return self.send(_status(status))
+
+    def waiting(self, status: str, seconds: float) -> bool:
+        """Still starting, on purpose: push systemd's start timeout (TimeoutStartSec=) out by
+        ``seconds`` plus a margin, so a bounded wait is not killed as a hung start."""
+        extend = int((seconds + EXTEND_MARGIN_SECONDS) * 1_000_000)
+        return self.send(_status(status), f"EXTEND_TIMEOUT_USEC={extend}")
 
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")

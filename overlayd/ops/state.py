@@ -13,51 +13,24 @@ from __future__ import annotations
 import ipaddress
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from overlayd import __version__
+from overlayd.control.subnet_map import derive_vtep_mac
 from overlayd.dataplane.counters import ALL_DROP_REASONS
 from overlayd.dataplane.tables import LOCAL
+from overlayd.ops import health
+from overlayd.ops.daemon_view import (  # noqa: F401 - re-exported: ops callers use state.*
+    RELOADING,
+    RUNNING,
+    STARTING,
+    STOPPING,
+    DaemonLike,
+    RuntimeInfo,
+    map_source,
+)
 
 DROP_SET = frozenset(ALL_DROP_REASONS)
-
-# Phases of the daemon's life, as the runtime reports them.
-STARTING, RUNNING, RELOADING, STOPPING = "starting", "running", "reloading", "stopping"
-
-
-class DaemonLike(Protocol):
-    """What this module reads of runtime.daemon.Daemon (ops never imports the runtime)."""
-
-    config: Any
-    smap: Any
-    view: Any
-    forwarder: Any
-    implementation: str
-    started_at: float
-    map_applied_at: float
-    map_error: str | None
-    last_loop_tick: float
-
-    @property
-    def device_broken(self) -> bool: ...
-
-
-@dataclass
-class RuntimeInfo:
-    """What the ops layer itself knows: phase, reload outcomes, where it listens."""
-
-    phase: str = STARTING
-    started_wall: float = field(default_factory=time.time)
-    reloads_applied: int = 0
-    reloads_rejected: int = 0
-    metrics_url: str | None = None
-    control_socket: str | None = None
-    capture_supported: bool = False
-    capture_sessions: int = 0
-    notify_socket: str | None = None
-    watchdog_seconds: float | None = None
-
 
 def _ip(value: int) -> str:
     return str(ipaddress.IPv4Address(value))
@@ -76,16 +49,55 @@ def peer_counters(d: DaemonLike) -> list[tuple[int, int, int, int]]:
     return got + [(0, 0, 0, 0)] * (count - len(got))
 
 
-def peers(d: DaemonLike) -> list[dict[str, Any]]:
+def vtep(node: Any, vni: int) -> dict[str, Any]:
+    """A node's VTEP MAC (vxlan; None for udp) and whether it was derived (not set in the map):
+    derived = the first 6 bytes of SHA-256("overlayd-vtep" + public IP + VNI as 3 bytes), with
+    the locally administered bit set and the multicast bit clear (subnet_map.derive_vtep_mac)."""
+    if not node.vtep_mac:
+        return {"vtep_mac": None, "vtep_mac_derived": None}
+    return {"vtep_mac": node.vtep_mac,
+            "vtep_mac_derived": node.vtep_mac == derive_vtep_mac(node.public_ip, vni)}
+
+
+def peer_rx_dropped(d: DaemonLike) -> list[int]:
+    """Per peer: datagrams received from it that failed a check (rx - accepted)."""
+    counts = peer_counters(d)
+    got = list(d.forwarder.peer_rx_accepted()) if d.forwarder is not None else []
+    accepted = got[:len(counts)] + [0] * (len(counts) - len(got))
+    return [max(0, c[2] - a) for c, a in zip(counts, accepted, strict=True)]
+
+
+def observe_peer_rx(d: DaemonLike, info: RuntimeInfo, wall_now: float) -> None:
+    """Note which peers were heard from since the last call (called every second on the loop):
+    a peer whose rx counter moved was last heard at ``wall_now``. The data plane keeps no clock;
+    this gives "last received" to the second without one."""
+    if d.view is None:
+        return
+    seen: dict[str, int] = {}
+    for node, counts in zip(d.view.peers, peer_counters(d), strict=False):
+        rx = counts[2]
+        if rx and rx != info.peer_rx_seen.get(node.name):
+            info.peer_last_rx[node.name] = wall_now
+        seen[node.name] = rx
+    info.peer_rx_seen = seen
+    for gone in info.peer_last_rx.keys() - seen.keys():   # left the map
+        del info.peer_last_rx[gone]
+
+
+def peers(d: DaemonLike, info: RuntimeInfo | None = None,
+          wall_now: float | None = None) -> list[dict[str, Any]]:
     if d.view is None:
         return []
+    wall = time.time() if wall_now is None else wall_now
+    last_rx = info.peer_last_rx if info is not None else {}
     out = []
     entries = d.view.tables.peers
     # wireguard: endpoint (roamed), latest handshake and sessions of each peer
     wireguard = getattr(d, "wireguard", None)
     wg_rows = wireguard.peer_status() if wireguard is not None else []
-    for index, (node, entry, counts) in enumerate(zip(d.view.peers, entries, peer_counters(d),
-                                                      strict=False)):
+    for index, (node, entry, counts, dropped) in enumerate(zip(
+            d.view.peers, entries, peer_counters(d), peer_rx_dropped(d), strict=False)):
+        heard = last_rx.get(node.name)
         row: dict[str, Any] = {
             "index": index,
             "name": node.name,
@@ -93,9 +105,13 @@ def peers(d: DaemonLike) -> list[dict[str, Any]]:
             "port": entry.port,
             "subnet": str(node.subnet),
             "routes": [str(r) for r in node.routes],
+            **vtep(node, d.smap.backend.vni),
             "path_mtu": entry.path_mtu,
             "tx_packets": counts[0], "tx_bytes": counts[1],
             "rx_packets": counts[2], "rx_bytes": counts[3],
+            "rx_dropped": dropped,
+            "last_rx_at": heard,
+            "last_rx_seconds_ago": None if heard is None else round(max(0.0, wall - heard), 1),
         }
         if index < len(wg_rows):
             row["wireguard"] = wg_rows[index]
@@ -206,13 +222,12 @@ def batches(d: DaemonLike) -> tuple[list[int], list[int]]:
 
 def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[str, Any]:
     """Everything ``overlayd status`` shows, and what scripts read with ``--json``."""
-    from overlayd.ops import health
-
     mono = time.monotonic() if now is None else now
     traffic, drops = counters(d)
     view, smap, config = d.view, d.smap, d.config
     node = view.node if view is not None else None
     verdict = health.check(d, info, mono)
+    kind, location, report = map_source(d)
     return {
         "version": __version__,
         "dataplane": d.implementation,
@@ -222,16 +237,17 @@ def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[s
         "uptime_seconds": round(mono - d.started_at, 3),
         "node": None if node is None else {
             "name": node.name, "subnet": str(node.subnet), "address": str(node.address),
-            "public_ip": str(node.public_ip),
+            "public_ip": str(node.public_ip), **vtep(node, smap.backend.vni),
         },
         "device": {"name": config.device_name, "ok": device_ok(d),
-                   "mtu": view.device_mtu if view is not None else None},
+                   "mtu": view.device_mtu if view is not None else None,
+                   "recreations": d.device_recreations},
         "tunnel": {"backend": smap.backend.type, "mode": smap.backend.mode,
                    "vni": smap.backend.vni if smap.backend.type == "vxlan" else None,
                    "port": smap.backend.port,
                    "bind": str(config.bind_address or (node.public_ip if node else ""))},
         "map": {
-            "source": config.map_source, "location": os.path.normpath(config.map_file),
+            "source": kind, "location": location, "datastore": report or None,
             "nodes": len(smap.nodes), "network": str(smap.network),
             "applied_at": d.map_applied_at, "error": d.map_error,
             "reloads_applied": info.reloads_applied, "reloads_rejected": info.reloads_rejected,

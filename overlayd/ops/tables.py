@@ -80,6 +80,27 @@ def _ago(ts: float, now: float) -> str:
     return f"{stamp} ({human_duration(now - ts)} ago)"
 
 
+def render_datastore(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The etcd source's lines of `overlayd status`."""
+    ago = r["last_contact_seconds"]
+    contact = "never" if ago is None else f"{human_duration(ago)} ago"
+    reach = "reachable" if r["reachable"] else f"UNREACHABLE ({r['last_error'] or 'no answer'})"
+    lines = [("etcd", (f"{reach} at {r['endpoint']}, last contact {contact}, revision "
+                      f"{r['revision']}"))]
+    lease = r.get("lease")
+    if lease:
+        left = ("reservation, no TTL" if lease["reservation"] else
+                f"{human_duration(lease['remaining_seconds'] or 0)} left")
+        state = f"LOST ({lease['lost']})" if lease["lost"] else "held"
+        lines.append(("lease", f"{lease['key']} {state}, {left}, {lease['renewals']} renewals"))
+    w = r["watch"]
+    skipped = sum(r["skipped_keys"].values())
+    lines.append(("watch", (f"{w['resumes']} resumes, {w['compaction_relists']} compaction "
+                           f"re-lists, {w['reconnects']} reconnects, {w['resyncs']} resyncs; "
+                           f"{skipped} bad keys skipped")))
+    return lines
+
+
 def render_status(s: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     node, dev, tun, smap, tab = s["node"], s["device"], s["tunnel"], s["map"], s["tables"]
@@ -93,16 +114,25 @@ def render_status(s: dict[str, Any], now: float | None = None) -> str:
         word = "healthy, not ready" if health["healthy"] else "UNHEALTHY"
         lines.append(("health", f"{word}: " + "; ".join(health["problems"])))
     if node is not None:
+        vtep = ""
+        if node.get("vtep_mac"):
+            how = "derived" if node.get("vtep_mac_derived") else "from the map"
+            vtep = f", VTEP MAC {node['vtep_mac']} ({how})"
         lines.append(("node", (f"{node['name']}: subnet {node['subnet']}, address "
-                              f"{node['address']}, public IP {node['public_ip']}")))
+                              f"{node['address']}, public IP {node['public_ip']}{vtep}")))
     mtu = f", mtu {dev['mtu']}" if dev["mtu"] is not None else ""
-    lines.append(("device", f"{dev['name']}{mtu}, {'up' if dev['ok'] else 'BEING RECREATED'}"))
+    again = dev.get("recreations", 0)
+    recreated = f", recreated {again} time{'s' if again != 1 else ''}" if again else ""
+    condition = "up" if dev["ok"] else "BEING RECREATED"
+    lines.append(("device", f"{dev['name']}{mtu}, {condition}{recreated}"))
     backend = (f"vxlan {tun['mode']} backend, VNI {tun.get('vni')}" if tun["backend"] == "vxlan"
                else f"{tun['backend']} backend")
     lines.append(("tunnel", f"{backend}, udp {tun['bind']}:{tun['port']}"))
     map_line = (f"{smap['source']} {smap['location']}: network {smap['network']}, "
                 f"{smap['nodes']} nodes, applied {_ago(smap['applied_at'], now)}")
     lines.append(("map", map_line))
+    if smap.get("datastore"):
+        lines.extend(render_datastore(smap["datastore"]))
     if smap["error"]:
         first = smap["error"].strip().splitlines()[0]
         lines.append(("", f"RELOAD REJECTED, forwarding on the previous map: {first}"))
@@ -148,12 +178,21 @@ def render_offloads(offloads: dict[str, bool], traffic: dict[str, int]) -> str:
 def render_peers(peers: list[dict[str, Any]]) -> str:
     if not peers:
         return "no peers"
-    rows = [[p["name"], f"{p['public_ip']}:{p['port']}",
-             ",".join([p["subnet"], *p["routes"]]), p["path_mtu"],
-             p["tx_packets"], human_bytes(p["tx_bytes"]),
-             p["rx_packets"], human_bytes(p["rx_bytes"])] for p in peers]
-    return table(["PEER", "ENDPOINT", "PREFIXES", "PATH MTU", "TX PKTS", "TX", "RX PKTS", "RX"],
-                 rows)
+    vxlan = any(p.get("vtep_mac") for p in peers)
+    rows = []
+    for p in peers:
+        ago = p.get("last_rx_seconds_ago")
+        row = [p["name"], f"{p['public_ip']}:{p['port']}",
+               ",".join([p["subnet"], *p["routes"]]), p["path_mtu"],
+               p["tx_packets"], human_bytes(p["tx_bytes"]),
+               p["rx_packets"], human_bytes(p["rx_bytes"]), p.get("rx_dropped", 0),
+               "never" if ago is None else f"{human_duration(ago)} ago"]
+        if vxlan:
+            row.append(p["vtep_mac"] + ("" if p.get("vtep_mac_derived") else " (map)"))
+        rows.append(row)
+    headers = ["PEER", "ENDPOINT", "PREFIXES", "PATH MTU", "TX PKTS", "TX", "RX PKTS", "RX",
+               "RX DROP", "LAST RX"]
+    return table(headers + (["VTEP MAC"] if vxlan else []), rows)
 
 
 def render_routes(routes: list[dict[str, Any]]) -> str:

@@ -18,7 +18,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from overlayd.control.config import DaemonConfig
@@ -29,12 +29,14 @@ from overlayd.control.local_node import (
     build_switch_tables,
     find_local_node,
 )
+from overlayd.control.map_source import MapSource
 from overlayd.control.problems import ConfigError
 from overlayd.control.subnet_map import SubnetMap
+from overlayd.errors import EX_TEMPFAIL, StartupError
 from overlayd.io import host_network
 from overlayd.io.device import OverlayDevice, tune_device_sysctls
 from overlayd.io.tunnel_socket import enable_udp_gro, open_tunnel_socket, udp_gso_supported
-from overlayd.runtime.logs import RateLimitedLog
+from overlayd.rate_limited_log import RateLimitedLog
 from overlayd.runtime.wireguard import (
     WG_TICK_SECONDS,
     WireguardRuntime,
@@ -48,6 +50,7 @@ log = logging.getLogger("overlayd")
 ICMP_REFILL_SECONDS = 0.1     # token bucket granularity for ICMP errors
 HEALTH_CHECK_SECONDS = 1.0    # how often the device's existence is checked
 FDB_TICK_SECONDS = 0.5        # switched: the data plane's clock (set_now) and MAC ageing
+ADDRESS_WAIT_SLICE_SECONDS = 5.0   # while waiting for the public IP: STATUS= refreshed this often
 
 
 def kernel_routes(smap: SubnetMap, view: LocalView) -> set[ipaddress.IPv4Network]:
@@ -64,9 +67,15 @@ def kernel_routes(smap: SubnetMap, view: LocalView) -> set[ipaddress.IPv4Network
 
 class Daemon:
     def __init__(self, config: DaemonConfig, smap: SubnetMap, kernels: Any,
-                 implementation: str) -> None:
+                 implementation: str, source: MapSource | None = None,
+                 changes: AsyncIterator[str] | None = None) -> None:
         self.config = config
-        self.source = FileMapSource(config.map_file)
+        # The map's source and its running changes() (control/map_source.py); serve() passes
+        # both, having waited on changes() for the first map.
+        self.source: MapSource = source or FileMapSource(
+            config.map_file, config.map_poll_seconds, config.node_name)
+        self.source_changes = changes
+        self._follow_task: asyncio.Task[None] | None = None
         self.smap = smap
         self.kernels = kernels
         self.implementation = implementation
@@ -87,17 +96,23 @@ class Daemon:
         self._timers: dict[str, asyncio.TimerHandle] = {}   # periodic task -> its next run
         self._readers: list[int] = []
         self._device_broken = False
+        self.device_recreations = 0     # times the device came back after it vanished or failed
+        self.device_problem: str | None = None   # the device exists but is not as configured
         self._ratelimited = RateLimitedLog(log)
         self.on_ready: list[Callable[[], None]] = []
         self.on_reload: list[Callable[[str], None]] = []
         self.on_stopping: list[Callable[[], None]] = []   # once, when stop() is first called
+        # (map, view) each time a map is put in force: at start and after each applied reload
+        self.on_map_applied: list[Callable[[SubnetMap, LocalView], None]] = []
+        # (status, seconds): still starting, waiting up to that long for what status names
+        self.on_waiting: list[Callable[[str, float], object]] = []
 
     # -- 1. start -------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.source.load()   # remember the file's signature; smap was validated by the caller
-        addresses = host_network.host_addresses()
-        me = find_local_node(self.smap, str(self.config.map_file), self.config.node_name,
+        addresses = self._await_own_address()
+        me = find_local_node(self.smap, self.source.location, self.source.node_name,
                              (h.address for h in addresses))
         underlay_mtu = self._underlay_mtu(me.public_ip, addresses)
         self.view = build_local_view(self.smap, me, underlay_mtu)
@@ -109,7 +124,7 @@ class Daemon:
             wg_keys = node_keys(self.config.wireguard, str(self.config.path))
             from overlayd.control.wg_noise import public_key
 
-            check_own_public_key(self.smap, str(self.config.map_file), me.name,
+            check_own_public_key(self.smap, self.source.location, me.name,
                                  public_key(wg_keys[0]))
         self.sock = open_tunnel_socket(bind, backend.port, self.config.socket_buffer_bytes)
         if backend.type == "vxlan":
@@ -127,12 +142,54 @@ class Daemon:
         self.forwarder.set_tables(self._tables(self.view))
         if self.wireguard is not None:
             self.wireguard.set_peers(self.smap, self.view)
-        mode = (f"vxlan {backend.mode} vni {backend.vni}" if backend.type == "vxlan"
-                else backend.type)
+        mode = (f"vxlan {backend.mode} vni {backend.vni} VTEP MAC {me.vtep_mac}"
+                if backend.type == "vxlan" else backend.type)
         log.info("node %s: subnet %s, device %s (%s, mtu %d), %s %s:%d, %d peers, data plane %s",
                  me.name, me.subnet, self.config.device_name, me.address, self.view.device_mtu,
                  mode, bind, backend.port, len(self.view.peers), self.implementation)
         log.info("offloads: %s", describe_offloads(self.offloads, self.tun.tso))
+        for hook in self.on_map_applied:
+            hook(self.smap, self.view)
+
+    def _await_own_address(self) -> list[host_network.HostAddress]:
+        """The host's addresses, once the one this node needs is among them.
+
+        At boot the daemon may start before DHCP or networkd has configured the public IP.
+        Without [node] name that looked like "no node of the map is this host" (78, which systemd
+        never retries), with one like a bind address that is not local. So wait, bounded by
+        ``[node] wait_for_address_seconds``, telling systemd what for. An address that never
+        comes is 75 (EX_TEMPFAIL: systemd tries again), not a config error."""
+        addresses = host_network.host_addresses()
+        wanted = self._addresses_needed()
+        timeout = self.config.wait_for_address_seconds
+        deadline = time.monotonic() + timeout
+        what = _describe_addresses(wanted)
+        if timeout > 0 and wanted and not wanted & {h.address for h in addresses}:
+            log.info("waiting up to %g s for %s to be configured on this host", timeout, what)
+        while wanted and not wanted & {h.address for h in addresses}:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if timeout > 0 and self.source.node_name is None:
+                    raise StartupError(
+                        f"{what} did not appear on this host within {timeout:g} s "
+                        f"([node] wait_for_address_seconds); set [node] name if this host is "
+                        f"not reachable at its public IP (NAT)", EX_TEMPFAIL)
+                break      # named node: the bind below says what is wrong
+            status = f"waiting for {what} to be configured on this host ({left:.0f} s left)"
+            for callback in self.on_waiting:
+                callback(status, min(left, ADDRESS_WAIT_SLICE_SECONDS))
+            addresses = host_network.wait_for_address(
+                wanted, min(left, ADDRESS_WAIT_SLICE_SECONDS))
+        return addresses
+
+    def _addresses_needed(self) -> frozenset[ipaddress.IPv4Address]:
+        """Without a node name, any public IP of the map says which node we are; with one, the
+        tunnel socket's bind address must be local (nothing when it binds the wildcard)."""
+        if self.source.node_name is None:
+            return frozenset(n.public_ip for n in self.smap.nodes)
+        node = self.smap.node_named(self.source.node_name)
+        bind = self.config.bind_address or (node.public_ip if node is not None else None)
+        return frozenset() if bind is None or bind.is_unspecified else frozenset({bind})
 
     def _make_forwarder(self, vtep_mac: str, wg_keys: tuple[bytes, bytes | None] | None) -> Any:
         """The kernel for the map's backend: udp, vxlan routed (tun), vxlan switched (tap) or
@@ -204,7 +261,7 @@ class Daemon:
             self.config.device_name, self.view.node.address, self.view.device_mtu,
             self.config.tx_queue_len, sorted(self.routes),
             prefixlen=self.smap.network.prefixlen if switched else 32,
-            mac=self.view.node.vtep_mac if switched else None)
+            mac=self.view.node.vtep_mac if switched else None, bridge=self.config.bridge)
 
     # -- 2. forward -----------------------------------------------------------------------------
 
@@ -223,8 +280,7 @@ class Daemon:
         if self.wireguard is not None:
             self._every(WG_TICK_SECONDS, self.wireguard.tick)
         self._every(HEALTH_CHECK_SECONDS, self._check_health)
-        if self.config.map_poll_seconds > 0:
-            self._every(self.config.map_poll_seconds, self._poll_map)
+        self._follow_task = loop.create_task(self._follow_source())
         for callback in self.on_ready:
             callback()
         await self._stop.wait()
@@ -287,9 +343,14 @@ class Daemon:
 
     # -- 3. reload ------------------------------------------------------------------------------
 
-    def _poll_map(self) -> None:
-        if self.source.changed():
-            self.reload("map file changed")
+    async def _follow_source(self) -> None:
+        """Apply the map each time its source says it changed (file poll, etcd watch)."""
+        changes = self.source_changes
+        if changes is None:          # not started by serve(): the first item is the map in force
+            changes = self.source.changes()
+            await anext(changes, None)
+        async for why in changes:
+            self.reload(why)
 
     def reload(self, why: str) -> bool:
         """Apply the map file as it is now; keep forwarding on the old map if it is broken."""
@@ -306,10 +367,10 @@ class Daemon:
         assert self.view is not None
         try:
             smap = self.source.load()
-            me = find_local_node(smap, str(self.config.map_file), self.view.node.name, ())
+            me = find_local_node(smap, self.source.location, self.view.node.name, ())
         except ConfigError as exc:
             self.map_error = str(exc)
-            log.error("map reload (%s) rejected, still forwarding on the previous map:\n%s",
+            log.error("map reload (%s) rejected, still forwarding on the previous map: %s",
                       why, exc)
             return False
         if (smap.backend != self.smap.backend or me.subnet != self.view.node.subnet
@@ -337,6 +398,8 @@ class Daemon:
         self.map_error = None
         log.info("map reloaded (%s): %d peers, %d routes", why, len(view.peers),
                  len(view.tables.routes))
+        for hook in self.on_map_applied:
+            hook(smap, view)
         return True
 
     # -- 4. recover -----------------------------------------------------------------------------
@@ -354,6 +417,25 @@ class Daemon:
             self._device_failed("device was deleted")
         if self._device_broken:
             self._recover_device()
+        else:
+            self._check_placement()
+
+    def _check_placement(self) -> None:
+        """The device exists; is it where it should be (in its bridge, its address on it or,
+        bridged, off it)? If not, say so in health and put it back."""
+        assert self.view is not None
+        placement = host_network.device_placement(self.config.device_name)
+        problem = None if placement is None else placement_problem(
+            placement, self.config.device_name, self.view.node.address, self.config.bridge)
+        if problem is not None and problem != self.device_problem:
+            log.warning("%s; putting it back", problem)
+        self.device_problem = problem
+        if problem is not None:
+            try:
+                self._configure_device()
+            except Exception as exc:  # noqa: BLE001 - the next check (1 s) tries again
+                self._ratelimited.warning("placement", "reconfiguring device %s failed: %s",
+                                          self.config.device_name, exc)
 
     def _recover_device(self) -> None:
         assert self._loop is not None and self.tun is not None
@@ -365,6 +447,7 @@ class Daemon:
                                       self.config.device_name, exc)
             return
         self._device_broken = False
+        self.device_recreations += 1
         self._loop.add_reader(self.tun.fileno(), self._on_device_readable)
         log.info("device %s recreated and configured", self.config.device_name)
 
@@ -385,6 +468,8 @@ class Daemon:
         log.info("stopping")
         for timer in self._timers.values():
             timer.cancel()
+        if self._follow_task is not None:
+            self._follow_task.cancel()
         if self._loop is not None:
             # The signal handlers stay: a second SIGTERM during shutdown must not kill the
             # process halfway through removing what it added (uvloop drops them on close).
@@ -402,6 +487,30 @@ class Daemon:
         if self.tun is not None:
             self.tun.close(keep=self.config.keep_device)
             self.tun = None
+
+
+def placement_problem(placement: host_network.Placement, device: str,
+                      address: ipaddress.IPv4Address, bridge: str | None) -> str | None:
+    """What is wrong with where the device is, or None."""
+    if bridge is not None:
+        if placement.master != bridge:
+            where = f"in bridge {placement.master}" if placement.master else "in no bridge"
+            return f"device {device} is {where}, not in bridge {bridge}"
+        if placement.addresses:
+            return (f"device {device} carries {', '.join(map(str, sorted(placement.addresses)))}"
+                    f"; bridged, the address belongs on bridge {bridge}")
+        return None
+    if address not in placement.addresses:
+        return f"device {device} lost its address {address}"
+    return None
+
+
+def _describe_addresses(addresses: frozenset[ipaddress.IPv4Address], shown: int = 4) -> str:
+    ordered = sorted(addresses)
+    if len(ordered) == 1:
+        return f"public IP {ordered[0]}"
+    more = f" and {len(ordered) - shown} more" if len(ordered) > shown else ""
+    return f"one of the public IPs {', '.join(map(str, ordered[:shown]))}{more}"
 
 
 def describe_offloads(offloads: dict[str, bool], tso: bool) -> str:

@@ -1,8 +1,9 @@
-"""Logging to stderr in a form journald understands, and a rate limit for repeated warnings.
+"""Logging to stderr in a form journald understands: one line per record.
 
 Under systemd (JOURNAL_STREAM names our stderr) each line starts with a syslog priority prefix
 ``<N>`` and carries no timestamp (the journal adds its own). Per-packet problems are counters,
-never lines.
+never lines; repeated warnings go through ``overlayd.rate_limited_log`` (usable from every
+layer, so it lives below them all).
 """
 
 from __future__ import annotations
@@ -10,16 +11,28 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
 
 
-class _JournalFormatter(logging.Formatter):
+LINE_JOINER = " | "   # where a record's text had a line break (a list of problems, a traceback)
+
+
+def one_line(text: str) -> str:
+    """A record's text as one line: journald (and grep) take each line for a record of its own,
+    so a continuation line would lose the timestamp and the level."""
+    return LINE_JOINER.join(line for line in text.splitlines() if line.strip())
+
+
+class _OneLineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        prio = _PRIORITY.get(record.levelno, 6)
-        return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
+        return one_line(super().format(record))
+
+
+class _JournalFormatter(_OneLineFormatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
 
 
 def stderr_is_journal() -> bool:
@@ -41,30 +54,9 @@ def setup_logging(level: str = "info") -> None:
     if stderr_is_journal():
         handler.setFormatter(_JournalFormatter("%(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s overlayd[%(process)d] "
+        handler.setFormatter(_OneLineFormatter("%(asctime)s overlayd[%(process)d] "
                                                "%(levelname)s %(message)s"))
     root = logging.getLogger("overlayd")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
-
-
-class RateLimitedLog:
-    """At most one line per ``interval`` seconds per key; says how many were suppressed."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self._logger = logger
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warning(self, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        self._last[key] = now
-        skipped = self._suppressed.pop(key, 0)
-        suffix = f" ({skipped} similar suppressed)" if skipped else ""
-        self._logger.warning(message + suffix, *args)

@@ -30,6 +30,7 @@ from typing import Any
 import uvloop
 
 from overlayd.control.config import DaemonConfig, metrics_address
+from overlayd.control.map_source import MapSource
 from overlayd.control.subnet_map import SubnetMap
 from overlayd.errors import StartupError
 from overlayd.ops import capture, control_socket, health, state
@@ -37,10 +38,12 @@ from overlayd.ops.http_server import LoopBridge, OpsHttpServer
 from overlayd.ops.metrics import build_registry, read_sample
 from overlayd.ops.sd_notify import Notifier, watchdog_interval
 from overlayd.runtime.daemon import Daemon
+from overlayd.runtime.sources import SubnetEnvWriter, open_source
 
 log = logging.getLogger("overlayd")
 
 STATUS_SECONDS = 10.0          # how often systemd's STATUS= line is refreshed with traffic
+PEER_RX_SECONDS = 1.0          # resolution of each peer's "last received" time
 TEST_HOOKS_ENV = "OVERLAYD_TEST_HOOKS"
 
 
@@ -69,6 +72,7 @@ class Operations:
         daemon.on_ready.append(self._on_ready)
         daemon.on_reload.append(self._on_reload)
         daemon.on_stopping.append(self._on_stopping)
+        daemon.on_waiting.append(self.notifier.waiting)
 
     # -- 1. bind (before the loop) --------------------------------------------------------------
 
@@ -104,7 +108,7 @@ class Operations:
         d = self.daemon
         handlers: dict[str, control_socket.Handler] = {
             "status": lambda _req: state.status(d, self._live_info()),
-            "peers": lambda _req: state.peers(d),
+            "peers": lambda _req: state.peers(d, self._live_info()),
             "routes": lambda _req: state.routes(d),
             "fdb": lambda _req: state.fdb(d),
         }
@@ -127,6 +131,8 @@ class Operations:
         self.notifier.ready(self._status_line())
         log.info("ready: %s", self._status_line())
         assert self._loop is not None
+        self._every("peer-rx", PEER_RX_SECONDS,
+                    lambda: state.observe_peer_rx(self.daemon, self.info, time.time()), now=True)
         if self.info.watchdog_seconds is not None:
             self._every("watchdog", self.info.watchdog_seconds / 2, self.notifier.watchdog,
                         now=True)
@@ -228,14 +234,18 @@ def _block_loop(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def serve(config: DaemonConfig, smap: SubnetMap, dataplane: ModuleType) -> int:
-    daemon = Daemon(config, smap, dataplane, dataplane.IMPLEMENTATION)
+def serve(config: DaemonConfig, smap: SubnetMap | None, dataplane: ModuleType) -> int:
+    """Run the daemon; ``smap`` is the map file already validated, None for etcd."""
+    source = open_source(config)
+    daemon = Daemon(config, smap, dataplane, dataplane.IMPLEMENTATION,  # type: ignore[arg-type]
+                    source=source)
     ops = Operations(daemon, config)
+    daemon.on_map_applied.append(SubnetEnvWriter(config))
     ops.notifier.status("starting: creating the device and binding sockets")
     try:
-        daemon.start()
-        ops.bind()
-        uvloop.run(ops.main())
+        if not uvloop.run(_start_and_run(daemon, ops, source)):
+            log.info("stopped before the subnet map was available")
+            return 0
     except StartupError as exc:
         ops.notifier.status(f"failed: {exc}")
         raise
@@ -244,3 +254,33 @@ def serve(config: DaemonConfig, smap: SubnetMap, dataplane: ModuleType) -> int:
         daemon.close()
     log.info("stopped")
     return 0
+
+
+async def _start_and_run(daemon: Daemon, ops: Operations, source: MapSource) -> bool:
+    """Wait for the source's first map (at once for a file; etcd may take a while), then start
+    and run; False if told to stop while still waiting."""
+    loop = asyncio.get_running_loop()
+    try:
+        changes = source.changes()
+        waiting = asyncio.ensure_future(anext(changes))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, waiting.cancel)
+        try:
+            if not (await asyncio.wait({waiting}, timeout=0.5))[0]:
+                ops.notifier.status(f"starting: waiting for the subnet map from {source.kind} "
+                                    f"{source.location}")
+            why = await waiting
+        except asyncio.CancelledError:
+            return False
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        daemon.smap = source.load()
+        daemon.source_changes = changes
+        log.info("subnet map from %s %s: %s", source.kind, source.location, why)
+        daemon.start()
+        ops.bind()
+        await ops.main()
+        return True
+    finally:
+        await source.close()
