@@ -35,13 +35,15 @@ def test_byte_counts(text: str, value: int) -> None:
 
 
 @netns_required
-@pytest.mark.parametrize("backend", ["udp", "vxlan-switched"])
+@pytest.mark.parametrize("backend", ["udp", "vxlan-switched", "wireguard"])
 def test_demo_runs_and_leaves_nothing(capsys: pytest.CaptureFixture[str], backend: str) -> None:
     before = own_namespaces()
     assert demo.main(["--hosts", "2", "--bytes", "5M", "--pings", "1",
                       "--backend", backend]) == 0
     out = capsys.readouterr().out
     assert "== PASS" in out and "sha256 matches" in out
+    if backend == "wireguard":
+        assert "sealed PASS" in out and "on its underlay ul0 0 (sealed)" in out
     assert own_namespaces() == before
 
 
