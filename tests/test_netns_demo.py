@@ -50,12 +50,15 @@ def test_demo_runs_and_leaves_nothing(capsys: pytest.CaptureFixture[str], backen
 @netns_required
 @pytest.mark.skipif(shutil.which("etcd") is None and not os.path.exists("/usr/bin/etcd"),
                     reason="etcd-server is not installed")
+@pytest.mark.parametrize("backend", ["vxlan", "wireguard"])
 def test_demo_with_etcd_claims_subnets_and_a_joining_host_is_reached(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], backend: str) -> None:
     before = own_namespaces()
     assert demo.main(["--hosts", "2", "--bytes", "1M", "--pings", "1", "--map", "etcd",
-                      "--backend", "vxlan"]) == 0
+                      "--backend", backend]) == 0
     out = capsys.readouterr().out
     assert "== PASS" in out and "join   PASS" in out and "claimed 10.77." in out
+    if backend == "wireguard":      # leases carry each node's key; the joiner is sealed too
+        assert "sealed PASS" in out
     assert "PUBLIC IP" in out                     # `overlayd net leases` listed the claims
     assert own_namespaces() == before

@@ -59,7 +59,8 @@ def build_local_view(smap: SubnetMap, me: Node, underlay_mtu: int) -> LocalView:
                                           for p in me.prefixes]
     for index, peer in enumerate(peers):
         path_mtu = min(underlay_mtu, smap.underlay_mtu_of(peer)) - overhead
-        entries.append(PeerEntry(int(peer.public_ip), smap.backend.port, path_mtu, peer.name,
+        entries.append(PeerEntry(int(peer.public_ip), peer.port or smap.backend.port, path_mtu,
+                                 peer.name,
                                  parse_mac(peer.vtep_mac) if peer.vtep_mac else b"",
                                  decode_key(peer.public_key) or b""))
         routes.extend((int(p.network_address), p.prefixlen, index) for p in peer.prefixes)

@@ -67,6 +67,7 @@ class Node:
     routes: tuple[ipaddress.IPv4Network, ...] = ()      # extra prefixes reachable through it
     vtep_mac: str = ""                                  # vxlan: MAC of its VTEP ("" for udp)
     public_key: str = ""                                # wireguard: base64 X25519 public key
+    port: int | None = None                             # its UDP port (None: the backend's)
 
     @property
     def prefixes(self) -> tuple[ipaddress.IPv4Network, ...]:
