@@ -224,17 +224,11 @@ class Daemon:
         from overlayd.wire import wireguard as wg
 
         assert wg_keys is not None and self.config.wireguard is not None and self.sock
-        kind = getattr(self.kernels, "WireguardForwarder", None)
-        if kind is None:
-            # The compiled extension has no wireguard kernel yet: the twin runs it (and says so).
-            from overlayd.dataplane.wireguard_forwarder import WireguardForwarder
-
-            kind = WireguardForwarder
-            self.implementation = "python (wireguard kernel not compiled)"
         private, psk = wg_keys
-        forwarder = kind(dev, sock, wg.mac_key(wg.LABEL_MAC1, public_key(private)),
-                         self.config.batch_size, self.config.icmp_rate_per_second,
-                         **self.offloads)
+        mac1_key = wg.mac_key(wg.LABEL_MAC1, public_key(private))
+        forwarder = self.kernels.WireguardForwarder(
+            dev, sock, mac1_key, self.config.batch_size, self.config.icmp_rate_per_second,
+            **self.offloads)
         self.wireguard = WireguardRuntime(self.config.wireguard, private, psk, forwarder,
                                           self.sock)
         return forwarder
