@@ -14,6 +14,7 @@ cpdef enum:
     CTR_ICMP_SENT
     CTR_FLOODED_COPIES
     CTR_FDB_FULL
+    CTR_FDB_PORT_FULL
     CTR_INSIDE_TOO_SHORT
     CTR_INSIDE_NOT_IPV4
     CTR_INSIDE_BAD_HEADER
@@ -40,6 +41,11 @@ cpdef enum:
     CTR_OUTSIDE_WRONG_VNI
     CTR_OUTSIDE_WRONG_INNER_MAC
     CTR_OUTSIDE_BAD_SOURCE_MAC
+    CTR_INSIDE_PINNED_MAC
+    CTR_OUTSIDE_PINNED_MAC
+    CTR_OUTSIDE_MAC_MOVE_DAMPENED
+    CTR_INSIDE_STORM_CONTROL
+    CTR_OUTSIDE_STORM_CONTROL
     CTR_INSIDE_BAD_OFFLOAD
     CTR_CAPTURE_DROPPED
     CTR_OFFLOAD_SUPERPACKETS
@@ -72,6 +78,7 @@ COUNTER_NAMES = (
     "icmp_sent",
     "flooded_copies",
     "fdb_full",
+    "fdb_port_full",
     "inside_too_short",
     "inside_not_ipv4",
     "inside_bad_header",
@@ -98,6 +105,11 @@ COUNTER_NAMES = (
     "outside_wrong_vni",
     "outside_wrong_inner_mac",
     "outside_bad_source_mac",
+    "inside_pinned_mac",
+    "outside_pinned_mac",
+    "outside_mac_move_dampened",
+    "inside_storm_control",
+    "outside_storm_control",
     "inside_bad_offload",
     "capture_dropped",
     "offload_superpackets",

@@ -1,15 +1,21 @@
 # Switched ``vxlan`` data path: an L2 switch over a tap device.
 # Twin: overlayd/dataplane/vxlan_switch.py (the stages and counters are described there).
 #
-# Inside, per frame: runt? bad source MAC? learn source -> LOCAL; destination known LOCAL ->
-#   not sent; known at a peer -> that peer; broadcast/multicast/unknown -> one queued copy per
-#   peer, all sharing the slot and its VXLAN header (head-end replication). The tx socket is
+# Inside, per frame: runt? bad source MAC? learn source -> LOCAL (pinned to a peer: drop);
+#   destination known LOCAL -> not sent; known at a peer -> that peer; broadcast/multicast/
+#   unknown -> a token of the tap's storm bucket, then one queued copy per peer, all sharing
+#   the slot and its VXLAN header (head-end replication). The tx socket is
 #   flow_hash_frame % ntx.
 # Outside, per datagram: known peer; vxlan_check (header + Ethernet header, I flag, our VNI);
-#   bad source MAC?; learn source -> that peer (moves at once); destination known at a peer
-#   -> not ours (split horizon); else write the frame into the tap.
+#   bad source MAC?; learn source -> that peer (pinned elsewhere or dampened: drop); destination
+#   known at a peer -> not ours (split horizon); broadcast/multicast/unknown -> a token of the
+#   peer's storm bucket; write the frame into the tap.
 # The FDB (fdb.pxi) is touched only by batches and by set_tables/age, which refuse to run
-# while a batch does; learning stamps entries with the last set_now().
+# while a batch does; learning stamps entries with the last set_now(), which also refills
+# the storm buckets (per port: storm_tokens[target + 1]).
+
+
+AGE_LIMIT = 16384     # entries one age() call removes at most (a tick: ~10 ms at 1 Mi entries)
 
 
 @cython.final
@@ -23,52 +29,107 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
     cdef uint32_t vni
     cdef fdb_t fdb
     cdef double now
+    cdef double storm_rate     # frames per second per port; 0: storm control off
+    cdef double storm_burst
+    cdef double *storm_tokens  # per port (the tap, then each peer): the bucket
+    cdef double *storm_stamp   # ... and the now it was last refilled at
 
     def __cinit__(self, tap_fd, sock_fd, vni=1, tx_fds=(), batch_size=64,
-                  fdb_max_entries=16384, *, vnet_hdr=False, udp_gso=False, udp_gro=False):
+                  fdb_max_entries=16384, *, vnet_hdr=False, udp_gso=False, udp_gro=False,
+                  fdb_port_max_entries=None, mac_move_hold=0.0, storm_rate=0.0,
+                  storm_burst=1.0):
         self.fdb.slots = NULL
+        self.fdb.port_macs = NULL
+        self.storm_tokens = NULL
+        self.storm_stamp = NULL
         self.vni = check_vni_arg(vni)
         fdb_max_entries = operator_index(fdb_max_entries)
         if not 1 <= fdb_max_entries <= (1 << 24):
             raise ValueError(f"fdb_max_entries must be 1..{1 << 24}, got {fdb_max_entries}")
+        port_max = (fdb_max_entries if fdb_port_max_entries is None
+                    else operator_index(fdb_port_max_entries))
+        if not 1 <= port_max <= fdb_max_entries:
+            raise ValueError(f"fdb_port_max_entries must be 1..{fdb_max_entries}, got {port_max}")
+        hold = float(mac_move_hold)
+        if not 0.0 <= hold <= 3600.0:
+            raise ValueError(f"mac_move_hold must be 0..3600 seconds, got {hold}")
+        self.storm_rate = float(storm_rate)
+        self.storm_burst = float(storm_burst)
+        if not 0.0 <= self.storm_rate <= 1e9:
+            raise ValueError(f"storm_rate must be 0..1e9 frames per second, got {self.storm_rate}")
+        if not 1.0 <= self.storm_burst <= 1e9:
+            raise ValueError(f"storm_burst must be 1..1e9 frames, got {self.storm_burst}")
         self.now = 0.0
         self._setup("VxlanSwitchForwarder", tap_fd, sock_fd, tx_fds, batch_size,
                     (vnet_hdr, udp_gso, udp_gro), VXLAN_HEADER, ETH_HEADER)
-        fdb_init(&self.fdb, fdb_max_entries)
+        fdb_init(&self.fdb, fdb_max_entries, port_max, hold)
+        self.storm_tokens = <double *>malloc(sizeof(double))
+        self.storm_stamp = <double *>malloc(sizeof(double))
+        if self.storm_tokens == NULL or self.storm_stamp == NULL:
+            raise MemoryError()
+        self.storm_tokens[0] = self.storm_burst
+        self.storm_stamp[0] = 0.0
 
     def __dealloc__(self):
-        free(self.fdb.slots)
+        fdb_free(&self.fdb)
+        free(self.storm_tokens)
+        free(self.storm_stamp)
 
     # --- control (GIL held) ----------------------------------------------------------------
 
     def set_tables(self, tables) -> None:
         """Swap in new peers and static MACs; learned MACs follow their peer by (ip, port)."""
         cdef _TableGeneration new = build_generation(tables)
-        cdef uint64_t i
-        cdef fdb_entry_t *e
+        cdef int32_t nold = self.gen.t.npeers, nports = new.t.npeers + 1, k
+        cdef int32_t *imap
+        cdef uint32_t *port_macs
+        cdef double *tokens
+        cdef double *stamps
         static = self._check_static(getattr(tables, "static_macs", ()), new.t.npeers)
-        self._enter()
+        index_map = peer_index_map(&self.gen.t, &new.t)
+        # Everything allocated before anything changes, so a MemoryError leaves the old state.
+        imap = <int32_t *>malloc(max(nold, 1) * sizeof(int32_t))
+        port_macs = <uint32_t *>calloc(nports, sizeof(uint32_t))
+        tokens = <double *>malloc(nports * sizeof(double))
+        stamps = <double *>malloc(nports * sizeof(double))
+        if imap == NULL or port_macs == NULL or tokens == NULL or stamps == NULL:
+            free(imap)
+            free(port_macs)
+            free(tokens)
+            free(stamps)
+            raise MemoryError()
+        for k in range(nold):
+            imap[k] = FDB_GONE
+        for k in range(nports):
+            tokens[k] = self.storm_burst
+            stamps[k] = self.now
+        # Storm buckets follow their peer like its counters; a new peer starts full.
+        for old, target in [(-1, -1), *index_map.items()]:
+            tokens[target + 1] = self.storm_tokens[old + 1]
+            stamps[target + 1] = self.storm_stamp[old + 1]
+            if old >= 0:
+                imap[old] = target
         try:
-            index_map = self._swap(new)
-            fdb_remove_if(&self.fdb, True, False, 0.0, 0.0)
-            i = 0
-            while i <= self.fdb.mask:
-                e = &self.fdb.slots[i]
-                if e.key != 0 and e.target >= 0:
-                    target = index_map.get(e.target)
-                    if target is None:
-                        fdb_delete_at(&self.fdb, i)
-                        continue
-                    e.target = target
-                i += 1
+            self._enter()
+        except BaseException:
+            free(imap)
+            free(port_macs)
+            free(tokens)
+            free(stamps)
+            raise
+        try:
+            self._swap(new)
+            fdb_clear_statics(&self.fdb)
+            free(self.fdb.port_macs)
+            fdb_remap(&self.fdb, imap, port_macs, nports)
             for mac, target in static:
-                e = fdb_find(&self.fdb, mac)
-                if e == NULL:
-                    e = fdb_insert_new(&self.fdb, mac)
-                e.key = mac | FDB_USED | FDB_STATIC
-                e.target = target
-                e.seen = 0.0
+                fdb_pin(&self.fdb, mac, target)
+            free(self.storm_tokens)
+            free(self.storm_stamp)
+            self.storm_tokens = tokens
+            self.storm_stamp = stamps
         finally:
+            free(imap)
             self.busy = False
 
     cdef list _check_static(self, static, int32_t npeers):
@@ -95,27 +156,39 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
         return list(out.items())
 
     def set_now(self, double now) -> None:
-        self.now = now
+        """The data plane's clock (monotonic seconds); a value below the last one is ignored."""
+        if now > self.now:
+            self.now = now
 
-    def age(self, double now, double max_age) -> int:
-        """Remove learned entries not seen for more than ``max_age`` seconds; how many."""
+    def age(self, double now, double max_age, limit=AGE_LIMIT) -> int:
+        """Remove learned entries not seen for more than ``max_age`` seconds, oldest first and
+        at most ``limit`` of them (the rest go at the next call); how many."""
         cdef uint32_t removed
+        limit = operator_index(limit)
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
         self._enter()
         try:
-            removed = fdb_remove_if(&self.fdb, False, True, now, max_age)
+            removed = fdb_age(&self.fdb, now, max_age, min(limit, 0xFFFFFFFF))
         finally:
             self.busy = False
         return removed
 
+    def port_entries(self) -> list:
+        """Learned MACs per port: [behind the tap, peer 0, peer 1, ...]."""
+        return [self.fdb.port_macs[k] for k in range(self.fdb.nports)]
+
     def fdb_entries(self) -> list:
         """(mac, target, static, last_seen) per entry, sorted by MAC."""
-        cdef uint64_t i
+        cdef uint32_t i
+        cdef fdb_entry_t *e
         out = []
-        for i in range(self.fdb.mask + 1):
-            e = self.fdb.slots[i]
-            if e.key != 0:
+        for i in (self.fdb.learned.head, self.fdb.statics.head):
+            while i != FDB_NIL:
+                e = &self.fdb.slots[i]
                 out.append(((e.key & FDB_MAC).to_bytes(6, "big"), e.target,
                             bool(e.key & FDB_STATIC), e.seen))
+                i = e.next
         out.sort()
         return out
 
@@ -124,9 +197,38 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
 
     # --- packet path (nogil) ---------------------------------------------------------------
 
-    cdef inline void _learn(self, uint64_t mac, int32_t target) noexcept nogil:
-        if not fdb_learn(&self.fdb, mac, target, self.now):
+    cdef inline bint _learn(self, uint64_t mac, int32_t target) noexcept nogil:
+        """Learn a frame's source; False when the frame must be dropped (counted)."""
+        cdef int code = fdb_learn(&self.fdb, mac, target, self.now)
+        if code == FDB_LEARNED:
+            return True
+        if code == FDB_FULL:
             self.ctr[CTR_FDB_FULL] += 1
+        elif code == FDB_PORT_FULL:
+            self.ctr[CTR_FDB_PORT_FULL] += 1
+        elif code == FDB_PINNED:
+            self.ctr[CTR_INSIDE_PINNED_MAC if target < 0 else CTR_OUTSIDE_PINNED_MAC] += 1
+            return False
+        else:
+            self.ctr[CTR_OUTSIDE_MAC_MOVE_DAMPENED] += 1
+            return False
+        return True
+
+    cdef inline bint _storm_take(self, int32_t port) noexcept nogil:
+        """Spend one token of ``port``'s storm bucket (port = target + 1); False if empty."""
+        cdef double tokens
+        if self.storm_rate <= 0.0:
+            return True
+        tokens = self.storm_tokens[port]
+        if self.now > self.storm_stamp[port]:
+            tokens = min(self.storm_burst,
+                         tokens + (self.now - self.storm_stamp[port]) * self.storm_rate)
+            self.storm_stamp[port] = self.now
+        if tokens >= 1.0:
+            self.storm_tokens[port] = tokens - 1.0
+            return True
+        self.storm_tokens[port] = tokens
+        return False
 
     cdef void _inside_one(self, const fwd_tables_t *t, unsigned char *frame,
                           uint32_t n) noexcept nogil:
@@ -143,15 +245,20 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
         if not valid_source_mac(src):
             self.ctr[CTR_INSIDE_BAD_SOURCE_MAC] += 1
             return
-        self._learn(src, LOCAL_C)
+        if not self._learn(src, LOCAL_C):
+            return
         dst = rd48(frame)
-        target = FDB_MISS if (dst >> 40) & 1 else fdb_lookup(&self.fdb, dst)
+        target = FDB_MISS if (dst >> 40) & 1 else fdb_lookup(&self.fdb, dst, self.now)
         if target == LOCAL_C:
             self.ctr[CTR_INSIDE_LOCAL_DESTINATION] += 1
             return
-        if target == FDB_MISS and t.npeers == 0:
-            self.ctr[CTR_INSIDE_NO_ROUTE] += 1
-            return
+        if target == FDB_MISS:
+            if t.npeers == 0:
+                self.ctr[CTR_INSIDE_NO_ROUTE] += 1
+                return
+            if not self._storm_take(0):
+                self.ctr[CTR_INSIDE_STORM_CONTROL] += 1
+                return
         out = frame - VXLAN_HEADER
         vxlan_header(out, self.vni)
         if self.ntx > 1:
@@ -170,6 +277,7 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
         cdef int reason = vxlan_check(pkt, n, self.vni, ETH_HEADER)
         cdef const unsigned char *frame = pkt + VXLAN_HEADER
         cdef uint64_t src, dst
+        cdef int32_t target
         if reason >= 0:
             self.ctr[reason] += 1
             return
@@ -177,9 +285,14 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
         if not valid_source_mac(src):
             self.ctr[CTR_OUTSIDE_BAD_SOURCE_MAC] += 1
             return
-        self._learn(src, peer)
+        if not self._learn(src, peer):
+            return
         dst = rd48(frame)
-        if not ((dst >> 40) & 1) and fdb_lookup(&self.fdb, dst) >= 0:
+        target = FDB_MISS if (dst >> 40) & 1 else fdb_lookup(&self.fdb, dst, self.now)
+        if target >= 0:
             self.ctr[CTR_OUTSIDE_NOT_FOR_US] += 1
+            return
+        if target == FDB_MISS and not self._storm_take(peer + 1):
+            self.ctr[CTR_OUTSIDE_STORM_CONTROL] += 1
             return
         self._emit(t, <unsigned char *>frame, n - VXLAN_HEADER, peer)

@@ -167,17 +167,31 @@ def test_check_exits_78_with_lines_not_tracebacks(tmp_path: Path) -> None:
 VXLAN_MAP = GOOD_MAP.replace('type = "udp"', 'type = "vxlan"\nmode = "switched"\nvni = 7')
 
 
+def vtep_mac_of(name: str) -> str:
+    import tomllib
+    smap = parse_subnet_map(tomllib.loads(VXLAN_MAP), "m.toml")
+    node = smap.node_named(name)
+    assert node is not None
+    return node.vtep_mac
+
+
 def test_switch_keys_defaults_and_values(tmp_path: Path) -> None:
     config, smap = load_config(write(tmp_path, '[map]\nfile = "map.toml"\n', VXLAN_MAP))
     assert (config.mac_ageing_seconds, config.fdb_max_entries, config.static_macs) == (
         300.0, 16384, ())
+    assert (config.fdb_max_entries_per_port, config.mac_move_hold_seconds,
+            config.storm_rate_per_second, config.storm_burst) == (8192, 1.0, 1000.0, 1000.0)
     assert config.tx_sockets == 8
     assert smap.backend.port == 4789 and smap.backend.switched
     config, _ = load_config(write(tmp_path, '[map]\nfile = "map.toml"\n[tunnel]\ntx_sockets = 0\n'
-                                  '[switch]\nmac_ageing_seconds = 30\nfdb_max_entries = 2\n'
+                                  '[switch]\nmac_ageing_seconds = 30\nfdb_max_entries = 4\n'
                                   'static_macs = [{ mac = "02:AA:00:00:00:01", node = "b" },'
-                                  ' { mac = "02:aa:00:00:00:02", node = "a" }]\n', VXLAN_MAP))
-    assert (config.tx_sockets, config.mac_ageing_seconds, config.fdb_max_entries) == (0, 30.0, 2)
+                                  ' { mac = "02:aa:00:00:00:02", node = "a" }]\n'
+                                  'mac_move_hold_seconds = 0\nstorm_rate_per_second = 50\n',
+                                  VXLAN_MAP))
+    assert (config.tx_sockets, config.mac_ageing_seconds, config.fdb_max_entries) == (0, 30.0, 4)
+    assert (config.fdb_max_entries_per_port, config.mac_move_hold_seconds,
+            config.storm_rate_per_second, config.storm_burst) == (2, 0.0, 50.0, 50.0)
     assert [(s.mac, s.node) for s in config.static_macs] == [
         ("02:aa:00:00:00:01", "b"), ("02:aa:00:00:00:02", "a")]
 
@@ -196,9 +210,20 @@ def test_switch_keys_defaults_and_values(tmp_path: Path) -> None:
     (('fdb_max_entries = 1\nstatic_macs = [{ mac = "02:00:00:00:00:01", node = "a" },'
      ' { mac = "02:00:00:00:00:02", node = "b" }]'), "switch.static_macs", "exceed"),
     ("mac_ageing_seconds = 0", "switch.mac_ageing_seconds", "out of range"),
+    ("fdb_max_entries = 10\nfdb_max_entries_per_port = 11",
+     "switch.fdb_max_entries_per_port", "more than fdb_max_entries 10"),
+    ("fdb_max_entries_per_port = 0", "switch.fdb_max_entries_per_port", "out of range"),
+    ("mac_move_hold_seconds = -1", "switch.mac_move_hold_seconds", "out of range"),
+    ("mac_move_hold_seconds = nan", "switch.mac_move_hold_seconds", "out of range"),
+    ('storm_rate_per_second = "fast"', "switch.storm_rate_per_second", "must be a number"),
+    ("storm_burst = 0.5", "switch.storm_burst", "out of range"),
+    ("fdb_max_entries = 1", "switch.fdb_max_entries", "cannot hold the 2 pinned MACs"),
+    ('static_macs = [{ mac = "VTEP_B", node = "a" }]', "switch.static_macs[0].mac",
+     "is the VTEP MAC of node 'b'"),
     ("colour = 1", "switch.colour", "unknown key"),
 ])
 def test_switch_key_problems(tmp_path: Path, switch: str, key: str, words: str) -> None:
+    switch = switch.replace("VTEP_B", vtep_mac_of("b"))
     path = write(tmp_path, f'[map]\nfile = "map.toml"\n[switch]\n{switch}\n', VXLAN_MAP)
     found = problems_of(path)
     assert any(p.startswith(f"{path}: {key}: ") and words in p for p in found), found
@@ -218,8 +243,14 @@ def test_vxlan_local_view_carries_vtep_macs() -> None:
     tables = build_switch_tables(view, [("02:aa:00:00:00:01", "b"), ("02:aa:00:00:00:02", "a"),
                                         ("02:aa:00:00:00:03", "gone")])
     assert tables.peers == view.tables.peers
-    assert tables.static_macs == ((bytes.fromhex("02aa00000001"), 0),
+    own, peer_mac = (bytes.fromhex(n.vtep_mac.replace(":", "")) for n in smap.nodes)
+    # Every node's VTEP MAC first (pinned to its node), then the config's pins; a config pin
+    # of a VTEP MAC to another node does not displace the map's.
+    assert tables.static_macs == ((own, LOCAL), (peer_mac, 0),
+                                  (bytes.fromhex("02aa00000001"), 0),
                                   (bytes.fromhex("02aa00000002"), LOCAL))
+    again = build_switch_tables(view, [(smap.nodes[1].vtep_mac, "a")])
+    assert again.static_macs == ((own, LOCAL), (peer_mac, 0))
 
 
 @pytest.mark.parametrize("map_name", ["map-vxlan.toml", "map-vxlan-switched.toml"])

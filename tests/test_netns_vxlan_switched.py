@@ -116,11 +116,17 @@ def test_learned_tables(lab: Lab) -> None:
 
 
 def test_moved_mac_reachable_within_a_second(lab: Lab) -> None:
+    """A MAC that leaves host1's tap moves to its new host at once if it has been quiet on
+    host1 for mac_move_hold_seconds (1 s by default), else when that hold is over: reachable
+    within a second of its first frame there either way (a migrating VM is paused before it
+    resumes elsewhere, so its last frame here comes first)."""
     vm1b_mac = VMS["vm1b"][2]
     lab.move_vm("vm1b", "host2")
     lab.announce("vm1b")                        # its first frame on host2
     start = time.monotonic()
-    result = lab.ping("vm1a", "vm1b", count=1, wait_s=1.0)
+    result = lab.ping("vm1a", "vm1b", count=1, wait_s=0.3)
+    while not result.ok and time.monotonic() - start < 1.2:
+        result = lab.ping("vm1a", "vm1b", count=1, wait_s=0.3)
     elapsed = time.monotonic() - start
     assert result.ok and elapsed < 1.5, f"{elapsed:.2f}s {result.output}\n{logs(lab)}"
     assert fdb(lab, "host1")[vm1b_mac] == "host2"
@@ -147,6 +153,9 @@ def test_nothing_from_the_kernel_was_dropped(lab: Lab) -> None:
         # outside_not_for_us is the switch working (split horizon), not a fault.
         drops = outside_drops(lab, name)
         drops.pop("outside_not_for_us", None)
+        # host1: the moved VM's first frames on host2 came within the hold of its last frame
+        # behind host1's tap (the move is dampened, by design; see the test above).
+        drops.pop("outside_mac_move_dampened", None)
         assert drops == {}, logs(lab)
 
 

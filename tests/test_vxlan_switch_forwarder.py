@@ -57,14 +57,15 @@ def encap(data: bytes, *, vni: int = VNI, flags: int = 0x08) -> bytes:
 class SwRig(Rig):
     def __init__(self, kernels: ModuleType, *, peers: int = 3, pool: int = POOL,
                  batch_size: int = 64, cap: int = 16384,
-                 static: tuple[tuple[bytes, int], ...] = ()) -> None:
+                 static: tuple[tuple[bytes, int], ...] = (), **policy: Any) -> None:
         self.app, self.dev = device_pair()
         self.local = udp_socket(NODE_IP)
         self.tx = [udp_socket(NODE_IP) for _ in range(pool)]
         self.peers = [udp_socket(peer_ip(i)) for i in range(peers)]
         self.stranger = udp_socket(STRANGER_IP)
         self.fwd = kernels.VxlanSwitchForwarder(self.dev.fileno(), self.local.fileno(), VNI,
-                                                [s.fileno() for s in self.tx], batch_size, cap)
+                                                [s.fileno() for s in self.tx], batch_size, cap,
+                                                **policy)
         self.fwd.set_tables(self.tables(static=static))
 
     def entry(self, i: int) -> PeerEntry:
@@ -133,6 +134,14 @@ class SwRig(Rig):
                 if data[8:] == frame_bytes:
                     got.append(i)
         return got
+
+    def spread(self, frames: list[bytes]) -> list[list[int]]:
+        """For each of ``frames``, the peers that received it since the last read."""
+        got: dict[bytes, list[int]] = {f: [] for f in frames}
+        for i in range(len(self.peers)):
+            for data, _ in self.received(i):
+                got.setdefault(data[8:], []).append(i)
+        return [got[f] for f in frames]
 
     def fdb(self) -> dict[bytes, tuple[int, bool]]:
         return {m: (t, s) for m, t, s, _ in self.fwd.fdb_entries()}
@@ -332,9 +341,150 @@ def test_set_tables_follows_peers_and_replaces_statics(kernels: ModuleType) -> N
         assert len(rig.fdb()) == 4
 
 
+def test_pinned_macs_are_never_learned_elsewhere(kernels: ModuleType) -> None:
+    """A pinned MAC (a node's VTEP MAC, a static MAC) as the source of a frame from any other
+    port: the frame is dropped and counted, the pin stays."""
+    with SwRig(kernels, static=((mac(30), 1), (mac(31), LOCAL))) as rig:
+        hijack = frame(BCAST, mac(30))
+        rig.inside(hijack)                                       # a VM claims peer 1's MAC
+        assert rig.where(hijack) == []
+        rig.outside(2, encap(frame(BCAST, mac(30))))            # peer 2 claims it
+        rig.outside(0, encap(frame(BCAST, mac(31))))            # a peer claims our own MAC
+        assert rig.delivered() == []
+        rig.outside(1, encap(frame(BCAST, mac(30))))            # its own port: fine
+        rig.inside(frame(BCAST, mac(31)))
+        assert rig.delivered() == [frame(BCAST, mac(30))]
+        assert rig.where(frame(BCAST, mac(31))) == [0, 1, 2]
+        assert rig.fdb() == {mac(30): (1, True), mac(31): (LOCAL, True)}
+        c = rig.fwd.counters()
+        assert (c["inside_pinned_mac"], c["outside_pinned_mac"]) == (1, 2)
+
+
+def test_local_mac_does_not_move_to_a_peer_on_one_frame(kernels: ModuleType) -> None:
+    m = mac(20)
+    with SwRig(kernels, mac_move_hold=2.0) as rig:
+        rig.fwd.set_now(10.0)
+        rig.inside(frame(BCAST, m))
+        rig.where(frame(BCAST, m))
+        rig.fwd.set_now(11.0)
+        forged = frame(BCAST, m, b"forged")
+        rig.outside(0, encap(forged))                  # 1 s after m spoke behind our tap
+        assert rig.delivered() == [] and rig.fdb()[m] == (LOCAL, False)
+        rig.fwd.set_now(11.5)
+        rig.inside(frame(BCAST, m))                    # m speaks again: the claim is void
+        rig.where(frame(BCAST, m))
+        rig.fwd.set_now(14.0)
+        to_m = frame(m, mac(1))
+        rig.inside(to_m)
+        assert rig.where(to_m) == [] and rig.fdb()[m] == (LOCAL, False)
+        rig.outside(1, encap(forged))                  # quiet for 2.5 s: now it may move
+        assert rig.delivered() == [forged] and rig.fdb()[m] == (1, False)
+        assert rig.fwd.counters()["outside_mac_move_dampened"] == 1
+        # A MAC quiet behind the tap since its claim moves on the next lookup once the hold is
+        # over, even if the peer says nothing more (a migrated VM announces only once).
+        n = mac(21)
+        rig.inside(frame(BCAST, n))
+        rig.where(frame(BCAST, n))
+        rig.fwd.set_now(15.0)
+        rig.outside(2, encap(frame(BCAST, n)))
+        assert rig.delivered() == []
+        to_n = frame(n, mac(1))
+        rig.inside(to_n)
+        assert rig.where(to_n) == []                   # 1 s: still ours
+        rig.fwd.set_now(16.0)
+        rig.inside(to_n)
+        assert rig.where(to_n) == [2] and rig.fdb()[n] == (2, False)
+        # A pending move follows its peer across a table swap.
+        o = mac(23)
+        rig.inside(frame(BCAST, o))
+        rig.where(frame(BCAST, o))
+        rig.outside(2, encap(frame(BCAST, o)))         # dampened: pending at peer 2
+        rig.fwd.set_tables(rig.tables(order=[2, 0, 1]))  # peer 2 is index 0 now
+        rig.fwd.set_now(18.0)                          # quiet here for the hold
+        to_o = frame(o, mac(1))
+        rig.inside(to_o)
+        assert rig.where(to_o) == [2] and rig.fdb()[o] == (0, False)
+        rig.fwd.set_tables(rig.tables())
+        # Moves from a peer to the tap, and between peers, happen at once.
+        rig.inside(frame(BCAST, n))
+        rig.outside(0, encap(frame(BCAST, mac(22))))
+        rig.outside(1, encap(frame(BCAST, mac(22))))
+        assert rig.fdb()[n] == (LOCAL, False) and rig.fdb()[mac(22)] == (1, False)
+        assert rig.fwd.counters()["outside_mac_move_dampened"] == 3
+
+
+def test_per_port_cap(kernels: ModuleType) -> None:
+    """No port learns more than fdb_port_max_entries MACs; the frames still go."""
+    with SwRig(kernels, cap=10, fdb_port_max_entries=2) as rig:
+        frames = [frame(BCAST, mac(k)) for k in (1, 2, 3)]
+        rig.inside(*frames)
+        assert rig.spread(frames) == [[0, 1, 2]] * 3
+        rig.outside(0, *[encap(frame(BCAST, mac(k))) for k in (11, 12, 13, 14)])
+        assert len(rig.delivered()) == 4
+        rig.outside(0, encap(frame(BCAST, mac(1))))    # a move into a full port: refused
+        rig.outside(1, encap(frame(BCAST, mac(21))))
+        assert rig.fdb() == {mac(1): (LOCAL, False), mac(2): (LOCAL, False),
+                             mac(11): (0, False), mac(12): (0, False), mac(21): (1, False)}
+        assert rig.fwd.port_entries() == [2, 2, 1, 0]
+        assert rig.fwd.counters()["fdb_port_full"] == 4
+        rig.fwd.set_tables(rig.tables(order=[1, 0]))   # counts follow their peer
+        assert rig.fwd.port_entries() == [2, 1, 2]
+
+
+def test_storm_control_per_port(kernels: ModuleType) -> None:
+    """Floods from each port spend that port's bucket (burst 3, 10 per second)."""
+    with SwRig(kernels, storm_rate=10.0, storm_burst=3.0) as rig:
+        rig.outside(1, encap(frame(mac(1), mac(20))))  # mac(20) lives at peer 1
+        rig.delivered()
+        floods = [frame(BCAST, mac(1), bytes([k])) for k in range(5)]
+        rig.inside(*floods)
+        assert rig.spread(floods) == [[0, 1, 2]] * 3 + [[]] * 2
+        known = frame(mac(20), mac(1))
+        rig.inside(known)                              # known unicast spends nothing
+        assert rig.where(known) == [1]
+        rig.fwd.set_now(0.1)                           # one token more
+        rig.inside(*floods[:2])
+        assert rig.spread(floods[:2]) == [[0, 1, 2], []]
+        for sender in (0, 2):                          # peers have buckets of their own
+            rig.outside(sender, *[encap(frame(MCAST, mac(30 + sender), bytes([k])))
+                                  for k in range(4)])
+            assert len(rig.delivered()) == 3
+        rig.outside(2, encap(frame(mac(1), mac(32))))  # to a MAC behind our tap: not a flood
+        assert len(rig.delivered()) == 1
+        c = rig.fwd.counters()
+        assert (c["inside_storm_control"], c["outside_storm_control"]) == (3, 2)
+        # Buckets follow their peer across a table swap: peer 0 (now index 1) is still dry,
+        # peer 1 (now index 0) still has its three tokens.
+        rig.fwd.set_tables(rig.tables(order=[1, 0]))
+        rig.outside(0, encap(frame(MCAST, mac(30), b"after")))
+        rig.outside(1, *[encap(frame(MCAST, mac(31), bytes([k]))) for k in range(4)])
+        assert len(rig.delivered()) == 3
+        assert rig.fwd.counters()["outside_storm_control"] == 4
+
+
+def test_ageing_is_bounded_per_call_and_oldest_first(kernels: ModuleType) -> None:
+    with SwRig(kernels) as rig:
+        for k in range(6):
+            rig.fwd.set_now(float(k))
+            rig.inside(frame(BCAST, mac(k)))
+        rig.fwd.set_now(6.0)
+        rig.inside(frame(BCAST, mac(0)))               # refreshed: now the youngest
+        rig.fwd.set_now(3.0)                           # the clock never goes back:
+        rig.inside(frame(BCAST, mac(1)))               # refreshed at 6.0 too
+        assert rig.fwd.age(10.0, 4.5, 2) == 2          # the two oldest: mac(2), mac(3)
+        assert set(rig.fdb()) == {mac(0), mac(1), mac(4), mac(5)}
+        assert rig.fwd.age(10.0, 4.5, 0) == 0
+        assert rig.fwd.age(10.0, 4.5) == 2
+        assert {m: s for m, _, _, s in rig.fwd.fdb_entries()} == {mac(0): 6.0, mac(1): 6.0}
+        with pytest.raises(ValueError):
+            rig.fwd.age(10.0, 1.0, -1)
+
+
 @pytest.mark.parametrize("kwargs", [
     {"vni": -1}, {"vni": 1 << 24}, {"batch_size": 0}, {"fdb_max_entries": 0},
-    {"tx_fds": [-2]},
+    {"tx_fds": [-2]}, {"fdb_port_max_entries": 0},
+    {"fdb_max_entries": 4, "fdb_port_max_entries": 5}, {"mac_move_hold": -1.0},
+    {"mac_move_hold": float("nan")}, {"storm_rate": -1.0}, {"storm_burst": 0.5},
 ])
 def test_constructor_rejects(kernels: ModuleType, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -367,62 +517,180 @@ def test_large_table(kernels: ModuleType) -> None:
 # --- the oracle --------------------------------------------------------------------------------
 
 class Oracle:
-    """A switch that only has to be right: a dict, a clock, the rules of the issue."""
+    """A switch that only has to be right: dicts, a clock, the rules of the issue, and naive
+    scans where the kernels keep orders and counts. Peers are named by their socket in the
+    rig (0, 1, 2), not by their index in the current tables, so table swaps are plain."""
 
-    def __init__(self, npeers: int, cap: int) -> None:
-        self.npeers, self.cap, self.now = npeers, cap, 0.0
-        self.fdb: dict[bytes, list[Any]] = {}
-        self.full = 0
+    def __init__(self, npeers: int, cap: int, port_cap: int | None = None, hold: float = 0.0,
+                 storm_rate: float = 0.0, storm_burst: float = 1.0,
+                 static: tuple[tuple[bytes, int], ...] = ()) -> None:
+        self.peers, self.cap, self.now = list(range(npeers)), cap, 0.0
+        self.port_cap = cap if port_cap is None else port_cap
+        self.hold, self.storm_rate, self.storm_burst = hold, storm_rate, storm_burst
+        self.pins = dict(static)                # every pin, whether its peer is there or not
+        self.static = dict(static)
+        self.fdb: dict[bytes, list[Any]] = {}   # mac -> [target, seen, pending, stamp order]
+        self.order = 0
+        self.storm = {port: [storm_burst, 0.0] for port in range(-1, npeers)}
+        self.counts = dict.fromkeys(("full", "port_full", "in_pinned", "out_pinned",
+                                     "dampened", "in_storm", "out_storm"), 0)
 
-    def learn(self, m: bytes, target: int) -> None:
-        if m in self.fdb:
-            self.fdb[m][0], self.fdb[m][1] = target, self.now
-        elif len(self.fdb) < self.cap:
-            self.fdb[m] = [target, self.now]
-        else:
-            self.full += 1
+    def on_port(self, target: int) -> int:
+        return sum(1 for e in self.fdb.values() if e[0] == target)
+
+    def stamp(self, e: list[Any]) -> None:
+        if e[1] != self.now or e[3] < 0:
+            e[1], self.order, e[3] = self.now, self.order + 1, self.order + 1
+
+    def learn(self, m: bytes, target: int) -> bool:
+        """False: drop the frame."""
+        if m in self.static:
+            if self.static[m] == target:
+                return True
+            self.counts["in_pinned" if target == LOCAL else "out_pinned"] += 1
+            return False
+        e = self.fdb.get(m)
+        if e is None:
+            if len(self.fdb) + len(self.static) >= self.cap:
+                self.counts["full"] += 1
+            elif self.on_port(target) >= self.port_cap:
+                self.counts["port_full"] += 1
+            else:
+                self.fdb[m] = [target, self.now, None, -1]
+                self.stamp(self.fdb[m])
+            return True
+        if e[0] != target:
+            if e[0] == LOCAL and self.now - e[1] < self.hold:
+                e[2] = target
+                self.counts["dampened"] += 1
+                return False
+            if self.on_port(target) >= self.port_cap:
+                self.counts["port_full"] += 1
+                return True
+            e[0] = target
+        e[2] = None
+        self.stamp(e)
+        return True
+
+    def lookup(self, m: bytes) -> int | None:
+        if m[0] & 1:
+            return None
+        if m in self.static:
+            return self.static[m]
+        e = self.fdb.get(m)
+        if e is None:
+            return None
+        if e[2] is not None and self.now - e[1] >= self.hold \
+                and self.on_port(e[2]) < self.port_cap:
+            e[0], e[2] = e[2], None
+        return int(e[0])
+
+    def take(self, port: int) -> bool:
+        if self.storm_rate <= 0:
+            return True
+        bucket = self.storm[port]
+        if self.now > bucket[1]:
+            bucket[0] = min(self.storm_burst, bucket[0] + (self.now - bucket[1]) * self.storm_rate)
+            bucket[1] = self.now
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            return True
+        return False
 
     @staticmethod
     def valid(m: bytes) -> bool:
         return not m[0] & 1 and m != b"\x00" * 6
 
     def inside(self, f: bytes) -> list[int]:
-        if not self.valid(f[6:12]):
+        if not self.valid(f[6:12]) or not self.learn(f[6:12], LOCAL):
             return []
-        self.learn(f[6:12], LOCAL)
-        target = None if f[0] & 1 else self.fdb.get(f[:6], [None])[0]
+        target = self.lookup(f[:6])
         if target is None:
-            return list(range(self.npeers))
+            if not self.peers:
+                return []
+            if not self.take(LOCAL):
+                self.counts["in_storm"] += 1
+                return []
+            return sorted(self.peers)
         return [] if target == LOCAL else [target]
 
     def outside(self, peer: int, f: bytes) -> bool:
-        if not self.valid(f[6:12]):
+        if peer not in self.peers or not self.valid(f[6:12]) or not self.learn(f[6:12], peer):
             return False
-        self.learn(f[6:12], peer)
-        target = None if f[0] & 1 else self.fdb.get(f[:6], [None])[0]
+        target = self.lookup(f[:6])
+        if target is None and not self.take(peer):
+            self.counts["out_storm"] += 1
+            return False
         return target is None or target == LOCAL
 
-    def age(self, max_age: float) -> int:
-        old = [m for m, (_, seen) in self.fdb.items() if self.now - seen > max_age]
-        for m in old:
+    def swap(self, order: list[int]) -> None:
+        """New tables with peers ``order``: what left goes (its MACs, pins, pending moves,
+        storm bucket); a peer that is new or back starts with a full bucket."""
+        self.static = {m: t for m, t in self.pins.items() if t == LOCAL or t in order}
+        for m, e in list(self.fdb.items()):
+            if m in self.static or (e[0] != LOCAL and e[0] not in order):
+                del self.fdb[m]
+            elif e[2] is not None and e[2] not in order:
+                e[2] = None
+        self.storm = {p: self.storm[p] if p == LOCAL or p in self.peers else
+                      [self.storm_burst, self.now] for p in (LOCAL, *order)}
+        self.peers = list(order)
+
+    def age(self, max_age: float, limit: int) -> int:
+        old = sorted((e[1], e[3], m) for m, e in self.fdb.items() if self.now - e[1] > max_age)
+        for _, _, m in old[:limit]:
             del self.fdb[m]
-        return len(old)
+        return len(old[:limit])
+
+    def entries(self) -> dict[bytes, tuple[int, bool, float]]:
+        out = {m: (e[0], False, e[1]) for m, e in self.fdb.items()}
+        out.update({m: (t, True, 0.0) for m, t in self.static.items()})
+        return out
 
 
 MACS = st.sampled_from([mac(1), mac(2), mac(3), mac(4), mac(5), BCAST, MCAST, b"\0" * 6])
 OPS = st.one_of(
     st.tuples(st.just("in"), MACS, MACS),
     st.tuples(st.just("out"), st.integers(0, 2), MACS, MACS),
-    st.tuples(st.just("tick"), st.sampled_from([0.5, 1.0, 10.0])),
-    st.tuples(st.just("age"), st.sampled_from([0.0, 1.0, 5.0])),
+    st.tuples(st.just("tick"), st.sampled_from([0.25, 0.5, 1.0, 10.0])),
+    st.tuples(st.just("age"), st.sampled_from([0.0, 1.0, 5.0]), st.sampled_from([1, 1 << 20])),
+    # a MAC speaks behind the tap, then a peer claims it: what move dampening is about
+    st.tuples(st.just("claim"), st.integers(0, 2), st.sampled_from([mac(1), mac(2), mac(3)])),
+    # new tables: some of the three peers, in some order
+    st.tuples(st.just("tables"), st.permutations([0, 1, 2]), st.integers(0, 3)),
 )
+POLICIES = st.fixed_dictionaries({
+    "cap": st.integers(1, 6),
+    "port_cap": st.none() | st.integers(1, 3),
+    "hold": st.sampled_from([0.0, 0.5, 2.0]),
+    "storm_rate": st.sampled_from([0.0, 0.0, 2.0, 8.0]),
+    "storm_burst": st.sampled_from([1.0, 3.0]),
+    "static": st.sampled_from([(), ((mac(4), 1),), ((mac(5), LOCAL), (mac(4), 0))]),
+})
+
+COUNTS = {"full": "fdb_full", "port_full": "fdb_port_full", "in_pinned": "inside_pinned_mac",
+          "out_pinned": "outside_pinned_mac", "dampened": "outside_mac_move_dampened",
+          "in_storm": "inside_storm_control", "out_storm": "outside_storm_control"}
 
 
-def run_ops(kernels: ModuleType, ops: list[tuple[Any, ...]], cap: int) -> dict[str, Any]:
+def forwarder_policy(policy: dict[str, Any]) -> dict[str, Any]:
+    """The forwarder's keyword arguments for an oracle policy."""
+    return {"fdb_port_max_entries": None if policy["port_cap"] is None
+            else min(policy["port_cap"], policy["cap"]),
+            "mac_move_hold": policy["hold"], "storm_rate": policy["storm_rate"],
+            "storm_burst": policy["storm_burst"]}
+
+
+def run_ops(kernels: ModuleType, ops: list[tuple[Any, ...]],
+            policy: dict[str, Any]) -> dict[str, Any]:
     """Run ``ops`` one at a time through a forwarder and the oracle; both must agree."""
-    oracle = Oracle(3, cap)
+    cap, static = policy["cap"], policy["static"][:policy["cap"]]
+    kwargs = forwarder_policy(policy)
+    oracle = Oracle(3, cap, kwargs["fdb_port_max_entries"], policy["hold"],
+                    policy["storm_rate"], policy["storm_burst"], static)
     seen: list[Any] = []
-    with SwRig(kernels, cap=cap) as rig:
+    order = [0, 1, 2]
+    with SwRig(kernels, cap=cap, static=static, **kwargs) as rig:
         for k, op in enumerate(ops):
             payload = struct.pack("!I", k)
             if op[0] == "in":
@@ -437,17 +705,32 @@ def run_ops(kernels: ModuleType, ops: list[tuple[Any, ...]], cap: int) -> dict[s
                 got_dev = rig.delivered()
                 assert (got_dev == [f]) is oracle.outside(op[1], f), (k, op)
                 seen.append(got_dev)
+            elif op[0] == "claim":
+                here, there = frame(BCAST, op[2], payload), frame(BCAST, op[2], payload + b"!")
+                rig.inside(here)
+                rig.outside(op[1], encap(there))
+                got_claim = [rig.where(here), rig.delivered()]
+                assert got_claim == [oracle.inside(here),
+                                     [there] if oracle.outside(op[1], there) else []], (k, op)
+                seen.append(got_claim)
             elif op[0] == "tick":
                 oracle.now += op[1]
                 rig.fwd.set_now(oracle.now)
+            elif op[0] == "tables":
+                order = list(op[1][:op[2]])
+                pins = tuple((m, t if t == LOCAL else order.index(t)) for m, t in static
+                             if t == LOCAL or t in order)
+                rig.fwd.set_tables(rig.tables(order=order, static=pins))
+                oracle.swap(order)
             else:
-                assert rig.fwd.age(oracle.now, op[1]) == oracle.age(op[1]), (k, op)
+                assert rig.fwd.age(oracle.now, op[1], op[2]) == oracle.age(op[1], op[2]), (k, op)
+            entries = rig.fwd.fdb_entries()
+            assert {m: (order[t] if t >= 0 else t, pin, s) for m, t, pin, s in entries} == \
+                oracle.entries(), (k, op)
         entries = rig.fwd.fdb_entries()
-        assert {m: (t, s) for m, t, _, s in entries} == {
-            m: (e[0], e[1]) for m, e in oracle.fdb.items()}
-        assert all(not static for _, _, static, _ in entries)
         c = rig.fwd.counters()
-        assert c["fdb_full"] == oracle.full
+        assert {name: c[counter] for name, counter in COUNTS.items()} == oracle.counts
+        assert rig.fwd.port_entries() == [oracle.on_port(p) for p in (LOCAL, *order)]
         assert c["inside_packets"] + c["flooded_copies"] - c["inside_no_route"] >= \
             c["forwarded_packets"]
         assert c["outside_packets"] == c["delivered_packets"] + sum(
@@ -456,11 +739,12 @@ def run_ops(kernels: ModuleType, ops: list[tuple[Any, ...]], cap: int) -> dict[s
                 "peer_counters": rig.fwd.peer_counters()}
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=FIXTURE_OK)
-@given(ops=st.lists(OPS, max_size=30), cap=st.integers(1, 6))
+@settings(max_examples=80, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(ops=st.lists(OPS, max_size=30), policy=POLICIES)
 def test_switch_matches_oracle_and_twin(kernel_pair: tuple[ModuleType, ModuleType],
-                                        ops: list[tuple[Any, ...]], cap: int) -> None:
-    results = [run_ops(kernels, ops, cap) for kernels in kernel_pair]
+                                        ops: list[tuple[Any, ...]],
+                                        policy: dict[str, Any]) -> None:
+    results = [run_ops(kernels, ops, policy) for kernels in kernel_pair]
     assert results[0] == results[1]
 
 
@@ -496,4 +780,107 @@ def test_batch_parity(kernel_pair: tuple[ModuleType, ModuleType], inside: list[b
                 "counters": rig.fwd.counters(), "fdb": rig.fwd.fdb_entries(),
                 "peer_counters": pc,
             })
+    assert results[0] == results[1]
+
+
+# --- set_tables over a probe cluster that wraps from the end of the table to its start --------
+
+WRAP_CAP = 16         # the C table has 64 slots: more than twice the cap, a power of two
+WRAP_SLOTS = 64
+
+
+def home_slot(m: bytes, nslots: int = WRAP_SLOTS) -> int:
+    """The home slot of a MAC in the C table (cext/fdb.pxi fdb_home: Fibonacci hashing)."""
+    return ((int.from_bytes(m, "big") * 0x9E3779B97F4A7C15) % (1 << 64) >> 32) & (nslots - 1)
+
+
+def wrapping_macs(homes: set[int], count: int) -> list[bytes]:
+    """``count`` unicast MACs whose home slots are in ``homes``, in a fixed order."""
+    out = []
+    for k in range(1 << 16):
+        m = (0x020000000000 + k).to_bytes(6, "big")
+        if home_slot(m) in homes:
+            out.append(m)
+            if len(out) == count:
+                return out
+    raise AssertionError("not enough MACs")
+
+
+@pytest.mark.parametrize("b_peer", [1, 2])
+def test_set_tables_remap_over_a_wrapped_cluster(kernels: ModuleType, b_peer: int) -> None:
+    """a and b both hash to the last slot: b sits in slot 0. Peer 0 (a's) leaves, so a is
+    deleted and b shifts back into the last slot; b must be remapped once, not twice."""
+    a, b = wrapping_macs({WRAP_SLOTS - 1}, 2)
+    with SwRig(kernels, cap=WRAP_CAP) as rig:
+        rig.outside(0, encap(frame(BCAST, a)))
+        rig.outside(b_peer, encap(frame(BCAST, b)))
+        rig.delivered()
+        rig.fwd.set_tables(rig.tables(order=[1, 2]))      # peer 1 -> index 0, peer 2 -> 1
+        assert rig.fdb() == {b: (b_peer - 1, False)}
+        to_b = frame(b, mac(1))
+        rig.inside(to_b)
+        assert rig.where(to_b) == [b_peer]
+
+
+WRAP_MACS = wrapping_macs({WRAP_SLOTS - 2, WRAP_SLOTS - 1, 0}, 8)
+_WRAP_LEARN = st.one_of(   # mostly from peers: those are the entries a swap remaps
+    st.tuples(st.just("out"), st.integers(0, 2), st.sampled_from(WRAP_MACS)),
+    st.tuples(st.just("out"), st.integers(0, 2), st.sampled_from(WRAP_MACS)),
+    st.tuples(st.just("in"), st.sampled_from(WRAP_MACS)),
+    st.tuples(st.just("age"), st.sampled_from([3.0, 10.0])),
+)
+_WRAP_SWAP = st.tuples(st.just("tables"), st.permutations([0, 1, 2]), st.integers(1, 3))
+
+
+@st.composite
+def wrap_ops(draw: st.DrawFn) -> list[tuple[Any, ...]]:
+    """Rounds of a few learns (filling the wrapping clusters) followed by a table swap."""
+    ops: list[tuple[Any, ...]] = []
+    for _ in range(draw(st.integers(1, 4))):
+        ops += draw(st.lists(_WRAP_LEARN, min_size=3, max_size=9))
+        ops.append(draw(_WRAP_SWAP))
+    return ops
+
+
+def run_wrapped(kernels: ModuleType, ops: list[tuple[Any, ...]]) -> list[Any]:
+    """Learn, swap tables and age over clusters that wrap; the FDB must equal a dict's after
+    every step (targets compared as the peer sockets they stand for)."""
+    oracle: dict[bytes, list[Any]] = {}       # mac -> [peer socket or LOCAL, seen]
+    order, now = [0, 1, 2], 0.0
+    history = []
+    with SwRig(kernels, cap=WRAP_CAP) as rig:
+        for k, op in enumerate(ops):
+            now += 1.0
+            rig.fwd.set_now(now)
+            if op[0] == "in":
+                rig.inside(frame(BCAST, op[1], struct.pack("!I", k)))
+                oracle[op[1]] = [LOCAL, now]
+            elif op[0] == "out":
+                rig.outside(op[1], encap(frame(BCAST, op[2], struct.pack("!I", k))))
+                if op[1] in order:
+                    oracle[op[2]] = [op[1], now]
+            elif op[0] == "tables":
+                order = list(op[1][:op[2]])
+                rig.fwd.set_tables(rig.tables(order=order))
+                oracle = {m: e for m, e in oracle.items() if e[0] == LOCAL or e[0] in order}
+            else:
+                removed = rig.fwd.age(now, op[1])
+                old = [m for m, e in oracle.items() if now - e[1] > op[1]]
+                for m in old:
+                    del oracle[m]
+                assert removed == len(old), (k, op)
+            rig.delivered()
+            for i in range(3):
+                rig.received(i)
+            got = {m: (order[t] if t >= 0 else t, seen) for m, t, _, seen in rig.fwd.fdb_entries()}
+            assert got == {m: tuple(e) for m, e in oracle.items()}, (k, op)
+            history.append(sorted(got.items()))
+    return history
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(ops=wrap_ops())
+def test_wrapped_clusters_match_oracle_and_twin(kernel_pair: tuple[ModuleType, ModuleType],
+                                                ops: list[tuple[Any, ...]]) -> None:
+    results = [run_wrapped(kernels, ops) for kernels in kernel_pair]
     assert results[0] == results[1]

@@ -80,7 +80,9 @@ def fdb_case(ns: str, work: Path) -> dict:
              {"name": "n1", "subnet": "10.1.1.0/24", "public_ip": "192.168.100.2"}]
     daemon = start(ns, work, configs.subnet_map("10.1.0.0/16", 24,
                                                 {"type": "vxlan", "mode": "switched"}, nodes),
-                   {"switch": {"fdb_max_entries": 131072, "mac_ageing_seconds": 3600}})
+                   {"switch": {"fdb_max_entries": 131072, "mac_ageing_seconds": 3600,
+                               # all from one port (the tap): lift the per-port cap
+                               "fdb_max_entries_per_port": 131072}})
     try:
         sender = ("import socket,time\n"
                   "s=socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"

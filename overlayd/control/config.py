@@ -69,6 +69,11 @@ class DaemonConfig:
     mac_ageing_seconds: float = 300.0     # switched: learned MACs not seen this long are forgotten
     fdb_max_entries: int = 16384          # switched: cap of the MAC table (learned + static)
     static_macs: tuple[StaticMac, ...] = ()
+    fdb_max_entries_per_port: int = 8192  # switched: learned MACs one port (tap, peer) may hold
+    mac_move_hold_seconds: float = 1.0    # switched: a MAC seen behind our tap this recently
+                                          # does not move to a peer on one frame
+    storm_rate_per_second: float = 1000.0  # switched: floods per second per port (0 = off)
+    storm_burst: float = 1000.0           # switched: ... and the bucket size, in frames
     offloads: bool = True                 # TSO/checksum from the device, UDP GSO/GRO, coalescing
     etcd: EtcdSettings | None = None      # map_source == "etcd"
     subnet_env: Path | None = Path(DEFAULT_SUBNET_ENV)   # flannel's subnet.env; None: not written
@@ -207,10 +212,25 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         p.add("metrics.listen", f"{listen!r}: expected HOST:PORT, e.g. 127.0.0.1:9585")
 
     sw = p.table(data, "switch")
-    p.unknown_keys(sw, {"mac_ageing_seconds", "fdb_max_entries", "static_macs"}, "switch")
+    p.unknown_keys(sw, {"mac_ageing_seconds", "fdb_max_entries", "static_macs",
+                        "fdb_max_entries_per_port", "mac_move_hold_seconds",
+                        "storm_rate_per_second", "storm_burst"}, "switch")
     ageing = p.number(sw, "mac_ageing_seconds", "switch", default=300.0, low=1.0,
                       high=1_000_000.0)
     fdb_max = p.integer(sw, "fdb_max_entries", "switch", default=16384, low=1, high=1 << 24)
+    # Half the table by default: one port (a VM spraying source MACs, one peer) can never
+    # take the whole table from the others.
+    port_max = p.integer(sw, "fdb_max_entries_per_port", "switch",
+                         default=max(1, (fdb_max or 16384) // 2), low=1, high=1 << 24)
+    if fdb_max is not None and port_max is not None and port_max > fdb_max:
+        p.add("switch.fdb_max_entries_per_port",
+              f"{port_max} is more than fdb_max_entries {fdb_max}")
+    move_hold = p.number(sw, "mac_move_hold_seconds", "switch", default=1.0, low=0.0,
+                         high=3600.0)
+    storm_rate = p.number(sw, "storm_rate_per_second", "switch", default=1000.0, low=0.0,
+                          high=1e9)
+    storm_burst = p.number(sw, "storm_burst", "switch", default=max(1.0, storm_rate),
+                           low=1.0, high=1e9)
     static_macs = _static_macs(p, sw.get("static_macs", []))
     if fdb_max is not None and len(static_macs) > fdb_max:
         p.add("switch.static_macs", f"{len(static_macs)} entries exceed fdb_max_entries {fdb_max}")
@@ -235,7 +255,8 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         mac_ageing_seconds=ageing, fdb_max_entries=fdb_max or 16384,
         static_macs=tuple(static_macs), offloads=bool(offloads), etcd=etcd,
         subnet_env=subnet_env, wait_for_address_seconds=address_wait, bridge=bridge,
-        wireguard=wireguard,
+        fdb_max_entries_per_port=port_max or 1, mac_move_hold_seconds=move_hold,
+        storm_rate_per_second=storm_rate, storm_burst=storm_burst, wireguard=wireguard,
     ), []
 
 
@@ -354,11 +375,25 @@ def _static_macs(p: Problems, raw: Any) -> list[StaticMac]:
 
 
 def static_mac_problems(config: DaemonConfig, smap: SubnetMap) -> list[Problem]:
-    """Static MACs must name nodes of the map."""
+    """Static MACs must name nodes of the map, must not claim another node's VTEP MAC (the
+    switched path pins each node's own), and with those pins must fit fdb_max_entries."""
     names = {n.name for n in smap.nodes}
-    return [Problem(str(config.path), f"switch.static_macs[{i}].node",
-                    f"unknown node {s.node!r} (the map has: {', '.join(sorted(names))})")
-            for i, s in enumerate(config.static_macs) if s.node not in names]
+    vtep = {n.vtep_mac: n.name for n in smap.nodes if n.vtep_mac}
+    out = []
+    for i, s in enumerate(config.static_macs):
+        if s.node not in names:
+            out.append(Problem(str(config.path), f"switch.static_macs[{i}].node",
+                               f"unknown node {s.node!r} (the map has: "
+                               f"{', '.join(sorted(names))})"))
+        elif vtep.get(s.mac, s.node) != s.node:
+            out.append(Problem(str(config.path), f"switch.static_macs[{i}].mac",
+                               f"{s.mac} is the VTEP MAC of node {vtep[s.mac]!r}, pinned to it"))
+    pins = len(vtep) + sum(1 for s in config.static_macs if s.mac not in vtep)
+    if smap.backend.switched and pins > config.fdb_max_entries:
+        out.append(Problem(str(config.path), "switch.fdb_max_entries",
+                           f"{config.fdb_max_entries} cannot hold the {pins} pinned MACs (each "
+                           f"of the map's {len(vtep)} nodes' VTEP MACs and the static MACs)"))
+    return out
 
 
 def _host_port(text: str) -> tuple[str, int] | None:

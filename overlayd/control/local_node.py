@@ -69,10 +69,20 @@ def build_local_view(smap: SubnetMap, me: Node, underlay_mtu: int) -> LocalView:
 
 
 def build_switch_tables(view: LocalView, static_macs: Iterable[tuple[str, str]]) -> SwitchTables:
-    """The switched path's tables: the view's peers, and (mac, node name) pins resolved to a
-    peer index, or LOCAL for this node. Pins naming a node no longer in the map are left out
-    (the config check names them; a map reload must not fail over them)."""
+    """The switched path's tables: the view's peers, and the MACs pinned to a port.
+
+    Every node's own VTEP MAC (its tap's MAC) is pinned to that node (LOCAL for this one), so
+    no frame from elsewhere can move it. Then the config's (mac, node name) pins, resolved to a
+    peer index or LOCAL; a pin naming a node no longer in the map, or a VTEP MAC already pinned
+    by the map, is left out (the config check names them; a map reload must not fail over
+    them)."""
     index = {node.name: i for i, node in enumerate(view.peers)}
     index[view.node.name] = LOCAL
-    static = tuple((parse_mac(mac), index[node]) for mac, node in static_macs if node in index)
-    return SwitchTables(view.tables.peers, static)
+    pins: dict[bytes, int] = {}
+    for node in (view.node, *view.peers):
+        if node.vtep_mac:
+            pins.setdefault(parse_mac(node.vtep_mac), index[node.name])
+    for mac, name in static_macs:
+        if name in index:
+            pins.setdefault(parse_mac(mac), index[name])
+    return SwitchTables(view.tables.peers, tuple(pins.items()))

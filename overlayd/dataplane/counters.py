@@ -19,6 +19,8 @@ TRAFFIC = (
     # switched vxlan
     "flooded_copies",        # datagrams sent by head-end replication (broadcast/multicast/unknown)
     "fdb_full",              # a new MAC not learned: the FDB is at its cap (the frame still went)
+    "fdb_port_full",         # a new MAC (or a move) not learned: its port is at its per-port cap
+                             # (the frame still went)
 )
 
 # Every reason a packet can be dropped. Each is exported as overlayd_drops_total{reason=...}.
@@ -56,6 +58,13 @@ DROP_REASONS = (
     "outside_wrong_vni",         # a VNI that is not ours
     "outside_wrong_inner_mac",   # routed: inner destination MAC neither ours nor broadcast
     "outside_bad_source_mac",    # switched: multicast or all-zero inner source MAC
+    # switched vxlan: hostile sources and storms
+    "inside_pinned_mac",         # tap: source MAC pinned to a peer (its VTEP MAC, a static MAC)
+    "outside_pinned_mac",        # source MAC pinned elsewhere: our own or another node's VTEP
+                                 # MAC, or a static MAC of another node
+    "outside_mac_move_dampened",  # source MAC seen behind our tap within mac_move_hold_seconds
+    "inside_storm_control",      # a flood (broadcast/multicast/unknown) over the tap's rate
+    "outside_storm_control",     # broadcast/multicast/unknown destination over the peer's rate
     # offloads (the device opened with a virtio-net header)
     "inside_bad_offload",        # a virtio-net header the data plane cannot honour: checksum
                                  # offsets outside the packet, a GSO type other than TCPv4, a

@@ -8,21 +8,30 @@ real Ethernet frame; interoperable with a kernel ``vxlan`` device that has flood
 Inside (tap -> underlay), per frame:
   1. shorter than an Ethernet header -> inside_runt_frame; a multicast or all-zero source
      MAC -> inside_bad_source_mac (never learned, never sent);
-  2. learn source MAC -> LOCAL (a MAC known at a peer moves here at once; at the cap a new
-     MAC is refused and counted as fdb_full, the frame still goes);
+  2. learn source MAC -> LOCAL (a MAC known at a peer moves here at once; a MAC pinned to a
+     peer -> inside_pinned_mac, dropped; at the table's cap or the tap's per-port cap a new MAC
+     is refused and counted as fdb_full / fdb_port_full, the frame still goes);
   3. destination: known LOCAL -> not sent (inside_local_destination); known at a peer -> that
      peer only; broadcast, multicast or unknown -> one copy to every peer (head-end
-     replication: flooded_copies; no peer at all -> inside_no_route);
+     replication: flooded_copies; no peer at all -> inside_no_route), if the tap's storm
+     bucket has a token (else inside_storm_control);
   4. the 8-byte VXLAN header goes into the slot's headroom; every copy shares it and leaves
      from tx socket ``flow_hash % len(tx_fds)``.
 Outside (underlay -> tap), per datagram: known peer; VXLAN header (long enough for it and an
 Ethernet header, I flag, our VNI); source MAC valid (else outside_bad_source_mac); learn it at
-that peer (moves at once, including from LOCAL); a destination known at a peer is not ours
-(outside_not_for_us: split horizon, nothing from the overlay goes back into it); else write
-the frame into the tap.
+that peer (a MAC pinned elsewhere -> outside_pinned_mac; a MAC seen behind our tap within
+``mac_move_hold`` seconds -> outside_mac_move_dampened; both dropped; else it moves at once);
+a destination known at a peer is not ours (outside_not_for_us: split horizon, nothing from the
+overlay goes back into it); a broadcast, multicast or unknown destination needs a token of
+that peer's storm bucket (else outside_storm_control); then write the frame into the tap.
 
-Time: the data plane has no clock. ``set_now(now)`` (monotonic seconds, from the runtime's
-timer) is what learning stamps entries with; ``age(now, max_age)`` expires them.
+Storm control: one token bucket per port (the tap, each peer) of ``storm_burst`` frames,
+refilled at ``storm_rate`` frames per second (0: off), spent by every frame that is flooded
+(inside) or delivered without a known destination (outside).
+
+Time: the data plane has no clock. ``set_now(now)`` (monotonic seconds; the runtime calls it
+before each batch) is what learning stamps entries with and what refills the storm buckets; a
+smaller ``now`` than the last is ignored. ``age(now, max_age, limit)`` expires entries.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any, Final
 
-from overlayd.dataplane.fdb import MISS, Fdb
+from overlayd.dataplane.fdb import DAMPENED, FULL, MISS, PINNED, PORT_FULL, Fdb
 from overlayd.dataplane.forwarder_base import C, ForwarderBase, State
 from overlayd.dataplane.tables import LOCAL
 from overlayd.dataplane.vxlan_routed import check_vni
@@ -39,10 +48,20 @@ from overlayd.wire import ethernet, vxlan
 
 IMPLEMENTATION: Final = "python"
 _HDR: Final = vxlan.HEADER_LEN
+AGE_LIMIT: Final = 16384     # entries one age() call removes at most (bounds one tick)
 
 
 def _valid_source(mac: int) -> bool:
     return mac != 0 and not (mac >> 40) & 1
+
+
+def check_storm(rate: float, burst: float) -> tuple[float, float]:
+    """Storm control's (frames per second per port, bucket size in frames); rate 0 = off."""
+    if not 0.0 <= rate <= 1e9:         # also refuses NaN
+        raise ValueError(f"storm_rate must be 0..1e9 frames per second, got {rate}")
+    if not 1.0 <= burst <= 1e9:
+        raise ValueError(f"storm_burst must be 1..1e9 frames, got {burst}")
+    return rate, burst
 
 
 def check_static(static: Any, npeers: int, max_entries: int) -> list[tuple[int, int]]:
@@ -80,12 +99,18 @@ class VxlanSwitchForwarder(ForwarderBase):
 
     def __init__(self, tap_fd: int, sock_fd: int, vni: int = 1, tx_fds: Sequence[int] = (),
                  batch_size: int = 64, fdb_max_entries: int = 16384, *,
-                 vnet_hdr: bool = False, udp_gso: bool = False, udp_gro: bool = False) -> None:
+                 vnet_hdr: bool = False, udp_gso: bool = False, udp_gro: bool = False,
+                 fdb_port_max_entries: int | None = None, mac_move_hold: float = 0.0,
+                 storm_rate: float = 0.0, storm_burst: float = 1.0) -> None:
         self._vni = check_vni(vni)
         self._vxlan_header = vxlan.build_header(self._vni)
-        self._fdb = Fdb(operator.index(fdb_max_entries))
         self._max_entries = operator.index(fdb_max_entries)
+        port_max = None if fdb_port_max_entries is None else operator.index(fdb_port_max_entries)
+        self._fdb = Fdb(self._max_entries, port_max, float(mac_move_hold))
+        self._storm_rate, self._storm_burst = check_storm(float(storm_rate), float(storm_burst))
         self._now = 0.0
+        self._storm_tokens = [self._storm_burst]   # per port: [tap, peer 0, peer 1, ...]
+        self._storm_stamp = [0.0]
         super().__init__(tap_fd, sock_fd, tx_fds, batch_size, vnet_hdr=vnet_hdr,
                          udp_gso=udp_gso, udp_gro=udp_gro)
 
@@ -99,21 +124,40 @@ class VxlanSwitchForwarder(ForwarderBase):
         self._enter()
         try:
             state.inherit_counters(self._state)
-            self._fdb.rebuild(state.index_map(self._state), static)
+            index_map = state.index_map(self._state)
+            npeers = len(state.peer_keys)
+            self._fdb.rebuild(index_map, static, npeers)
+            # Storm buckets follow their peer like its counters; a new peer starts full.
+            tokens = [self._storm_burst] * (npeers + 1)
+            stamps = [self._now] * (npeers + 1)
+            for old, new in [(-1, -1), *index_map.items()]:
+                tokens[new + 1] = self._storm_tokens[old + 1]
+                stamps[new + 1] = self._storm_stamp[old + 1]
+            self._storm_tokens, self._storm_stamp = tokens, stamps
             self._state = state
         finally:
             self._busy = False
 
     def set_now(self, now: float) -> None:
-        self._now = float(now)
+        """The data plane's clock (monotonic seconds); a value below the last one is ignored."""
+        now = float(now)
+        self._now = max(self._now, now)
 
-    def age(self, now: float, max_age: float) -> int:
-        """Remove learned entries not seen for more than ``max_age`` seconds; how many."""
+    def age(self, now: float, max_age: float, limit: int = AGE_LIMIT) -> int:
+        """Remove learned entries not seen for more than ``max_age`` seconds, oldest first and
+        at most ``limit`` of them (the rest go at the next call); how many."""
+        limit = operator.index(limit)
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
         self._enter()
         try:
-            return self._fdb.age(float(now), float(max_age))
+            return self._fdb.age(float(now), float(max_age), limit)
         finally:
             self._busy = False
+
+    def port_entries(self) -> list[int]:
+        """Learned MACs per port: [behind the tap, peer 0, peer 1, ...]."""
+        return self._fdb.port_entries()
 
     def fdb_entries(self) -> list[tuple[bytes, int, bool, float]]:
         """(mac, target, static, last_seen) per entry, sorted by MAC."""
@@ -125,9 +169,36 @@ class VxlanSwitchForwarder(ForwarderBase):
 
     # --- packet path -----------------------------------------------------------------------
 
-    def _learn(self, mac: int, target: int) -> None:
-        if not self._fdb.learn(mac, target, self._now):
+    def _learn(self, mac: int, target: int) -> bool:
+        """Hot: learn a frame's source; False when the frame must be dropped (counted)."""
+        code = self._fdb.learn(mac, target, self._now)
+        if code == FULL:
             self._counters[C["fdb_full"]] += 1
+        elif code == PORT_FULL:
+            self._counters[C["fdb_port_full"]] += 1
+        elif code == PINNED:
+            self._counters[C["inside_pinned_mac" if target < 0 else "outside_pinned_mac"]] += 1
+            return False
+        elif code == DAMPENED:
+            self._counters[C["outside_mac_move_dampened"]] += 1
+            return False
+        return True
+
+    def _storm_take(self, port: int) -> bool:
+        """Hot: spend one token of ``port``'s storm bucket (port = target + 1); False if empty."""
+        if self._storm_rate <= 0.0:
+            return True
+        now = self._now
+        tokens = self._storm_tokens[port]
+        if now > self._storm_stamp[port]:
+            tokens = min(self._storm_burst,
+                         tokens + (now - self._storm_stamp[port]) * self._storm_rate)
+            self._storm_stamp[port] = now
+        if tokens >= 1.0:
+            self._storm_tokens[port] = tokens - 1.0
+            return True
+        self._storm_tokens[port] = tokens
+        return False
 
     def _inside_one(self, state: State, buf: memoryview, start: int, length: int) -> None:
         """Hot: learn the frame's source, then send it to its peer, to all peers or nowhere."""
@@ -142,16 +213,21 @@ class VxlanSwitchForwarder(ForwarderBase):
         if not _valid_source(src):
             ctr[C["inside_bad_source_mac"]] += 1
             return
-        self._learn(src, LOCAL)
+        if not self._learn(src, LOCAL):
+            return
         dst = int.from_bytes(frame[0:6], "big")
-        target = MISS if (dst >> 40) & 1 else self._fdb.lookup(dst)
+        target = MISS if (dst >> 40) & 1 else self._fdb.lookup(dst, self._now)
         if target == LOCAL:
             ctr[C["inside_local_destination"]] += 1
             return
         npeers = len(state.peer_keys)
-        if target == MISS and npeers == 0:
-            ctr[C["inside_no_route"]] += 1
-            return
+        if target == MISS:
+            if npeers == 0:
+                ctr[C["inside_no_route"]] += 1
+                return
+            if not self._storm_take(0):
+                ctr[C["inside_storm_control"]] += 1
+                return
         buf[start - _HDR:start] = self._vxlan_header
         end = start + length
         nsocks = len(self._queues)
@@ -175,9 +251,14 @@ class VxlanSwitchForwarder(ForwarderBase):
         if not _valid_source(src):
             ctr[C["outside_bad_source_mac"]] += 1
             return
-        self._learn(src, peer)
+        if not self._learn(src, peer):
+            return
         dst = int.from_bytes(frame[0:6], "big")
-        if not (dst >> 40) & 1 and self._fdb.lookup(dst) >= 0:
+        target = MISS if (dst >> 40) & 1 else self._fdb.lookup(dst, self._now)
+        if target >= 0:
             ctr[C["outside_not_for_us"]] += 1
+            return
+        if target == MISS and not self._storm_take(peer + 1):
+            ctr[C["outside_storm_control"]] += 1
             return
         self._deliver_to_device(frame, peer)

@@ -164,7 +164,8 @@ class EtcdCluster:
         try:
             for m in self.members:
                 self._launch(m)
-            self.wait_healthy()
+            # By name, not "every running one": a member that already exited must fail the start.
+            self.wait_healthy([m.name for m in self.members])
         except BaseException:
             self.stop()
             raise

@@ -24,7 +24,7 @@ the name (``_bytes``, ``_seconds``), one ``_info`` gauge per set of descriptive 
 | overlayd_{inside,outside}_{packets,bytes}_total | counter | |
 | overlayd_forwarded_packets_total, overlayd_delivered_packets_total | counter | |
 | overlayd_icmp_errors_sent_total | counter | |
-| overlayd_flooded_copies_total, overlayd_fdb_full_total | counter | (switched vxlan) |
+| overlayd_flooded_copies_total, overlayd_fdb_full_total, overlayd_fdb_port_full_total | counter | (switched vxlan) |
 | overlayd_drops_total | counter | reason (every reason the data plane counts) |
 | overlayd_peers, overlayd_routes, overlayd_fdb_entries | gauge | |
 | overlayd_batch_size_packets | histogram | direction (inside, outside) |
@@ -74,6 +74,9 @@ TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
                        "unknown destination).")),
     "fdb_full": ("overlayd_fdb_full",
                  "New MACs not learned because the FDB was at its cap (the frame still went)."),
+    "fdb_port_full": ("overlayd_fdb_port_full",
+                      ("New MACs (or moves) not learned because their port (the tap or one "
+                       "peer) held fdb_max_entries_per_port MACs (the frame still went).")),
     "icmp_sent": ("overlayd_icmp_errors_sent",
                   ("ICMP errors (unreachable, time exceeded, fragmentation needed) written to "
                   "the device.")),

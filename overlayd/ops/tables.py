@@ -138,6 +138,8 @@ def render_status(s: dict[str, Any], now: float | None = None) -> str:
         lines.append(("", f"RELOAD REJECTED, forwarding on the previous map: {first}"))
     lines.append(("tables", (f"{tab['peers']} peers, {tab['routes']} routes, "
                             f"{tab['fdb_entries']} fdb entries")))
+    if tun["backend"] == "vxlan" and tun.get("mode") == "switched":
+        lines.append(("switch", render_switch(traffic, drops)))
     lines.append(("inside", (f"{human_count(traffic.get('inside_packets', 0))} packets "
                             f"({human_bytes(traffic.get('inside_bytes', 0))}) read, "
                             f"{human_count(traffic.get('forwarded_packets', 0))} forwarded")))
@@ -161,6 +163,18 @@ def render_status(s: dict[str, Any], now: float | None = None) -> str:
         lines.append(("systemd", f"notify{wd}"))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in lines)
+
+
+def render_switch(traffic: dict[str, int], drops: dict[str, int]) -> str:
+    """The switched path's protections at a glance (each also a counter and a drop reason)."""
+    def n(key: str) -> str:
+        return human_count(traffic.get(key, drops.get(key, 0)))
+    pinned = drops.get("inside_pinned_mac", 0) + drops.get("outside_pinned_mac", 0)
+    storm = drops.get("inside_storm_control", 0) + drops.get("outside_storm_control", 0)
+    return (f"{n('flooded_copies')} flooded copies; MACs not learned: {n('fdb_full')} table "
+            f"full, {n('fdb_port_full')} port full; refused: {human_count(pinned)} pinned, "
+            f"{n('outside_mac_move_dampened')} move dampened; {human_count(storm)} storm "
+            f"controlled")
 
 
 def render_offloads(offloads: dict[str, bool], traffic: dict[str, int]) -> str:

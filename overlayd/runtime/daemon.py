@@ -49,7 +49,7 @@ log = logging.getLogger("overlayd")
 
 ICMP_REFILL_SECONDS = 0.1     # token bucket granularity for ICMP errors
 HEALTH_CHECK_SECONDS = 1.0    # how often the device's existence is checked
-FDB_TICK_SECONDS = 0.5        # switched: the data plane's clock (set_now) and MAC ageing
+FDB_TICK_SECONDS = 0.5        # switched: MAC ageing (the clock is also set before each batch)
 ADDRESS_WAIT_SLICE_SECONDS = 5.0   # while waiting for the public IP: STATUS= refreshed this often
 
 
@@ -98,6 +98,7 @@ class Daemon:
         self._device_broken = False
         self.device_recreations = 0     # times the device came back after it vanished or failed
         self.device_problem: str | None = None   # the device exists but is not as configured
+        self._clocked = False     # switched: set the data plane's clock before each batch
         self._ratelimited = RateLimitedLog(log)
         self.on_ready: list[Callable[[], None]] = []
         self.on_reload: list[Callable[[str], None]] = []
@@ -138,6 +139,7 @@ class Daemon:
         self._configure_device()
         self.forwarder = self._make_forwarder(me.vtep_mac, wg_keys)
         if backend.switched:
+            self._clocked = True
             self.forwarder.set_now(time.monotonic())
         self.forwarder.set_tables(self._tables(self.view))
         if self.wireguard is not None:
@@ -212,7 +214,10 @@ class Daemon:
         if backend.switched:
             return self.kernels.VxlanSwitchForwarder(
                 dev, sock, vni=backend.vni, tx_fds=tx_fds, batch_size=config.batch_size,
-                fdb_max_entries=config.fdb_max_entries, **self.offloads)
+                fdb_max_entries=config.fdb_max_entries, **self.offloads,
+                fdb_port_max_entries=config.fdb_max_entries_per_port,
+                mac_move_hold=config.mac_move_hold_seconds,
+                storm_rate=config.storm_rate_per_second, storm_burst=config.storm_burst)
         return self.kernels.VxlanRoutedForwarder(
             dev, sock, parse_mac(vtep_mac), vni=backend.vni, tx_fds=tx_fds,
             batch_size=config.batch_size, icmp_burst=config.icmp_rate_per_second,
@@ -293,6 +298,8 @@ class Daemon:
         self._readers = []
 
     def _on_device_readable(self) -> None:
+        if self._clocked:   # dampening and storm buckets need sub-tick time
+            self.forwarder.set_now(time.monotonic())
         try:
             self.forwarder.inside_batch()
         except OSError as exc:
@@ -301,6 +308,8 @@ class Daemon:
             self.wireguard.after_batch()
 
     def _on_socket_readable(self) -> None:
+        if self._clocked:
+            self.forwarder.set_now(time.monotonic())
         try:
             self.forwarder.outside_batch()
         except OSError as exc:
@@ -377,7 +386,13 @@ class Daemon:
             return False
         underlay = self.view.device_mtu + self.smap.backend.overhead
         view = build_local_view(smap, me, underlay)
-        self.forwarder.set_tables(self._tables(view))     # the one-step swap
+        try:
+            self.forwarder.set_tables(self._tables(view))     # the one-step swap
+        except ValueError as exc:   # e.g. more pinned MACs than fdb_max_entries
+            self.map_error = f"the data plane refused the new map: {exc}"
+            log.error("map reload (%s) rejected, still forwarding on the previous map: %s",
+                      why, exc)
+            return False
         if self.wireguard is not None:
             self.wireguard.set_peers(smap, view)
         routes = kernel_routes(smap, view)
