@@ -143,3 +143,16 @@ def test_overlayd_keys_prints_the_public_key_before_the_map_has_it(tmp_path: Pat
     except FileNotFoundError:
         return
     assert wg.stdout.strip() == first.stdout.strip()
+
+
+def test_check_accepts_the_shipped_wireguard_map_and_config(tmp_path: Path) -> None:
+    shipped = (REPO / "configs" / "overlayd.toml").read_text()
+    config = tmp_path / "overlayd.toml"
+    # the shipped config, pointed at the shipped wireguard map
+    config.write_text(shipped.replace('file = "map.toml"',
+                                      f'file = "{REPO / "configs" / "map-wireguard.toml"}"'))
+    result = subprocess.run([sys.executable, "-m", "overlayd", "check", "-c", str(config),
+                             "--any-host"], check=False, capture_output=True, text=True,
+                            cwd=REPO, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "backend wireguard port 51820" in result.stdout
