@@ -13,6 +13,7 @@ cpdef enum:
     CTR_DELIVERED_PACKETS
     CTR_ICMP_SENT
     CTR_FLOODED_COPIES
+    CTR_FLOODED_FRAMES
     CTR_FDB_FULL
     CTR_FDB_PORT_FULL
     CTR_INSIDE_TOO_SHORT
@@ -34,6 +35,7 @@ cpdef enum:
     CTR_OUTSIDE_NOT_FOR_US
     CTR_DEVICE_WRITE_ERROR
     CTR_ICMP_RATE_LIMITED
+    CTR_ICMP_WRITE_ERROR
     CTR_INSIDE_RUNT_FRAME
     CTR_INSIDE_BAD_SOURCE_MAC
     CTR_OUTSIDE_TRUNCATED_VXLAN
@@ -47,6 +49,11 @@ cpdef enum:
     CTR_INSIDE_STORM_CONTROL
     CTR_OUTSIDE_STORM_CONTROL
     CTR_INSIDE_BAD_OFFLOAD
+    CTR_INSIDE_MARTIAN_SOURCE
+    CTR_INSIDE_MARTIAN_DESTINATION
+    CTR_OUTSIDE_MARTIAN_SOURCE
+    CTR_OUTSIDE_MARTIAN_DESTINATION
+    CTR_OUTSIDE_LOCAL_SOURCE
     CTR_CAPTURE_DROPPED
     CTR_OFFLOAD_SUPERPACKETS
     CTR_OFFLOAD_SEGMENTS
@@ -55,6 +62,7 @@ cpdef enum:
     CTR_OFFLOAD_GRO_RECEIVES
     CTR_OFFLOAD_COALESCED_WRITES
     CTR_OFFLOAD_COALESCED_SEGMENTS
+    CTR_OFFLOAD_CHECKSUMS_FINISHED
     CTR_WG_HANDSHAKE_MESSAGES
     CTR_WG_KEEPALIVES_SENT
     CTR_WG_KEEPALIVES_RECEIVED
@@ -77,6 +85,7 @@ COUNTER_NAMES = (
     "delivered_packets",
     "icmp_sent",
     "flooded_copies",
+    "flooded_frames",
     "fdb_full",
     "fdb_port_full",
     "inside_too_short",
@@ -98,6 +107,7 @@ COUNTER_NAMES = (
     "outside_not_for_us",
     "device_write_error",
     "icmp_rate_limited",
+    "icmp_write_error",
     "inside_runt_frame",
     "inside_bad_source_mac",
     "outside_truncated_vxlan",
@@ -111,6 +121,11 @@ COUNTER_NAMES = (
     "inside_storm_control",
     "outside_storm_control",
     "inside_bad_offload",
+    "inside_martian_source",
+    "inside_martian_destination",
+    "outside_martian_source",
+    "outside_martian_destination",
+    "outside_local_source",
     "capture_dropped",
     "offload_superpackets",
     "offload_segments",
@@ -119,6 +134,7 @@ COUNTER_NAMES = (
     "offload_gro_receives",
     "offload_coalesced_writes",
     "offload_coalesced_segments",
+    "offload_checksums_finished",
     "wg_handshake_messages",
     "wg_keepalives_sent",
     "wg_keepalives_received",

@@ -19,7 +19,9 @@
 #    one branch on capture_on. While enabled, each batch reads the wall clock once on entry
 #    (the data plane's only clock, and only then) and stamps its records with it: a request
 #    and its reply are read in different batches, so a capture shows their RTT.
-# 5. _RoutedBase: the router shared by the udp and vxlan routed paths - LPM, TTL with an
+# 5. _RoutedBase: the router shared by the udp and vxlan routed paths - martians (RFC 1812
+#    5.3.7: 0/8, 127/8, 224/4, 240/4, 255.255.255.255 as source or destination, both
+#    directions; on receive also this host's own addresses as source), LPM, TTL with an
 #    RFC 1624 checksum update, ICMP errors under a token bucket (RFC 1812), and the IPv4
 #    checks of the outside path.
 #
@@ -40,6 +42,8 @@ cdef enum:
     TX_CTRL_C = 32                 # >= CMSG_SPACE(sizeof(uint16_t))
     RX_CTRL_C = 32                 # >= CMSG_SPACE(sizeof(int))
     BAD_READ_C = 0xFFFFFFFF        # in_len of a read too short to hold a virtio-net header
+    GSO_FLOOR_C = 576 - 28         # a GSO send of datagrams this small refused with EINVAL:
+                                   # no path MTU is that small, the socket cannot do GSO
     STAGE_BYTES_C = 1 << 20        # UDP GSO staging: runs of single datagrams copied together
     ANY_SOURCE_C = 0x7FFFFFFF      # _outside_peer with any_source: "the path finds the peer"
     SEAL_TAG_C = 16                # bytes a sealing path appends to each packet (Poly1305 tag)
@@ -57,6 +61,8 @@ ctypedef struct peer_t:
     uint32_t path_mtu
     unsigned char mac[6]       # vxlan: the peer's VTEP MAC (zeros where the map has none)
     bint has_mac
+    uint32_t gso_max_seg       # UDP GSO: largest datagram merged into a GSO send to this peer
+                               # (lowered when a send of larger ones "did not fit")
     uint64_t tx_packets
     uint64_t tx_bytes          # inner bytes: the datagrams less the outer header we wrote
     uint64_t rx_packets
@@ -73,6 +79,8 @@ ctypedef struct fwd_tables_t:
     int32_t npeers
     peer_t *peers
     ip_index_t *by_ip
+    int32_t nhost
+    uint32_t *host_addrs       # this host's own addresses, sorted: never an inner source
 
 ctypedef struct capture_rec_t:  # one captured packet: cap_buf[offset:offset + length]
     uint32_t offset
@@ -103,10 +111,13 @@ cdef class _TableGeneration:
     def __cinit__(self):
         self.t.peers = NULL
         self.t.by_ip = NULL
+        self.t.host_addrs = NULL
+        self.t.nhost = 0
 
     def __dealloc__(self):
         free(self.t.peers)
         free(self.t.by_ip)
+        free(self.t.host_addrs)
 
 
 cdef inline void txq_set_gso(txq_t *q, int k) noexcept nogil:
@@ -128,17 +139,31 @@ cdef _TableGeneration build_generation(tables):
     cdef Py_ssize_t npeers, i
     cdef const unsigned char[::1] mac_view
     if tables is None:
-        local_address, peers, routes = 0, (), ()
+        local_address, peers, routes, host = 0, (), (), ()
     else:
         local_address = getattr(tables, "local_address", 0)
         peers = tuple(tables.peers)
         routes = getattr(tables, "routes", ())
+        host = getattr(tables, "host_addresses", ())
+    own = set()
+    for address in host:
+        address = operator_index(address)
+        if not 0 <= address <= 0xFFFFFFFF:
+            raise ValueError(f"host_addresses: {address!r} is not a u32 IPv4 address")
+        own.add(address)
+    host = sorted(own)
     local_address = operator_index(local_address)
     if not 0 <= local_address <= 0xFFFFFFFF:
         raise ValueError(f"local_address {local_address!r} is not a u32 IPv4 address")
     npeers = len(peers)
     if npeers > 0x7FFFFFFF:
         raise ValueError("too many peers")
+    gen.t.host_addrs = <uint32_t *>calloc(max(len(host), 1), sizeof(uint32_t))
+    if gen.t.host_addrs == NULL:
+        raise MemoryError()
+    for i, address in enumerate(host):
+        gen.t.host_addrs[i] = address
+    gen.t.nhost = <int32_t>len(host)
     gen.t.peers = <peer_t *>calloc(max(npeers, 1), sizeof(peer_t))
     gen.t.by_ip = <ip_index_t *>calloc(max(npeers, 1), sizeof(ip_index_t))
     if gen.t.peers == NULL or gen.t.by_ip == NULL:
@@ -161,6 +186,7 @@ cdef _TableGeneration build_generation(tables):
         gen.t.peers[i].port = port
         gen.t.peers[i].path_mtu = mtu
         gen.t.peers[i].has_mac = len(mac) == 6
+        gen.t.peers[i].gso_max_seg = GSO_MAX_BYTES_C
         if gen.t.peers[i].has_mac:
             mac_view = mac
             memcpy(gen.t.peers[i].mac, &mac_view[0], 6)
@@ -174,11 +200,7 @@ cdef _TableGeneration build_generation(tables):
         gen.t.by_ip[i].peer = index
     gen.t.npeers = <int32_t>npeers
     gen.routes = RouteTable(routes)
-    for network, prefix_len, target in routes:
-        if target >= npeers:
-            raise ValueError(
-                f"route {_format_addr(network)}/{prefix_len}: target {target} is not a peer "
-                f"index (there are {npeers} peers)")
+    gen.routes.check_targets(npeers)
     gen.t.lpm = gen.routes.lpm()
     gen.t.local_address = local_address
     return gen
@@ -221,6 +243,22 @@ cdef inline int32_t peer_by_ip(const fwd_tables_t *t, uint32_t ip) noexcept nogi
     if lo < t.npeers and t.by_ip[lo].ip == ip:
         return t.by_ip[lo].peer
     return -1
+
+
+cdef inline bint is_host_address(const fwd_tables_t *t, uint32_t ip) noexcept nogil:
+    cdef int32_t lo = 0, hi = t.nhost, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if t.host_addrs[mid] < ip:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < t.nhost and t.host_addrs[lo] == ip
+
+
+cdef inline bint martian(uint32_t ip) noexcept nogil:
+    """RFC 1812 5.3.7: 0/8, 127/8, and from 224.0.0.0 up (multicast, 240/4, broadcast)."""
+    return (ip >> 24) == 0 or (ip >> 24) == 127 or ip >= 0xE0000000u
 
 
 cdef extern from *:
@@ -573,7 +611,10 @@ cdef class _ForwarderBase:
         cdef tso_plan_t plan
         cdef unsigned char *run
         cdef uint32_t i, gso_type
+        # A read the offload path refuses is still a read: counted as one inside packet, so
+        # that inside_packets = forwarded + tx_error + the inside drops holds exactly.
         if n == BAD_READ_C:
+            self.ctr[CTR_INSIDE_PACKETS] += 1
             self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
             return
         memcpy(&h, pkt - VNET_HDR_LEN_C, VNET_HDR_LEN_C)
@@ -581,18 +622,18 @@ cdef class _ForwarderBase:
         if gso_type == VNET_GSO_NONE_C:
             if (h.flags & VNET_F_NEEDS_CSUM_C) and complete_csum(pkt, n, h.csum_start,
                                                                  h.csum_offset) < 0:
-                self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
+                self._bad_offload(n)
                 return
             self._inside_one(t, pkt, n)
             return
         if (gso_type != VNET_GSO_TCPV4_C
                 or tso_plan(&plan, pkt, n, self.l2_len, h.gso_size, self.encap_len) < 0):
-            self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
+            self._bad_offload(n)
             return
         if self.seal_tail:
             seal_plan(&plan)
         if plan.need > SEG_ARENA_BYTES_C:
-            self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
+            self._bad_offload(n)
             return
         if plan.need > SEG_ARENA_BYTES_C - self.arena_used:
             self._flush(t)          # queued datagrams may point into the arena
@@ -607,13 +648,20 @@ cdef class _ForwarderBase:
                              tso_segment_len(&plan, i))
 
     @cython.final
+    cdef inline void _bad_offload(self, uint32_t n) noexcept nogil:
+        self.ctr[CTR_INSIDE_PACKETS] += 1
+        self.ctr[CTR_INSIDE_BYTES] += n
+        self.ctr[CTR_INSIDE_BAD_OFFLOAD] += 1
+
+    @cython.final
     cdef void _queue(self, const fwd_tables_t *t, unsigned char *data, size_t n,
                             int32_t peer, int sock) noexcept nogil:
         cdef txq_t *q = &self.txq[sock]
         cdef int k = q.n - 1
         if (self.gso and k >= 0 and q.open[k] and q.peer[k] == peer
                 and <unsigned char *>q.iov[k].iov_base + q.iov[k].iov_len == data
-                and n <= q.seg_size[k] and q.segs[k] < GSO_MAX_SEGS_C
+                and n <= q.seg_size[k] and q.seg_size[k] <= t.peers[peer].gso_max_seg
+                and q.segs[k] < GSO_MAX_SEGS_C
                 and q.iov[k].iov_len + n <= GSO_MAX_BYTES_C):
             # The next segment of the same superpacket to the same peer: one GSO send.
             q.iov[k].iov_len += n
@@ -645,7 +693,7 @@ cdef class _ForwarderBase:
                 self._send(t, &self.txq[k])
 
     @cython.final
-    cdef void _stage_runs(self, txq_t *q) noexcept nogil:
+    cdef void _stage_runs(self, const fwd_tables_t *t, txq_t *q) noexcept nogil:
         """UDP GSO for datagrams that do not lie back to back: copy each run of single
         datagrams to one peer (all of the first one's size, the last may be shorter) into the
         staging buffer and make it one GSO entry. A memcpy of a packet costs far less than the
@@ -657,7 +705,7 @@ cdef class _ForwarderBase:
             j = i + 1
             first = q.iov[i].iov_len
             total = first
-            if q.segs[i] == 1:
+            if q.segs[i] == 1 and first <= t.peers[q.peer[i]].gso_max_seg:
                 while (j < q.n and q.segs[j] == 1 and q.peer[j] == q.peer[i]
                        and j - i < GSO_MAX_SEGS_C):
                     size = q.iov[j].iov_len
@@ -699,7 +747,7 @@ cdef class _ForwarderBase:
         cdef int i = 0, k, sent
         cdef peer_t *peer
         if self.gso and q.n > 1:
-            self._stage_runs(q)
+            self._stage_runs(t, q)
         while i < q.n:
             sent = sendmmsg(q.fd, &q.msgs[i], q.n - i, MSG_DONTWAIT)
             if sent < 0 and errno == EINTR:
@@ -726,14 +774,22 @@ cdef class _ForwarderBase:
     @cython.final
     cdef void _send_gso_singly(self, const fwd_tables_t *t, txq_t *q, int i,
                                int error) noexcept nogil:
-        """The kernel refused GSO entry i: send its datagrams one by one; a kernel that
-        cannot do GSO at all will not be asked again."""
+        """The kernel refused GSO entry i: send its datagrams one by one. EINVAL (EMSGSIZE
+        on newer kernels) for datagrams larger than GSO_FLOOR_C says this send did not fit (with
+        IP_PMTUDISC_DONT the kernel refuses a GSO segment larger than the egress MTU, which
+        it would fragment if sent alone): datagrams of that size go to this peer singly from
+        now on, until the map changes. Anything else that says the socket or route cannot do
+        GSO at all (EIO, ENOPROTOOPT, EOPNOTSUPP, or EINVAL for small datagrams) turns GSO
+        off for good."""
         cdef unsigned char *data = <unsigned char *>q.iov[i].iov_base
         cdef size_t left = q.iov[i].iov_len, size
         cdef peer_t *peer = &t.peers[q.peer[i]]
         cdef ssize_t r
         self.ctr[CTR_OFFLOAD_GSO_REFUSED] += 1
-        if error == EIO or error == EINVAL or error == ENOPROTOOPT or error == EOPNOTSUPP:
+        if (error == EINVAL or error == EMSGSIZE) and q.seg_size[i] > GSO_FLOOR_C:
+            if peer.gso_max_seg >= q.seg_size[i]:
+                peer.gso_max_seg = q.seg_size[i] - 1
+        elif error == EIO or error == EINVAL or error == ENOPROTOOPT or error == EOPNOTSUPP:
             self.gso = False
         while left:
             size = q.seg_size[i] if left > q.seg_size[i] else left
@@ -760,8 +816,6 @@ cdef class _ForwarderBase:
         while True:
             r = writev(self.dev_fd, iov, 2) if self.vnet else write(self.dev_fd, data, n)
             if r >= 0 or errno != EINTR:
-                if r < 0:
-                    self.ctr[CTR_DEVICE_WRITE_ERROR] += 1
                 return r
 
     # --- outside: underlay -> device -------------------------------------------------------
@@ -826,15 +880,25 @@ cdef class _ForwarderBase:
 
     @cython.final
     cdef uint32_t _gro_size(self, int i) noexcept nogil:
-        """The UDP_GRO segment size of receive i, or 0."""
+        """The UDP_GRO segment size of receive i, or 0. Without a whole UDP_GRO cmsg, a
+        control message cut short (the kernel's MSG_CTRUNC: another cmsg took the room) or a
+        UDP_GRO cmsg too short for its int leaves the run's datagram boundaries unknown: the
+        receive is then marked MSG_TRUNC, and dropped and counted as truncated, rather than
+        handled as one datagram."""
         cdef msghdr *hdr = &self.rx_msgs[i].msg_hdr
         cdef cmsghdr *cm = CMSG_FIRSTHDR(hdr)
         cdef int size
         while cm != NULL:
             if cm.cmsg_level == SOL_UDP_C and cm.cmsg_type == UDP_GRO_C:
+                if cm.cmsg_len < CMSG_LEN(sizeof(int)):
+                    break
                 memcpy(&size, CMSG_DATA(cm), sizeof(int))
                 return <uint32_t>size if size > 0 else 0
             cm = CMSG_NXTHDR(hdr, cm)
+        else:
+            if not (hdr.msg_flags & MSG_CTRUNC):
+                return 0
+        hdr.msg_flags |= MSG_TRUNC
         return 0
 
     @cython.final
@@ -871,13 +935,18 @@ cdef class _ForwarderBase:
     cdef void _emit(self, const fwd_tables_t *t, unsigned char *pkt, uint32_t n,
                     int32_t peer) noexcept nogil:
         """Deliver a checked packet (tun) or frame (tap) into the device: at once, or with a
-        virtio-net header through the coalescer, written when the batch ends."""
+        virtio-net header through the coalescer, written when the batch ends. A checksum a
+        kernel VTEP left unfinished is finished first (offload.pxi 6.)."""
+        if finish_partial_l4(pkt, n, self.l2_len):
+            self.ctr[CTR_OFFLOAD_CHECKSUMS_FINISHED] += 1
         t.peers[peer].rx_accepted += 1
         if not self.vnet:
             if self._write_device(pkt, n) >= 0:
                 self.ctr[CTR_DELIVERED_PACKETS] += 1
                 if self.capture_on:
                     self._capture(1, peer, pkt, n)
+            else:
+                self.ctr[CTR_DEVICE_WRITE_ERROR] += 1
             return
         if self.capture_on:
             self._capture(1, peer, pkt, n)
@@ -965,6 +1034,13 @@ cdef class _RoutedBase(_ForwarderBase):
         if ihl < IPV4_MIN_HEADER or ihl > n or rd16(pkt + 2) != n:
             ctr[CTR_INSIDE_BAD_HEADER] += 1
             return -1
+        # Martians go nowhere and are never answered (RFC 1812 5.3.7, 4.3.2.7).
+        if martian(rd32(pkt + 12)):
+            ctr[CTR_INSIDE_MARTIAN_SOURCE] += 1
+            return -1
+        if martian(rd32(pkt + 16)):
+            ctr[CTR_INSIDE_MARTIAN_DESTINATION] += 1
+            return -1
         target = lpm_lookup(t.lpm, rd32(pkt + 16))
         if target == NO_ROUTE_C:
             ctr[CTR_INSIDE_NO_ROUTE] += 1
@@ -1001,6 +1077,9 @@ cdef class _RoutedBase(_ForwarderBase):
         length = build_icmp(self.icmp_buf, t.local_address, pkt, n, icmp_type, code, mtu)
         if self._write_device(self.icmp_buf, length) >= 0:
             self.ctr[CTR_ICMP_SENT] += 1
+        else:
+            # Not device_write_error: that one counts delivered packets the device refused.
+            self.ctr[CTR_ICMP_WRITE_ERROR] += 1
 
     @cython.final
     cdef void _deliver(self, const fwd_tables_t *t, const unsigned char *pkt, uint32_t n,
@@ -1024,8 +1103,18 @@ cdef class _RoutedBase(_ForwarderBase):
         if csum_fold(csum_partial(pkt, ihl, 0)) != 0:
             ctr[CTR_OUTSIDE_BAD_CHECKSUM] += 1
             return
+        # Before the prefix checks: a peer owning 0.0.0.0/0 owns every martian too.
+        if martian(rd32(pkt + 12)):
+            ctr[CTR_OUTSIDE_MARTIAN_SOURCE] += 1
+            return
+        if is_host_address(t, rd32(pkt + 12)):
+            ctr[CTR_OUTSIDE_LOCAL_SOURCE] += 1
+            return
         if lpm_lookup(t.lpm, rd32(pkt + 12)) != peer:
             ctr[CTR_OUTSIDE_SPOOFED_SOURCE] += 1
+            return
+        if martian(rd32(pkt + 16)):
+            ctr[CTR_OUTSIDE_MARTIAN_DESTINATION] += 1
             return
         if lpm_lookup(t.lpm, rd32(pkt + 16)) != LOCAL_C:
             ctr[CTR_OUTSIDE_NOT_FOR_US] += 1

@@ -43,13 +43,15 @@
 # 5. Coalescing (gro_add / gro_flush): delivered packets are appended to a list of pending
 #    items and written when the batch ends. A packet is *coalescable* when: (tap: ethertype
 #    IPv4 at l2=14) IPv4 with ihl 5, proto 6, neither MF nor a fragment offset, total length ==
-#    n - l2; TCP doff*4 >= 20 within the packet; payload > 0; flags ACK or ACK|PSH only; TCP
-#    checksum right. A *TCP packet* (coalescable or not) is (tap: ethertype IPv4) IPv4, ihl >=
+#    n - l2, header checksum right; TCP doff*4 >= 20 within the packet; payload > 0; flags ACK
+#    or ACK|PSH only; TCP checksum right (what the kernel's inet_gro_receive and
+#    tcp_gro_receive would not merge is written as it came). A *TCP packet* (coalescable or not) is (tap: ethertype IPv4) IPv4, ihl >=
 #    20, proto 6, with its 4 port bytes inside the packet; its flow is (link header, IPv4
 #    source, destination, TCP ports). Every item started by a TCP packet has a flow. The last
 #    GRO_SCAN items are searched newest first for the first one of the same flow; it is merged
-#    into when it is open and has: the same link header, TOS, TTL, DF/flags word, doff, TCP
-#    options bytes, ack number and window; seq == its next seq; payload <= its mss (the first
+#    into when it is open and has: the same link header, TOS, TTL, DF/flags word, TCP byte 12
+#    (doff and the reserved bits), options bytes, ack number and window; IPv4 id == the head's
+#    id + the segments it holds (mod 2**16); seq == its next seq; payload <= its mss (the first
 #    segment's payload); total length + payload <= 65535; fewer than GRO_MAX_SEGS segments.
 #    Merging appends the payload; a payload shorter than the mss, or PSH, closes the item (PSH
 #    is then set on the item's head). A same-flow item that cannot take the packet is closed,
@@ -61,6 +63,13 @@
 #    length and header checksum fixed, its TCP checksum set to the folded pseudo-header sum
 #    (not inverted, what CHECKSUM_PARTIAL expects), and the header {NEEDS_CSUM, TCPV4,
 #    hdr_len = l2+20+doff*4, gso_size = mss, csum_start = l2+20, csum_offset = 16}.
+# 6. Unfinished checksums on receipt (finish_partial_l4, forwarder_base _emit): a kernel VTEP
+#    whose link leaves checksums to offload (a veth, many virtual NICs) sends inner TCP/UDP
+#    segments with CHECKSUM_PARTIAL, whose checksum field holds only the folded pseudo-header
+#    sum; a kernel receiver keeps that state, a tun/tap write cannot. A delivered IPv4 packet
+#    (not a fragment, TCP or UDP with a nonzero UDP checksum) whose field is exactly that
+#    pattern and whose whole does not verify is finished in place, as 1. does for reads, and
+#    counted (offload_checksums_finished); anything else is left as it came.
 
 cdef enum:
     VNET_HDR_LEN_C = 10
@@ -83,6 +92,7 @@ cdef enum:
     TCP_ACK = 0x10
     TCP_CWR = 0x80
     PROTO_TCP = 6
+    PROTO_UDP = 17
     SOL_UDP_C = 17
     UDP_SEGMENT_C = 103
     UDP_GRO_C = 104
@@ -122,6 +132,45 @@ cdef inline int complete_csum(unsigned char *pkt, uint32_t n, uint32_t start,
     c = csum_fold(csum_partial(pkt + start, n - start, 0))
     wr16(pkt + start + offset, c if c != 0 else 0xFFFF)
     return 0
+
+
+cdef inline bint finish_partial_l4(unsigned char *pkt, uint32_t n, uint32_t l2) noexcept nogil:
+    """A delivered packet (tun: l2 = 0) or frame (tap: l2 = 14) whose inner TCP/UDP checksum
+    a kernel VTEP left unfinished (see 6.): finish it in place; whether it did."""
+    cdef unsigned char *ip = pkt + l2
+    cdef uint32_t ihl, total, l4, where, need, proto
+    cdef uint64_t pseudo
+    cdef uint16_t field
+    if n < l2 + IPV4_MIN_HEADER or (l2 and rd16(pkt + l2 - 2) != ETHERTYPE_IP):
+        return False
+    if (ip[0] >> 4) != 4 or (rd16(ip + 6) & 0x3FFF) != 0:
+        return False
+    ihl = (ip[0] & 0x0F) * 4
+    total = rd16(ip + 2)                 # not n: a short frame may carry Ethernet padding
+    proto = ip[9]
+    if ihl < IPV4_MIN_HEADER or total < ihl or total > n - l2:
+        return False
+    if proto == PROTO_TCP:
+        where = 16
+        need = 20
+    elif proto == PROTO_UDP:
+        where = 6
+        need = 8
+    else:
+        return False
+    l4 = total - ihl
+    if l4 < need:
+        return False
+    field = rd16(ip + ihl + where)
+    if proto == PROTO_UDP and field == 0:
+        return False                     # no checksum at all: nothing to finish
+    pseudo = csum_partial(ip + 12, 8, 0) + proto + l4
+    if field != (~csum_fold(pseudo) & 0xFFFF):
+        return False                     # the cheap test, on every delivered packet
+    if csum_fold(csum_partial(ip + ihl, l4, pseudo)) == 0:
+        return False                     # a finished checksum that happens to look partial
+    complete_csum(ip, total, ihl, where)
+    return True
 
 
 ctypedef struct tso_plan_t:
@@ -293,6 +342,9 @@ cdef inline uint32_t gro_payload(const unsigned char *pkt, uint32_t n, uint32_t 
         return 0
     if n < l2 + IPV4_MIN_HEADER + 20:
         return 0
+    # A bad header checksum must reach the device as it came: merging would rewrite it.
+    if csum_fold(csum_partial(ip, IPV4_MIN_HEADER, 0)) != 0:
+        return 0
     doff = (tcp[12] >> 4) * 4
     if doff < 20 or l2 + IPV4_MIN_HEADER + doff >= n:
         return 0
@@ -313,8 +365,11 @@ cdef inline bint gro_mergeable(const gro_item_t *it, const unsigned char *pkt, u
     cdef const unsigned char *tcp = ip + IPV4_MIN_HEADER
     cdef const unsigned char *htcp = hip + IPV4_MIN_HEADER
     cdef uint32_t doff = (tcp[12] >> 4) * 4
+    # Byte 12 whole (doff and the reserved/AE bits); IPv4 ids counting up from the head's, so
+    # the kernel re-cutting the superpacket gives back exactly the segments that came.
     return (it.open and ip[1] == hip[1] and ip[8] == hip[8] and rd16(ip + 6) == rd16(hip + 6)
-            and doff == it.hdr_len - l2 - IPV4_MIN_HEADER
+            and tcp[12] == htcp[12] and doff == it.hdr_len - l2 - IPV4_MIN_HEADER
+            and rd16(ip + 4) == ((rd16(hip + 4) + it.segs) & 0xFFFF)
             and memcmp(tcp + 20, htcp + 20, doff - 20) == 0
             and memcmp(tcp + 8, htcp + 8, 4) == 0 and memcmp(tcp + 14, htcp + 14, 2) == 0
             and rd32(tcp + 4) == it.next_seq and payload <= it.mss
@@ -424,6 +479,14 @@ def complete_checksum(packet, csum_start, csum_offset):
                      operator_index(csum_offset)) < 0:
         return None
     return bytes(buf)
+
+
+def finish_partial_checksum(packet, l2):
+    """(the packet with an unfinished TCP/UDP checksum finished, whether it was), as 6."""
+    buf = bytearray(packet) + b"\0"      # one spare byte keeps &view[0] valid for b""
+    cdef unsigned char[::1] view = buf
+    done = finish_partial_l4(&view[0], len(buf) - 1, operator_index(l2))
+    return bytes(buf[:len(buf) - 1]), bool(done)
 
 
 def segment_tcp4(packet, l2, mss):

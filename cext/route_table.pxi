@@ -136,6 +136,21 @@ cdef class RouteTable:
         """Target of the longest prefix containing ``addr`` (u32), or NO_ROUTE."""
         return self.lookup_c(addr)
 
+    def check_targets(self, Py_ssize_t npeers) -> None:
+        """ValueError naming the first route whose target is not LOCAL or a peer index below
+        ``npeers``. It reads the C arrays the packet path reads, so no route can slip past it
+        however the table was built (an iterator of routes is consumed by the build)."""
+        cdef int level
+        cdef uint32_t i
+        cdef const lpm_level_t *lv
+        for level in range(self._lpm.nlevels):
+            lv = &self._lpm.levels[level]
+            for i in range(lv.count):
+                if lv.targets[i] >= npeers:
+                    raise ValueError(
+                        f"route {_format_addr(lv.networks[i])}/{bin(lv.mask).count('1')}: "
+                        f"target {lv.targets[i]} is not a peer index (there are {npeers} peers)")
+
     def __len__(self) -> int:
         return self._size
 

@@ -28,6 +28,7 @@ cdef extern from "<sys/socket.h>" nogil:
     const int AF_INET
     const int MSG_DONTWAIT
     const int MSG_TRUNC
+    const int MSG_CTRUNC
 
     struct msghdr:
         void *msg_name

@@ -268,6 +268,7 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
         if target >= 0:
             self._queue(t, out, n + VXLAN_HEADER, target, sock)
             return
+        self.ctr[CTR_FLOODED_FRAMES] += 1
         self.ctr[CTR_FLOODED_COPIES] += t.npeers
         for peer in range(t.npeers):
             self._queue(t, out, n + VXLAN_HEADER, peer, sock)

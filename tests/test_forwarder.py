@@ -338,7 +338,8 @@ def test_no_icmp_error_when_forbidden(make_rig: Any, offending: bytes) -> None:
     counters = rig.fwd.counters()
     assert counters["icmp_sent"] == counters["icmp_rate_limited"] == 0
     assert counters["forwarded_packets"] == 0
-    assert counters["inside_no_route"] + counters["inside_ttl_expired"] == 1
+    assert sum(counters[r] for r in ("inside_no_route", "inside_ttl_expired",
+                                     "inside_martian_source", "inside_martian_destination")) == 1
     # The forbidden case must not have eaten the only token.
     allowed = icmp_packet(overlay(-1), "192.168.1.1", 8)     # an echo request may be answered
     rig.send_inside(allowed)
@@ -426,7 +427,10 @@ def test_icmp_write_error_counted(make_rig: Any) -> None:
     rig.send_inside(packet(overlay(-1), "192.168.1.1"))
     rig.drain_inside()
     c = rig.fwd.counters()
-    assert (c["inside_no_route"], c["device_write_error"], c["icmp_sent"]) == (1, 1, 0)
+    # Not device_write_error (delivered packets only): outside_packets = delivered +
+    # device_write_error + outside drops must hold with no outside packet at all.
+    assert (c["inside_no_route"], c["icmp_write_error"], c["icmp_sent"]) == (1, 1, 0)
+    assert c["device_write_error"] == 0
 
 
 def test_batch_size_bounds_each_call(make_rig: Any) -> None:
@@ -592,6 +596,66 @@ def test_outside_truncated(kernels: ModuleType) -> None:
         far.close()
 
 
+# --- martians (RFC 1812 5.3.7), both directions ----------------------------------------------
+
+MARTIANS = ["0.0.0.0", "0.1.2.3", "127.0.0.1", "127.255.0.9", "224.0.0.1", "239.255.255.250",
+            "240.0.0.1", "254.1.1.1", "255.255.255.255"]
+HOST_UNDERLAY = "192.168.77.1"        # this host's own address, in the gateway's 0.0.0.0/0
+
+
+def gateway_tables(rig: Rig) -> ForwardingTables:
+    """Peer 0 is a gateway owning 0.0.0.0/0: every martian is inside its prefixes, so only
+    the martian checks (not the prefix checks) can keep them out."""
+    routes = ((A("10.0.0.0"), 24, LOCAL), (0, 0, 0))
+    return ForwardingTables(LOCAL_ADDRESS, (rig.peer_entry(0),), routes,
+                            (A(HOST_UNDERLAY), A(NODE_IP)))
+
+
+@pytest.mark.parametrize("address", MARTIANS)
+def test_martians_are_not_forwarded(make_rig: Any, address: str) -> None:
+    rig = make_rig()
+    rig.fwd.set_tables(gateway_tables(rig))
+    rig.send_inside(packet(address, "8.8.8.8"), packet(overlay(-1), address),
+                    packet(overlay(-1), "8.8.8.8"))
+    rig.drain_inside()
+    assert len(rig.collect(rig.peers[0], 1)) == 1          # only the good one
+    assert rig.collect(rig.app) == []                       # and nothing is answered
+    c = nonzero(rig.fwd.counters())
+    assert (c["inside_martian_source"], c["inside_martian_destination"],
+            c["forwarded_packets"]) == (1, 1, 1), c
+
+
+@pytest.mark.parametrize("address", [*MARTIANS, HOST_UNDERLAY])
+def test_martian_or_local_sources_are_not_delivered(make_rig: Any, address: str) -> None:
+    rig = make_rig()
+    rig.fwd.set_tables(gateway_tables(rig))
+    rig.send_outside(rig.peers[0], packet(address, overlay(-1, 5)),
+                     packet("8.8.8.8", overlay(-1, 5)))
+    rig.drain_outside(2)
+    assert rig.collect(rig.app, 1) == [packet("8.8.8.8", overlay(-1, 5))]
+    reason = "outside_local_source" if address == HOST_UNDERLAY else "outside_martian_source"
+    c = nonzero(rig.fwd.counters())
+    assert (c[reason], c["delivered_packets"]) == (1, 1), c
+
+
+@pytest.mark.parametrize("address", MARTIANS)
+def test_martian_destinations_are_not_delivered(make_rig: Any, address: str) -> None:
+    rig = make_rig()
+    # Our own prefix is 0.0.0.0/0 here (a gateway): every destination is "ours".
+    rig.fwd.set_tables(ForwardingTables(LOCAL_ADDRESS, (rig.peer_entry(0),),
+                                        ((0, 0, LOCAL), (A(overlay(0, 0)), 24, 0))))
+    rig.send_outside(rig.peers[0], packet(overlay(0), address), packet(overlay(0), "8.8.8.8"))
+    rig.drain_outside(2)
+    assert rig.collect(rig.app, 1) == [packet(overlay(0), "8.8.8.8")]
+    c = nonzero(rig.fwd.counters())
+    assert (c["outside_martian_destination"], c["delivered_packets"]) == (1, 1), c
+
+
+def test_host_addresses_are_checked(kernels: ModuleType) -> None:
+    with Rig(kernels) as rig, pytest.raises(ValueError, match="host_addresses"):
+        rig.fwd.set_tables(ForwardingTables(LOCAL_ADDRESS, (), (), (2**32,)))
+
+
 def test_device_write_error_on_delivery(make_rig: Any) -> None:
     rig = make_rig()
     rig.app.shutdown(socket.SHUT_RD)
@@ -698,6 +762,37 @@ def test_set_tables_rejects_bad_tables_and_keeps_old(make_rig: Any) -> None:
     rig.send_inside(packet(overlay(-1), overlay(1)))
     rig.drain_inside()
     assert len(rig.collect(rig.peers[1], 1)) == 1
+
+
+class _RoutesOnce:
+    """Tables whose ``routes`` is an iterator: whoever reads it twice sees nothing the second
+    time (the bug: the target check ran on the second pass and so never ran)."""
+
+    def __init__(self, peers: tuple[PeerEntry, ...], routes: list[tuple[int, int, int]]) -> None:
+        self.local_address = LOCAL_ADDRESS
+        self.peers = peers
+        self.routes = iter(routes)
+
+
+def test_set_tables_checks_targets_of_an_iterator_of_routes(make_rig: Any) -> None:
+    rig = make_rig()
+    good = rig.tables()
+    beyond = (A("10.9.0.0"), 16, len(good.peers))      # one past the last peer
+    with pytest.raises(ValueError, match="10.9.0.0/16: target 3 is not a peer index"):
+        rig.fwd.set_tables(_RoutesOnce(good.peers, [*good.routes, beyond]))
+    # The old tables stay in force, and a valid iterator of routes is accepted.
+    rig.fwd.set_tables(_RoutesOnce(good.peers, list(good.routes)))
+    rig.send_inside(packet(overlay(-1), overlay(1)), packet(overlay(-1), "10.9.1.1"))
+    rig.drain_inside()
+    assert len(rig.collect(rig.peers[1], 1)) == 1
+    assert nonzero(rig.fwd.counters())["inside_no_route"] == 1
+
+
+def test_route_table_check_targets(kernels: ModuleType) -> None:
+    table = kernels.RouteTable(iter([(A("10.0.0.0"), 8, 1), (0, 0, LOCAL), (A("10.1.2.3"), 32, 0)]))
+    table.check_targets(2)
+    with pytest.raises(ValueError, match="10.0.0.0/8: target 1 is not a peer index"):
+        table.check_targets(1)
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -149,6 +149,19 @@ def test_forged_datagram_with_a_members_source_is_dropped_and_counted(lab: Lab) 
     assert after["wg_bad_message"] - before["wg_bad_message"] == 1
 
 
+def test_counter_identities_hold_on_the_live_daemons(lab: Lab) -> None:
+    """After handshakes, rekeys, keepalives, forgeries and wrong keys: every datagram landed in
+    exactly one place (README: counter identities)."""
+    from overlayd.dataplane.counters import identity_violations
+
+    for name in OVERLAYD:
+        status = lab.control(name, "status")
+        peers = [(p["tx_packets"], p["tx_bytes"], p["rx_packets"], p["rx_bytes"])
+                 for p in lab.control(name, "peers")]
+        assert identity_violations({**status["traffic"], **status["drops"]}, peers) == [], \
+            (name, status)
+
+
 def test_roaming_wireguard_go_changes_its_underlay_address(lab: Lab,
                                                            wg_go: WireguardGoPeer) -> None:
     host4 = lab.host("host4")

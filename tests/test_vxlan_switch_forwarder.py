@@ -165,7 +165,7 @@ def test_unknown_unicast_is_flooded_and_source_learned_local(rig: SwRig) -> None
     assert rig.fdb() == {mac(1): (LOCAL, False)}
     c = nonzero(rig.fwd.counters())
     assert c == {"inside_packets": 1, "inside_bytes": len(f), "forwarded_packets": 3,
-                 "flooded_copies": 3}
+                 "flooded_copies": 3, "flooded_frames": 1}
     assert [pc[0] for pc in rig.fwd.peer_counters()] == [1, 1, 1]
     assert rig.fwd.fdb_size() == 1
 

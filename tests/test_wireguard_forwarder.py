@@ -23,7 +23,7 @@ from wg_helpers import open_transport, seal_transport
 
 from overlayd.control.wg_noise import generate_private_key, public_key
 from overlayd.control.wg_peers import Install, PeerConfig, Send, WgDevice
-from overlayd.dataplane.counters import ALL_DROP_REASONS
+from overlayd.dataplane.counters import ALL_DROP_REASONS, identity_violations
 from overlayd.dataplane.tables import LOCAL, ForwardingTables, PeerEntry
 from overlayd.dataplane.wireguard_forwarder import (
     EVENT_ENDPOINT,
@@ -179,6 +179,8 @@ def test_responder_sends_only_after_the_session_is_confirmed(pair: tuple[Node, N
     wait(a.sock)
     a.fw.outside_batch()
     assert a.app.recv(65536) == packet_ttl(packet("10.0.2.9", "10.0.1.5"), 63)
+    for node in (a, b):     # keepalives and handshakes included
+        assert identity_violations(node.fw.counters(), node.fw.peer_counters()) == []
 
 
 def test_replayed_datagram_is_dropped_and_counted(pair: tuple[Node, Node]) -> None:
@@ -318,6 +320,7 @@ def test_any_datagram_is_a_counted_drop_never_an_exception(pair: tuple[Node, Nod
     dropped = sum(after[r] - before[r] for r in ALL_DROP_REASONS)
     queued = after["wg_handshake_messages"] - before["wg_handshake_messages"]
     assert dropped + queued == 1
+    assert identity_violations(after, b.fw.peer_counters()) == []
 
 
 def test_window_accepts_reordering_within_2048(pair: tuple[Node, Node]) -> None:
@@ -373,6 +376,8 @@ def test_cython_and_twin_seal_the_same_bytes_and_count_the_same(
                 pass
             events = node.fw.drain_events()
             counters.append((node.counters(), [e[0] for e in events]))
+            # every packet of the mix landed in exactly one place (README: counter identities)
+            assert identity_violations(node.fw.counters(), node.fw.peer_counters()) == []
     finally:
         sink.close()
         for node in nodes:

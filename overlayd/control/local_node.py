@@ -45,12 +45,15 @@ class LocalView:
     device_mtu: int
 
 
-def build_local_view(smap: SubnetMap, me: Node, underlay_mtu: int) -> LocalView:
+def build_local_view(smap: SubnetMap, me: Node, underlay_mtu: int,
+                     host_addresses: Iterable[ipaddress.IPv4Address] = ()) -> LocalView:
     """Forwarding tables for ``me``: one peer entry per other node, every prefix routed.
 
     ``underlay_mtu`` is this host's own (detected or configured). The path MTU toward a peer is
     the smaller of both underlays minus the encapsulation, so a DF packet that would not fit the
     peer's side is answered with frag-needed here instead of vanishing there.
+    ``host_addresses`` are this host's own IPv4 addresses (its public IP is always one): no
+    inner packet from a peer may carry one as its source.
     """
     overhead = smap.backend.overhead
     peers = tuple(n for n in smap.nodes if n.name != me.name)
@@ -64,7 +67,8 @@ def build_local_view(smap: SubnetMap, me: Node, underlay_mtu: int) -> LocalView:
                                  parse_mac(peer.vtep_mac) if peer.vtep_mac else b"",
                                  decode_key(peer.public_key) or b""))
         routes.extend((int(p.network_address), p.prefixlen, index) for p in peer.prefixes)
-    tables = ForwardingTables(int(me.address), tuple(entries), tuple(routes))
+    own = sorted({int(me.public_ip), *(int(a) for a in host_addresses)})
+    tables = ForwardingTables(int(me.address), tuple(entries), tuple(routes), tuple(own))
     return LocalView(me, peers, tables, underlay_mtu - overhead)
 
 

@@ -7,6 +7,8 @@ appending here and to cext/counters.pxi in the same order (a parity test checks 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 # Traffic that went through (not drops).
 TRAFFIC = (
     "inside_packets",        # read from the device
@@ -18,6 +20,7 @@ TRAFFIC = (
     "icmp_sent",             # ICMP errors written back into the device
     # switched vxlan
     "flooded_copies",        # datagrams sent by head-end replication (broadcast/multicast/unknown)
+    "flooded_frames",        # frames read from the tap that were flooded (one per frame)
     "fdb_full",              # a new MAC not learned: the FDB is at its cap (the frame still went)
     "fdb_port_full",         # a new MAC (or a move) not learned: its port is at its per-port cap
                              # (the frame still went)
@@ -50,6 +53,7 @@ DROP_REASONS = (
     "device_write_error",        # the device refused the write
     # ICMP errors we would have sent but did not
     "icmp_rate_limited",         # out of tokens (see add_icmp_tokens)
+    "icmp_write_error",          # the device refused the ICMP error we wrote
     # vxlan (both modes)
     "inside_runt_frame",         # tap: shorter than an Ethernet header
     "inside_bad_source_mac",     # tap: multicast or all-zero source MAC (never learned)
@@ -69,6 +73,13 @@ DROP_REASONS = (
     "inside_bad_offload",        # a virtio-net header the data plane cannot honour: checksum
                                  # offsets outside the packet, a GSO type other than TCPv4, a
                                  # TCPv4 superpacket that is not one, or too many segments
+    # martians, routed paths (RFC 1812 5.3.7): 0/8, 127/8, 224/4 (no multicast routing here),
+    # 240/4 and 255.255.255.255, as source or destination; never answered with ICMP
+    "inside_martian_source",
+    "inside_martian_destination",
+    "outside_martian_source",
+    "outside_martian_destination",
+    "outside_local_source",      # inner source is one of this host's own addresses
 )
 
 # Capture (``overlayd capture``): neither traffic nor a drop - the packet itself went on.
@@ -86,6 +97,8 @@ OFFLOAD = (
     "offload_gro_receives",        # UDP GRO receives that carried several datagrams
     "offload_coalesced_writes",    # TCP superpackets written to the device (GRO on writes)
     "offload_coalesced_segments",  # segments inside them (each also in delivered_packets)
+    "offload_checksums_finished",  # delivered TCP/UDP checksums a kernel VTEP left partial
+                                   # (the pseudo-header sum only), finished before the write
 )
 
 # WireGuard (backend type "wireguard"): what went through, then why datagrams were dropped.
@@ -109,6 +122,59 @@ ALL_DROP_REASONS = DROP_REASONS + WIREGUARD_DROPS
 
 COUNTER_NAMES = TRAFFIC + DROP_REASONS + CAPTURE + OFFLOAD + WIREGUARD_TRAFFIC + WIREGUARD_DROPS
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
+
+# wireguard: wg_no_session is an inside drop, the others outside drops; handshake messages and
+# keepalives received are outside packets that end in neither a delivery nor a drop, and a
+# keepalive sent is a forwarded datagram that no device read started.
+WIREGUARD_INSIDE_DROPS = ("wg_no_session",)
+WIREGUARD_OUTSIDE_DROPS = tuple(r for r in WIREGUARD_DROPS if r not in WIREGUARD_INSIDE_DROPS)
+INSIDE_DROPS = (*(r for r in DROP_REASONS if r.startswith("inside_")), *WIREGUARD_INSIDE_DROPS)
+OUTSIDE_DROPS = (*(r for r in DROP_REASONS if r.startswith("outside_")),
+                 *WIREGUARD_OUTSIDE_DROPS)
+OUTSIDE_CONSUMED = ("wg_handshake_messages", "wg_keepalives_received")
+ANSWERED_DROPS = ("inside_no_route", "inside_local_destination", "inside_ttl_expired",
+                  "inside_too_big")
+INSIDE_IDENTITY = ("inside_packets == inside drops + forwarded_packets + tx_error"
+                   " - flooded_copies + flooded_frames - wg_keepalives_sent")
+OUTSIDE_IDENTITY = ("outside_packets == delivered_packets + device_write_error + outside drops"
+                    " + wg_handshake_messages + wg_keepalives_received")
+ICMP_IDENTITY = ("icmp_sent + icmp_rate_limited + icmp_write_error <= inside_no_route"
+                 " + inside_local_destination + inside_ttl_expired + inside_too_big")
+
+
+def identity_violations(counters: Mapping[str, int],
+                        peer_counters: Sequence[Sequence[int]] | None = None) -> list[str]:
+    """The counter identities README.md states ("Counter identities"), each that does not
+    hold, written out with its values; [] when all hold. ``peer_counters`` (the forwarder's
+    (tx_packets, tx_bytes, rx_packets, rx_bytes) per peer) adds the per-peer identities, which
+    hold while no peer has left the map (a leaving peer takes its counts with it)."""
+    c = {name: int(counters.get(name, 0)) for name in COUNTER_NAMES}
+    sent = c["forwarded_packets"] + c["tx_error"]
+    # Frames that left: every copy sent or refused, a flood's copies counted as one frame.
+    frames_out = sent - c["flooded_copies"] + c["flooded_frames"] - c["wg_keepalives_sent"]
+    consumed = sum(c[r] for r in OUTSIDE_CONSUMED)
+    checks = [
+        (INSIDE_IDENTITY, c["inside_packets"], sum(c[r] for r in INSIDE_DROPS) + frames_out),
+        (OUTSIDE_IDENTITY, c["outside_packets"],
+         c["delivered_packets"] + c["device_write_error"] + sum(c[r] for r in OUTSIDE_DROPS)
+         + consumed),
+    ]
+    if peer_counters is not None:
+        checks += [
+            ("sum of peer tx_packets == forwarded_packets",
+             sum(p[0] for p in peer_counters), c["forwarded_packets"]),
+            (("sum of peer rx_packets == outside_packets - outside_truncated - unknown_peer"
+              " - wireguard's unauthenticated (handshakes and their drops)"),
+             sum(p[2] for p in peer_counters),
+             c["outside_packets"] - c["outside_truncated"] - c["outside_unknown_peer"]
+             - sum(c[r] for r in WIREGUARD_OUTSIDE_DROPS) - c["wg_handshake_messages"]),
+        ]
+    out = [f"{text}: {left} != {right}" for text, left, right in checks if left != right]
+    answered = sum(c[r] for r in ANSWERED_DROPS)
+    icmp = c["icmp_sent"] + c["icmp_rate_limited"] + c["icmp_write_error"]
+    if icmp > answered:
+        out.append(f"{ICMP_IDENTITY}: {icmp} > {answered}")
+    return out
 
 # Batch sizes are counted in power-of-two buckets: bucket i counts batches of size n with
 # 2**(i-1) < n <= 2**i (bucket 0: n == 1). Empty wake-ups are not counted.

@@ -17,8 +17,10 @@
    capture_dropped. ``drain_capture`` returns the records and empties the buffer. While
    disabled, the cost is one test of ``_capture_on``; while enabled, each batch reads the wall
    clock once on entry and stamps its records with it (the data plane's only clock).
-5. Routed helpers (RoutedForwarderBase): the router part of the inside path (LPM, TTL, ICMP
-   errors under a token bucket, RFC 1812) and the IPv4 checks of the outside path.
+5. Routed helpers (RoutedForwarderBase): the router part of the inside path (martians, LPM,
+   TTL, ICMP errors under a token bucket, RFC 1812) and the IPv4 checks of the outside path
+   (martians - RFC 1812 5.3.7: 0/8, 127/8, 224/4, 240/4, 255.255.255.255 as source or
+   destination - and this host's own addresses as source, before the prefix checks).
 6. Offloads (cext/offload.pxi, twin offload.py), each off unless the constructor asks:
    ``vnet_hdr`` - every device read and write carries a virtio-net header; TCP superpackets
    are cut into segments, laid out back to back with the path's outer-header room in front
@@ -68,11 +70,16 @@ TRANSIENT_RECV_ERRORS: Final = frozenset({
     errno.ENOMEM, errno.EMSGSIZE, errno.ETIMEDOUT, errno.EPROTO,
 })
 
-# A refused UDP GSO send with one of these says the kernel or route cannot do GSO at all (not
-# that this one send failed): stop trying.
+# A refused UDP GSO send: EINVAL (EMSGSIZE on newer kernels) for datagrams larger than
+# GSO_FLOOR says this send did not fit (with IP_PMTUDISC_DONT the kernel refuses a GSO segment
+# larger than the egress MTU, which it would fragment if sent alone): datagrams of that size go
+# to that peer singly until the map changes. These, or EINVAL for datagrams that small (no
+# path MTU is), say the socket or route cannot do GSO at all: stop trying.
 GSO_UNSUPPORTED_ERRORS: Final = frozenset({
     errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP,
 })
+GSO_DID_NOT_FIT_ERRORS: Final = frozenset({errno.EINVAL, errno.EMSGSIZE})
+GSO_FLOOR: Final = 576 - 28
 _GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 _GRO_SIZE: Final = struct.Struct("=i")
 
@@ -102,6 +109,11 @@ _VXLAN_DROP: Final = {
 TX_PACKETS, TX_BYTES, RX_PACKETS, RX_BYTES, RX_ACCEPTED = range(5)
 
 
+def martian(address: int) -> bool:
+    """RFC 1812 5.3.7: 0/8, 127/8, and from 224.0.0.0 up (multicast, 240/4, broadcast)."""
+    return address >> 24 in (0, 127) or address >= 0xE0000000
+
+
 def batch_bucket(n: int) -> int:
     """Histogram bucket of a batch of n >= 1 packets: 2**(i-1) < n <= 2**i."""
     return (n - 1).bit_length()
@@ -113,10 +125,12 @@ class State:
     them (ForwardingTables), so the switched path's SwitchTables builds one too."""
 
     __slots__ = (
+        "host_addresses",
         "local_address",
         "peer_addr",
         "peer_by_ip",
         "peer_counters",
+        "peer_gso_max",
         "peer_keys",
         "peer_mac",
         "peer_mtu",
@@ -127,6 +141,11 @@ class State:
         peers = tables.peers if tables is not None else ()
         routes = getattr(tables, "routes", ())
         local_address = getattr(tables, "local_address", 0)
+        host = frozenset(operator.index(a) for a in getattr(tables, "host_addresses", ()))
+        for address in host:
+            if not 0 <= address <= 0xFFFFFFFF:
+                raise ValueError(f"host_addresses: {address!r} is not a u32 IPv4 address")
+        self.host_addresses: frozenset[int] = host
         self.local_address: int = operator.index(local_address)
         if not 0 <= self.local_address <= 0xFFFFFFFF:
             raise ValueError(f"local_address {local_address!r} is not a u32 IPv4 address")
@@ -145,13 +164,11 @@ class State:
             self.peer_addr.append((ipv4.int_to_addr(ip), port))
             self.peer_by_ip.setdefault(ip, index)  # several ports on one IP: the first wins
         self.routes = RouteTable(routes)
-        for network, prefix_len, target in routes:
-            if target >= len(self.peer_keys):
-                raise ValueError(
-                    f"route {ipv4.int_to_addr(network)}/{prefix_len}: target {target} is not "
-                    f"a peer index (there are {len(self.peer_keys)} peers)"
-                )
+        self.routes.check_targets(len(self.peer_keys))
         self.peer_counters: list[list[int]] = [[0, 0, 0, 0, 0] for _ in self.peer_keys]
+        # UDP GSO: the largest datagram merged into a GSO send to each peer (lowered when a
+        # send of larger ones did not fit).
+        self.peer_gso_max: list[int] = [offload.GSO_MAX_BYTES] * len(self.peer_keys)
 
     def index_map(self, old: State) -> dict[int, int]:
         """Old peer index -> new index, for peers whose (ip, port) is in both generations
@@ -387,7 +404,10 @@ class ForwarderBase:
         a checksum the kernel left to us, or cut a TCP superpacket into segments; each packet
         then goes through ``_inside_one``."""
         ctr = self._counters
+        # A read the offload path refuses is still a read: counted as one inside packet, so
+        # that inside_packets = forwarded + tx_error + the inside drops holds exactly.
         if read_length < offload.VNET_HDR_LEN:
+            ctr[C["inside_packets"]] += 1
             ctr[C["inside_bad_offload"]] += 1
             return
         buf = self._inside_mv
@@ -400,7 +420,7 @@ class ForwarderBase:
             if flags & offload.VNET_F_NEEDS_CSUM:
                 where = csum_start + csum_offset
                 if where + 2 > length:
-                    ctr[C["inside_bad_offload"]] += 1
+                    self._bad_offload(length)
                     return
                 pkt = buf[start:start + length]
                 value = offload.completed_checksum(pkt, csum_start)
@@ -417,7 +437,7 @@ class ForwarderBase:
         prefix = self._OUTER_PREFIX
         need = sum(prefix + len(s) for s in segments) if segments is not None else 0
         if segments is None or need > offload.SEG_ARENA_BYTES:
-            ctr[C["inside_bad_offload"]] += 1
+            self._bad_offload(length)
             return
         if need > offload.SEG_ARENA_BYTES - self._arena_used:
             self._flush(state)          # queued datagrams point into the arena
@@ -434,6 +454,12 @@ class ForwarderBase:
             self._inside_one(state, arena, offset, len(segment))
             offset += len(segment)
 
+    def _bad_offload(self, length: int) -> None:
+        ctr = self._counters
+        ctr[C["inside_packets"]] += 1
+        ctr[C["inside_bytes"]] += length
+        ctr[C["inside_bad_offload"]] += 1
+
     def _queue(self, state: State, buf: memoryview, start: int, end: int, peer: int,
                sock: int) -> None:
         """Hot: queue the datagram ``buf[start:end]`` for ``peer`` on tx socket ``sock``;
@@ -443,7 +469,8 @@ class ForwarderBase:
             last = queue[-1]
             length = end - start
             if (last.open and last.buf is buf and last.end == start and last.peer == peer
-                    and length <= last.segment_size and last.count < offload.GSO_MAX_SEGS
+                    and length <= last.segment_size
+                    and last.segment_size <= state.peer_gso_max[peer] and last.count < offload.GSO_MAX_SEGS
                     and last.end - last.start + length <= offload.GSO_MAX_BYTES):
                 last.end = end
                 last.count += 1
@@ -460,7 +487,7 @@ class ForwarderBase:
                 self._send(state, sock)
 
     @staticmethod
-    def _stage_runs(queue: list[TxEntry]) -> list[TxEntry]:
+    def _stage_runs(state: State, queue: list[TxEntry]) -> list[TxEntry]:
         """UDP GSO for datagrams that do not lie back to back: each run of single datagrams
         to one peer (all of the first one's size, the last may be shorter) is copied into one
         staging buffer and becomes one GSO entry (as the Cython kernel's _stage_runs, which
@@ -472,7 +499,7 @@ class ForwarderBase:
             head = queue[i]
             first = head.end - head.start
             total, j = first, i + 1
-            if head.count == 1:
+            if head.count == 1 and first <= state.peer_gso_max[head.peer]:
                 while j < n and j - i < offload.GSO_MAX_SEGS:
                     nxt = queue[j]
                     size = nxt.end - nxt.start
@@ -502,7 +529,7 @@ class ForwarderBase:
         ctr = self._counters
         queue = self._queues[sock_index]
         if self._gso_on and len(queue) > 1:
-            queue = self._stage_runs(queue)
+            queue = self._stage_runs(state, queue)
         for entry in queue:
             peer = entry.peer
             address = state.peer_addr[peer]
@@ -516,7 +543,10 @@ class ForwarderBase:
                                  socket.MSG_DONTWAIT, address)
                 except OSError as exc:
                     ctr[C["offload_gso_refused"]] += 1
-                    if exc.errno in GSO_UNSUPPORTED_ERRORS:
+                    size = entry.segment_size
+                    if exc.errno in GSO_DID_NOT_FIT_ERRORS and size > GSO_FLOOR:
+                        state.peer_gso_max[peer] = min(state.peer_gso_max[peer], size - 1)
+                    elif exc.errno in GSO_UNSUPPORTED_ERRORS:
                         self._gso_on = False
                 else:
                     ctr[C["offload_gso_sends"]] += 1
@@ -541,20 +571,23 @@ class ForwarderBase:
         self._queues[sock_index].clear()
 
     def _write_device(self, data: memoryview | bytes) -> bool:
-        """Write one packet we made (an ICMP error) or deliver (no vnet_hdr) into the device."""
+        """Write one packet we made (an ICMP error) or deliver (no vnet_hdr) into the device;
+        whether the device took it (the caller counts a refusal)."""
         try:
             if self._vnet_hdr:
                 os.writev(self._dev_fd, [offload.ZERO_VNET_HDR, data])
             else:
                 os.write(self._dev_fd, data)
         except OSError:
-            self._counters[C["device_write_error"]] += 1
             return False
         return True
 
     def _deliver_to_device(self, pkt: memoryview, peer: int) -> None:
         """Hot: write a checked packet/frame from ``peer`` into the device - with vnet_hdr,
-        hand it to the coalescer, written when the outside batch ends."""
+        hand it to the coalescer, written when the outside batch ends. A checksum a kernel
+        VTEP left unfinished is finished first (offload.finish_partial_in_place)."""
+        if offload.finish_partial_in_place(pkt, self._LINK_HEADER_LEN):
+            self._counters[C["offload_checksums_finished"]] += 1
         self._state.peer_counters[peer][RX_ACCEPTED] += 1
         coalescer = self._coalescer
         if coalescer is not None:
@@ -568,6 +601,8 @@ class ForwarderBase:
             self._counters[C["delivered_packets"]] += 1
             if self._capture_on:
                 self._capture(1, peer, pkt)
+        else:
+            self._counters[C["device_write_error"]] += 1
 
     def _flush_device(self) -> None:
         """Write what the coalescer holds; each write counts for the segments in it."""
@@ -616,7 +651,14 @@ class ForwarderBase:
                     return self._recv_failed(error)
                 self._pending_recv_error = error
                 break
-            received.append((nbytes, flags, address, _gro_segment_size(ancdata)))
+            gro_size = _gro_segment_size(ancdata) if cmsg_space else 0
+            if gro_size < 0 or (gro_size == 0 and cmsg_space and flags & socket.MSG_CTRUNC):
+                # No whole UDP_GRO cmsg, and the control message was cut short: the run's
+                # datagram boundaries are unknown, so it is dropped as truncated rather than
+                # handled as one datagram.
+                flags |= socket.MSG_TRUNC
+                gro_size = 0
+            received.append((nbytes, flags, address, gro_size))
         state = self._state
         ctr = self._counters
         for slot, (nbytes, flags, address, gro_size) in enumerate(received):
@@ -679,9 +721,12 @@ class ForwarderBase:
 
 
 def _gro_segment_size(ancdata: list[tuple[int, int, bytes]]) -> int:
-    """The segment size a UDP_GRO control message gives, or 0 when there is none."""
+    """The segment size a UDP_GRO control message gives, 0 when there is none, or -1 when
+    it is too short to hold its int."""
     for level, kind, data in ancdata:
-        if level == socket.SOL_UDP and kind == offload.UDP_GRO and len(data) >= 4:
+        if level == socket.SOL_UDP and kind == offload.UDP_GRO:
+            if len(data) < _GRO_SIZE.size:
+                return -1
             return max(0, _GRO_SIZE.unpack_from(data)[0])
     return 0
 
@@ -725,6 +770,13 @@ class RoutedForwarderBase(ForwarderBase):
         if reason is not None:
             ctr[_INSIDE_DROP[reason]] += 1
             return -1
+        # Martians go nowhere and are never answered (RFC 1812 5.3.7, 4.3.2.7).
+        if martian(ipv4.source(pkt)):
+            ctr[C["inside_martian_source"]] += 1
+            return -1
+        if martian(ipv4.destination(pkt)):
+            ctr[C["inside_martian_destination"]] += 1
+            return -1
         target = state.routes.lookup(ipv4.destination(pkt))
         if target == NO_ROUTE:
             ctr[C["inside_no_route"]] += 1
@@ -762,6 +814,9 @@ class RoutedForwarderBase(ForwarderBase):
         if self._write_device(icmp.build_icmp_error(state.local_address, pkt, icmp_type, code,
                                                     mtu)):
             ctr[C["icmp_sent"]] += 1
+        else:
+            # Not device_write_error: that one counts delivered packets the device refused.
+            ctr[C["icmp_write_error"]] += 1
 
     def _deliver(self, state: State, pkt: memoryview, peer: int) -> None:
         """Hot: check an inner IPv4 packet from ``peer`` and write it into the device."""
@@ -770,8 +825,19 @@ class RoutedForwarderBase(ForwarderBase):
         if reason is not None:
             ctr[_OUTSIDE_DROP[reason]] += 1
             return
-        if state.routes.lookup(ipv4.source(pkt)) != peer:
+        source = ipv4.source(pkt)
+        # Before the prefix checks: a peer owning 0.0.0.0/0 owns every martian too.
+        if martian(source):
+            ctr[C["outside_martian_source"]] += 1
+            return
+        if source in state.host_addresses:
+            ctr[C["outside_local_source"]] += 1
+            return
+        if state.routes.lookup(source) != peer:
             ctr[C["outside_spoofed_source"]] += 1
+            return
+        if martian(ipv4.destination(pkt)):
+            ctr[C["outside_martian_destination"]] += 1
             return
         if state.routes.lookup(ipv4.destination(pkt)) != LOCAL:
             ctr[C["outside_not_for_us"]] += 1

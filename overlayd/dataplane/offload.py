@@ -51,6 +51,9 @@ _ETH_HEADER_LEN: Final = 14
 _IPV4_MIN_HEADER: Final = 20
 _TCP_MIN_HEADER: Final = 20
 _PROTO_TCP: Final = 6
+_PROTO_UDP: Final = 17
+_UDP_HEADER: Final = 8
+_UDP_CSUM_OFFSET: Final = 6
 _MAX_IPV4_TOTAL: Final = 65535
 _IP_MF_AND_OFFSET: Final = 0x3FFF
 _TCP_FIN: Final = 0x01
@@ -109,6 +112,55 @@ def _ipv4_header_checksum(header: bytearray, l2: int, ihl: int) -> None:
     """Recompute, in place, the header checksum of the IPv4 header at ``l2``."""
     header[l2 + 10:l2 + 12] = b"\x00\x00"
     header[l2 + 10:l2 + 12] = checksum(header[l2:l2 + ihl]).to_bytes(2, "big")
+
+
+# --- 6. unfinished checksums on receipt ----------------------------------------------------------
+
+def finish_partial_checksum(packet: bytes | bytearray | memoryview,
+                            l2: int) -> tuple[bytes, bool]:
+    """(``packet`` with an unfinished TCP/UDP checksum finished, whether it was one)."""
+    out = bytearray(packet)
+    done = finish_partial_in_place(out, l2)
+    return bytes(out), done
+
+
+def finish_partial_in_place(packet: memoryview | bytearray, l2: int) -> bool:
+    """Finish, in place, the inner TCP/UDP checksum of a delivered packet (tun: l2 = 0) or
+    frame (tap: l2 = 14) that a kernel VTEP left unfinished: its checksum field holds exactly
+    the folded pseudo-header sum (CHECKSUM_PARTIAL, as a veth or a virtual NIC sends it) and
+    the whole does not verify. Only IPv4, not a fragment, TCP, or UDP with a checksum; whether
+    it did."""
+    n = len(packet)
+    if n < l2 + _IPV4_MIN_HEADER or (l2 and packet[l2 - 2:l2] != _ETHERTYPE_IPV4):
+        return False
+    ip = l2
+    ihl = (packet[ip] & 0x0F) * 4
+    total = int.from_bytes(packet[ip + 2:ip + 4], "big")   # a short frame may carry padding
+    if (packet[ip] >> 4 != 4 or ihl < _IPV4_MIN_HEADER or not ihl <= total <= n - l2
+            or int.from_bytes(packet[ip + 6:ip + 8], "big") & _IP_MF_AND_OFFSET):
+        return False
+    proto = packet[ip + 9]
+    if proto == _PROTO_TCP:
+        where, need = _TCP_CSUM_OFFSET, _TCP_MIN_HEADER
+    elif proto == _PROTO_UDP:
+        where, need = _UDP_CSUM_OFFSET, _UDP_HEADER
+    else:
+        return False
+    length = total - ihl
+    at = ip + ihl + where
+    if length < need:
+        return False
+    field = int.from_bytes(packet[at:at + 2], "big")
+    if proto == _PROTO_UDP and field == 0:
+        return False                        # no checksum at all: nothing to finish
+    if field != fold_add(ones_sum(packet[ip + 12:ip + 20]), proto, length):
+        return False                        # the cheap test, on every delivered packet
+    segment = packet[ip + ihl:ip + total]
+    whole = ones_sum(segment)               # the field holds the pseudo-header sum already
+    if whole == 0xFFFF:
+        return False                        # a finished checksum that happens to look partial
+    packet[at:at + 2] = ((~whole & 0xFFFF) or 0xFFFF).to_bytes(2, "big")
+    return True
 
 
 # --- 2. TCP segmentation of a TSO superpacket --------------------------------------------------
@@ -202,12 +254,13 @@ def _tcp_flow(packet: bytes, l2: int) -> bytes | None:
 class _Segment:
     """What a coalescable packet brings to an item."""
 
-    __slots__ = ("headers", "match", "payload_len", "psh", "seq")
+    __slots__ = ("headers", "ident", "match", "payload_len", "psh", "seq")
 
-    def __init__(self, headers: int, match: bytes, seq: int, payload_len: int,
+    def __init__(self, headers: int, match: bytes, ident: int, seq: int, payload_len: int,
                  psh: bool) -> None:
         self.headers = headers          # l2 + 20 + doff*4: where the payload starts
         self.match = match              # what must equal between merged segments
+        self.ident = ident              # IPv4 id: must count up along a run
         self.seq = seq
         self.payload_len = payload_len
         self.psh = psh
@@ -215,8 +268,9 @@ class _Segment:
 
 def _coalescable(packet: bytes, l2: int) -> _Segment | None:
     """A TCP packet (see _tcp_flow) that may be merged with its neighbours: IHL 5, not a
-    fragment, total length right, a whole TCP header, payload, ACK or ACK|PSH only, right
-    TCP checksum."""
+    fragment, total length and header checksum right, a whole TCP header, payload, ACK or
+    ACK|PSH only, right TCP checksum: what the kernel's GRO would merge. A bad IPv4 header
+    checksum must reach the device as it came: merging would rewrite it."""
     n = len(packet)
     ip = l2
     tcp = ip + _IPV4_MIN_HEADER
@@ -233,6 +287,8 @@ def _coalescable(packet: bytes, l2: int) -> _Segment | None:
     flags = packet[tcp + 13]
     if flags not in (_TCP_ACK, _TCP_ACK | _TCP_PSH):
         return None
+    if ones_sum(packet[ip:tcp]) != 0xFFFF:
+        return None
     if fold_add(_pseudo_header_sum(packet[ip:], n - tcp), ones_sum(packet[tcp:])) != 0xFFFF:
         return None
     match = (packet[ip + 1:ip + 2] + packet[ip + 8:ip + 9]    # TOS, TTL
@@ -241,15 +297,16 @@ def _coalescable(packet: bytes, l2: int) -> _Segment | None:
              + packet[tcp + 8:tcp + 12]                       # ack
              + packet[tcp + 14:tcp + 16]                      # window
              + packet[tcp + _TCP_MIN_HEADER:headers])         # options
-    return _Segment(headers, match, int.from_bytes(packet[tcp + 4:tcp + 8], "big"),
-                    n - headers, bool(flags & _TCP_PSH))
+    return _Segment(headers, match, int.from_bytes(packet[ip + 4:ip + 6], "big"),
+                    int.from_bytes(packet[tcp + 4:tcp + 8], "big"), n - headers,
+                    bool(flags & _TCP_PSH))
 
 
 class _Item:
     """One pending write: a packet as it came, or a run of segments of one flow."""
 
-    __slots__ = ("first", "flow", "headers", "match", "mss", "next_seq", "open", "payloads",
-                 "psh", "total_length")
+    __slots__ = ("first", "first_ident", "flow", "headers", "match", "mss", "next_seq", "open",
+                 "payloads", "psh", "total_length")
 
     def __init__(self, packet: bytes, flow: bytes | None, segment: _Segment | None,
                  l2: int) -> None:
@@ -262,13 +319,17 @@ class _Item:
         if segment is not None:
             self.headers = segment.headers
             self.match = segment.match
+            self.first_ident = segment.ident
             self.mss = segment.payload_len
             self.next_seq = (segment.seq + segment.payload_len) & 0xFFFFFFFF
             self.total_length = len(packet) - l2
 
     def take(self, packet: bytes, segment: _Segment) -> bool:
         """Append ``segment`` if it continues this open item; whether it did."""
+        # IPv4 ids must count up from the head's, so the kernel re-cutting the superpacket
+        # gives back exactly the segments that came.
         if (segment.match != self.match or segment.seq != self.next_seq
+                or segment.ident != (self.first_ident + 1 + len(self.payloads)) & 0xFFFF
                 or segment.payload_len > self.mss
                 or self.total_length + segment.payload_len > _MAX_IPV4_TOTAL
                 or len(self.payloads) + 1 >= GRO_MAX_SEGS):

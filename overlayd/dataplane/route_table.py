@@ -76,6 +76,19 @@ class RouteTable:
                 return target
         return NO_ROUTE
 
+    def check_targets(self, npeers: int) -> None:
+        """ValueError naming the first route whose target is not LOCAL or a peer index below
+        ``npeers``. It reads the table lookups read, so no route can slip past it however the
+        table was built (an iterator of routes is consumed by the build)."""
+        for mask, level in self._by_length:
+            length = 32 - (~mask & 0xFFFFFFFF).bit_length()
+            for network, target in level.items():
+                if target >= npeers:
+                    raise ValueError(
+                        f"route {int_to_addr(network)}/{length}: target {target} is not a "
+                        f"peer index (there are {npeers} peers)"
+                    )
+
     def __len__(self) -> int:
         return self._size
 

@@ -36,6 +36,11 @@ class ForwardingTables:
     peers: tuple[PeerEntry, ...] = ()
     # (network, prefix_len, target): target is a peer index, or LOCAL for our own prefixes.
     routes: tuple[tuple[int, int, int], ...] = field(default_factory=tuple)
+    # This host's own IPv4 addresses (underlay and any other it has): never a valid inner
+    # source from a peer. The device has accept_local=1 (our ICMP errors come from our overlay
+    # address), so without this a peer owning a broad prefix could reach local services with
+    # one of them as source (counted as outside_local_source).
+    host_addresses: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

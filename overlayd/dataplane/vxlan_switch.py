@@ -237,6 +237,7 @@ class VxlanSwitchForwarder(ForwarderBase):
         if target >= 0:
             self._queue(state, buf, start - _HDR, end, target, sock)
             return
+        ctr[C["flooded_frames"]] += 1
         ctr[C["flooded_copies"]] += npeers
         for peer in range(npeers):
             self._queue(state, buf, start - _HDR, end, peer, sock)

@@ -111,7 +111,12 @@ def tune_device_sysctls(name: str) -> None:
 
     - accept_local: ICMP errors the data plane writes into the device come from this node's
       overlay address, which is also the device's own address; without this the kernel drops
-      them as martians and `ping -t 1` or PMTU discovery never hear back.
+      them as martians and `ping -t 1` or PMTU discovery never hear back. The kernel has no
+      per-address form of it, so it also lets in packets with any other address of this host
+      as source; the data plane therefore refuses every inner packet from a peer whose source
+      is one of this host's addresses (ForwardingTables.host_addresses, re-read every few
+      seconds: outside_local_source) and every martian (RFC 1812 5.3.7), before the device
+      sees it. What accept_local admits is then only what the data plane itself wrote.
     - disable_ipv6: the overlay is IPv4; IPv6 router solicitations would only be counted drops.
     """
     for path in (f"/proc/sys/net/ipv4/conf/{name}/accept_local",

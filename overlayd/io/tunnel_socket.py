@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import ipaddress
 import socket
+import struct
 
 from overlayd.errors import EX_NOPERM, EX_OSERR, StartupError
 
@@ -40,6 +42,33 @@ def open_tunnel_socket(address: ipaddress.IPv4Address, port: int,
         raise StartupError(f"cannot bind UDP {where}: {exc.strerror}", EX_OSERR) from None
     sock.setblocking(False)
     return sock
+
+
+# A classic BPF program of one instruction, "return 0": accept no datagram (linux/filter.h).
+_DROP_ALL_BPF = struct.pack("=HBBI", 0x06, 0, 0, 0)        # BPF_RET | BPF_K, k = 0
+SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+
+
+def open_tx_socket(address: ipaddress.IPv4Address, buffer_bytes: int) -> socket.socket:
+    """A socket datagrams only leave from (vxlan: one per outer source port). It is never
+    read, yet anyone can send to its port: it takes no datagram at all (a socket filter that
+    drops everything, before the receive queue) and keeps the smallest receive buffer, so no
+    flood can park memory in it until a restart."""
+    sock = open_tunnel_socket(address, 0, buffer_bytes)
+    try:
+        refuse_all_datagrams(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)     # the kernel's minimum
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot make the transmit socket on {address} deaf: "
+                           f"{exc.strerror}", EX_OSERR) from None
+    return sock
+
+
+def refuse_all_datagrams(sock: socket.socket) -> None:
+    program = ctypes.create_string_buffer(_DROP_ALL_BPF)
+    fprog = struct.pack("HL", 1, ctypes.addressof(program))   # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
 def _set_buffers(sock: socket.socket, size: int) -> None:

@@ -40,6 +40,11 @@ class HostSpec:
     # switched vxlan: the tap is a port of a Linux bridge (brvm, created before the daemon
     # starts, with the node's address on it) that VMs plug into: `[device] bridge = "brvm"`.
     vm_bridge: bool = False
+    # A kernel host keeps its links' offloads at the defaults: on a veth the kernel's VXLAN then
+    # sends inner TCP/UDP checksums unfinished (CHECKSUM_PARTIAL), which overlayd must finish.
+    # True: `ethtool -K ul0 tx off` first (the kernel computes them before the veth), as a
+    # tuned host would.
+    kernel_tx_checksum_off: bool = False
 
     @property
     def runs_daemon(self) -> bool:

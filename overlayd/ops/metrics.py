@@ -24,7 +24,7 @@ the name (``_bytes``, ``_seconds``), one ``_info`` gauge per set of descriptive 
 | overlayd_{inside,outside}_{packets,bytes}_total | counter | |
 | overlayd_forwarded_packets_total, overlayd_delivered_packets_total | counter | |
 | overlayd_icmp_errors_sent_total | counter | |
-| overlayd_flooded_copies_total, overlayd_fdb_full_total, overlayd_fdb_port_full_total | counter | (switched vxlan) |
+| overlayd_flooded_{copies,frames}_total, overlayd_fdb_full_total, overlayd_fdb_port_full_total | counter | (switched vxlan) |
 | overlayd_drops_total | counter | reason (every reason the data plane counts) |
 | overlayd_peers, overlayd_routes, overlayd_fdb_entries | gauge | |
 | overlayd_batch_size_packets | histogram | direction (inside, outside) |
@@ -72,6 +72,8 @@ TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
     "flooded_copies": ("overlayd_flooded_copies",
                        ("Datagrams sent by head-end replication (switched: broadcast, multicast, "
                        "unknown destination).")),
+    "flooded_frames": ("overlayd_flooded_frames",
+                       "Frames from the tap flooded to every peer (each sent as flooded_copies)."),
     "fdb_full": ("overlayd_fdb_full",
                  "New MACs not learned because the FDB was at its cap (the frame still went)."),
     "fdb_port_full": ("overlayd_fdb_port_full",
@@ -97,6 +99,9 @@ TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
                                  "TCP superpackets written to the device (coalesced segments)."),
     "offload_coalesced_segments": ("overlayd_offload_coalesced_segments",
                                    "Segments written inside coalesced superpackets."),
+    "offload_checksums_finished": ("overlayd_offload_checksums_finished",
+                                   ("Delivered TCP/UDP checksums a kernel VTEP left unfinished "
+                                    "(the pseudo-header sum only), finished before the write.")),
     "wg_handshake_messages": ("overlayd_wireguard_handshake_messages",
                               "WireGuard handshake messages (MAC1 valid) queued for Python."),
     "wg_keepalives_sent": ("overlayd_wireguard_keepalives_sent",

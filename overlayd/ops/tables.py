@@ -181,12 +181,16 @@ def render_offloads(offloads: dict[str, bool], traffic: dict[str, int]) -> str:
     """Which offloads run and how much they merged, e.g. "tso+gso+gro; 1.2k superpackets ..."."""
     on = [name for key, name in (("vnet_hdr", "tso/csum+coalescing"), ("udp_gso", "udp-gso"),
                                  ("udp_gro", "udp-gro")) if offloads.get(key)]
+    # Checksums a kernel VTEP left unfinished are finished with offloads on or off.
+    finished = traffic.get("offload_checksums_finished", 0)
+    peer_csum = f", {human_count(finished)} peer checksums finished" if finished else ""
     if not on:
-        return "off"
+        return "off" + (f";{peer_csum[1:]}" if peer_csum else "")
     return (f"{' '.join(on)}; {human_count(traffic.get('offload_superpackets', 0))} "
             f"superpackets cut, {human_count(traffic.get('offload_gso_sends', 0))} GSO sends, "
             f"{human_count(traffic.get('offload_gro_receives', 0))} GRO receives, "
-            f"{human_count(traffic.get('offload_coalesced_writes', 0))} coalesced writes")
+            f"{human_count(traffic.get('offload_coalesced_writes', 0))} coalesced writes"
+            f"{peer_csum}")
 
 
 def render_peers(peers: list[dict[str, Any]]) -> str:

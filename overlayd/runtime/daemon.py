@@ -35,7 +35,12 @@ from overlayd.control.subnet_map import SubnetMap
 from overlayd.errors import EX_TEMPFAIL, StartupError
 from overlayd.io import host_network
 from overlayd.io.device import OverlayDevice, tune_device_sysctls
-from overlayd.io.tunnel_socket import enable_udp_gro, open_tunnel_socket, udp_gso_supported
+from overlayd.io.tunnel_socket import (
+    enable_udp_gro,
+    open_tunnel_socket,
+    open_tx_socket,
+    udp_gso_supported,
+)
 from overlayd.rate_limited_log import RateLimitedLog
 from overlayd.runtime.wireguard import (
     WG_TICK_SECONDS,
@@ -51,6 +56,7 @@ ICMP_REFILL_SECONDS = 0.1     # token bucket granularity for ICMP errors
 HEALTH_CHECK_SECONDS = 1.0    # how often the device's existence is checked
 FDB_TICK_SECONDS = 0.5        # switched: MAC ageing (the clock is also set before each batch)
 ADDRESS_WAIT_SLICE_SECONDS = 5.0   # while waiting for the public IP: STATUS= refreshed this often
+HOST_ADDRESSES_SECONDS = 5.0  # routed: how often this host's own addresses are re-read
 
 
 def kernel_routes(smap: SubnetMap, view: LocalView) -> set[ipaddress.IPv4Network]:
@@ -80,6 +86,9 @@ class Daemon:
         self.kernels = kernels
         self.implementation = implementation
         self.view: LocalView | None = None
+        # This host's IPv4 addresses: never an inner source from a peer (the device has
+        # accept_local=1, see io/device.py), re-read every HOST_ADDRESSES_SECONDS.
+        self.host_addresses: tuple[ipaddress.IPv4Address, ...] = ()
         self.tun: OverlayDevice | None = None
         self.sock: socket.socket | None = None
         self.tx_socks: list[socket.socket] = []   # vxlan: outer source ports by flow hash
@@ -116,7 +125,8 @@ class Daemon:
         me = find_local_node(self.smap, self.source.location, self.source.node_name,
                              (h.address for h in addresses))
         underlay_mtu = self._underlay_mtu(me.public_ip, addresses)
-        self.view = build_local_view(self.smap, me, underlay_mtu)
+        self.host_addresses = tuple(sorted(h.address for h in addresses))
+        self.view = build_local_view(self.smap, me, underlay_mtu, self.host_addresses)
         bind = self.config.bind_address or me.public_ip
         backend = self.smap.backend
         wg_keys = None
@@ -132,7 +142,7 @@ class Daemon:
             # RFC 7348 wants the outer source port to follow the inner flow; one socket has one
             # port, so datagrams leave from a small pool of sockets on kernel-chosen ephemeral
             # ports, picked per packet by flow hash. Receiving stays on the VXLAN port.
-            self.tx_socks = [open_tunnel_socket(bind, 0, self.config.socket_buffer_bytes)
+            self.tx_socks = [open_tx_socket(bind, self.config.socket_buffer_bytes)
                              for _ in range(self.config.tx_sockets)]
         self.tun = OverlayDevice(self.config.device_name, "tap" if backend.switched else "tun",
                                  persist=self.config.keep_device, offload=self.config.offloads)
@@ -276,6 +286,7 @@ class Daemon:
             self._every(FDB_TICK_SECONDS, self._fdb_tick)
         else:
             self._every(ICMP_REFILL_SECONDS, self._refill_icmp)
+            self._every(HOST_ADDRESSES_SECONDS, self._refresh_host_addresses)
         if self.wireguard is not None:
             self._every(WG_TICK_SECONDS, self.wireguard.tick)
         self._every(HEALTH_CHECK_SECONDS, self._check_health)
@@ -339,6 +350,23 @@ class Daemon:
         rate = self.config.icmp_rate_per_second
         self.forwarder.add_icmp_tokens(max(1, int(rate * ICMP_REFILL_SECONDS)), rate)
 
+    def _refresh_host_addresses(self) -> None:
+        """An address added to this host (a new interface, a container bridge) is refused as
+        an inner source within seconds: the tables are swapped when the set changed."""
+        assert self.view is not None
+        try:
+            current = tuple(sorted(h.address for h in host_network.host_addresses()))
+        except Exception as exc:  # noqa: BLE001 - keep the last set; the next tick retries
+            self._ratelimited.warning("host-addresses", "reading this host's addresses "
+                                      "failed (the last set stays in force): %s", exc)
+            return
+        if current == self.host_addresses:
+            return
+        self.host_addresses = current
+        underlay = self.view.device_mtu + self.smap.backend.overhead
+        self.view = build_local_view(self.smap, self.view.node, underlay, current)
+        self.forwarder.set_tables(self._tables(self.view))
+
     def _fdb_tick(self) -> None:
         now = time.monotonic()
         self.forwarder.set_now(now)
@@ -385,7 +413,7 @@ class Daemon:
             log.error("map reload (%s): %s", why, self.map_error)
             return False
         underlay = self.view.device_mtu + self.smap.backend.overhead
-        view = build_local_view(smap, me, underlay)
+        view = build_local_view(smap, me, underlay, self.host_addresses)
         try:
             self.forwarder.set_tables(self._tables(view))     # the one-step swap
         except ValueError as exc:   # e.g. more pinned MACs than fdb_max_entries
