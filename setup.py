@@ -14,7 +14,9 @@ if os.environ.get("OVERLAYD_NO_CYTHON") != "1":
     from setuptools import Extension
 
     ext_modules = cythonize(
-        [Extension("overlayd._dataplane", ["cext/_dataplane.pyx"], extra_compile_args=["-O2"])],
+        [Extension("overlayd._dataplane", ["cext/_dataplane.pyx"], extra_compile_args=["-O2"],
+                   # libcrypto: ChaCha20-Poly1305 and BLAKE2s of the wireguard path
+                   libraries=["crypto"])],
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,

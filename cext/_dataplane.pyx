@@ -2,7 +2,8 @@
 # cython: language_level=3
 """overlayd's compiled data plane: the Cython twins of overlayd/dataplane/*.py.
 
-Exports RouteTable, UdpForwarder, VxlanRoutedForwarder and VxlanSwitchForwarder with the same
+Exports RouteTable, UdpForwarder, VxlanRoutedForwarder, VxlanSwitchForwarder and
+WireguardForwarder with the same
 names and signatures as the pure-Python kernels, plus the C copies of the ICMP builders and the
 VXLAN flow hash (for tests against the twins and independent parsers).
 """
@@ -23,6 +24,7 @@ include "vxlan_common.pxi"
 include "fdb.pxi"
 include "vxlan_routed.pxi"
 include "vxlan_switch.pxi"
+include "wireguard.pxi"
 
 IMPLEMENTATION = "cython"
 LOCAL = LOCAL_C

@@ -63,6 +63,17 @@ cpdef enum:
     CTR_OFFLOAD_COALESCED_WRITES
     CTR_OFFLOAD_COALESCED_SEGMENTS
     CTR_OFFLOAD_CHECKSUMS_FINISHED
+    CTR_WG_HANDSHAKE_MESSAGES
+    CTR_WG_KEEPALIVES_SENT
+    CTR_WG_KEEPALIVES_RECEIVED
+    CTR_WG_BAD_MESSAGE
+    CTR_WG_BAD_MAC1
+    CTR_WG_HANDSHAKE_QUEUE_FULL
+    CTR_WG_UNKNOWN_INDEX
+    CTR_WG_STALE_KEYPAIR
+    CTR_WG_REPLAY
+    CTR_WG_DECRYPT_FAILED
+    CTR_WG_NO_SESSION
     N_COUNTERS
 
 COUNTER_NAMES = (
@@ -124,6 +135,17 @@ COUNTER_NAMES = (
     "offload_coalesced_writes",
     "offload_coalesced_segments",
     "offload_checksums_finished",
+    "wg_handshake_messages",
+    "wg_keepalives_sent",
+    "wg_keepalives_received",
+    "wg_bad_message",
+    "wg_bad_mac1",
+    "wg_handshake_queue_full",
+    "wg_unknown_index",
+    "wg_stale_keypair",
+    "wg_replay",
+    "wg_decrypt_failed",
+    "wg_no_session",
 )
 
 cdef enum:

@@ -45,6 +45,8 @@ cdef enum:
     GSO_FLOOR_C = 576 - 28         # a GSO send of datagrams this small refused with EINVAL:
                                    # no path MTU is that small, the socket cannot do GSO
     STAGE_BYTES_C = 1 << 20        # UDP GSO staging: runs of single datagrams copied together
+    ANY_SOURCE_C = 0x7FFFFFFF      # _outside_peer with any_source: "the path finds the peer"
+    SEAL_TAG_C = 16                # bytes a sealing path appends to each packet (Poly1305 tag)
 
 HEADROOM = HEADROOM_C
 SLOT_SIZE = SLOT_SIZE_C
@@ -219,6 +221,16 @@ cdef dict peer_index_map(const fwd_tables_t *old, const fwd_tables_t *new):
     return out
 
 
+cdef inline void seal_plan(tso_plan_t *p) noexcept nogil:
+    """Room behind each segment for its padding to 16 and its tag, so that sealed full-size
+    segments still lie back to back (one UDP GSO send); the last one may need up to 15 bytes
+    of padding."""
+    cdef uint32_t full = p.hdr + p.mss
+    cdef uint32_t last = p.payload - (p.nseg - 1) * p.mss
+    p.stride += ((full + 15) & ~(<uint32_t>15)) - full + SEAL_TAG_C
+    p.need = <size_t>(p.nseg - 1) * p.stride + p.prefix + p.hdr + last + 15 + SEAL_TAG_C
+
+
 cdef inline int32_t peer_by_ip(const fwd_tables_t *t, uint32_t ip) noexcept nogil:
     # lower_bound, so among peers sharing an IP the lowest index answers, like the twin's dict.
     cdef int32_t lo = 0, hi = t.npeers, mid
@@ -309,6 +321,11 @@ cdef class _ForwarderBase:
     cdef uint32_t cap_n
     cdef uint32_t cap_used
     cdef double cap_time       # wall clock at the start of the running batch (capture on)
+    # wireguard: datagrams are accepted from any source (the path authenticates them by key)
+    # and each sealed packet grows by padding and a tag, so segments need room behind them too
+    cdef bint any_source
+    cdef const sockaddr_in *rx_from    # any_source: the source of the datagram being handled
+    cdef bint seal_tail
 
     def __cinit__(self, *args, **kwargs):
         self.in_buf = NULL
@@ -610,8 +627,12 @@ cdef class _ForwarderBase:
             self._inside_one(t, pkt, n)
             return
         if (gso_type != VNET_GSO_TCPV4_C
-                or tso_plan(&plan, pkt, n, self.l2_len, h.gso_size, self.encap_len) < 0
-                or plan.need > SEG_ARENA_BYTES_C):
+                or tso_plan(&plan, pkt, n, self.l2_len, h.gso_size, self.encap_len) < 0):
+            self._bad_offload(n)
+            return
+        if self.seal_tail:
+            seal_plan(&plan)
+        if plan.need > SEG_ARENA_BYTES_C:
             self._bad_offload(n)
             return
         if plan.need > SEG_ARENA_BYTES_C - self.arena_used:
@@ -887,11 +908,16 @@ cdef class _ForwarderBase:
         cdef msghdr *hdr = &self.rx_msgs[i].msg_hdr
         cdef const sockaddr_in *name = &self.rx_names[i]
         cdef int32_t peer = -1
+        cdef bint ok
         self.ctr[CTR_OUTSIDE_PACKETS] += 1
         self.ctr[CTR_OUTSIDE_BYTES] += n
         if hdr.msg_flags & MSG_TRUNC:
             self.ctr[CTR_OUTSIDE_TRUNCATED] += 1
             return -1
+        if self.any_source:
+            ok = hdr.msg_namelen >= sizeof(sockaddr_in) and name.sin_family == AF_INET
+            self.rx_from = name if ok else NULL
+            return ANY_SOURCE_C
         if hdr.msg_namelen >= sizeof(sockaddr_in) and name.sin_family == AF_INET:
             peer = peer_by_ip(t, ntohl(name.sin_addr.s_addr))
         if peer < 0:

@@ -1,4 +1,4 @@
-"""Command line: `overlayd run|check|demo|net` and `--version`.
+"""Command line: `overlayd run|check|keys|demo|net` and `--version`.
 
 Every failure the operator can cause ends in one clear line on stderr and a sysexits status
 (78 for a config error, so systemd does not restart a broken config), never a traceback.
@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="etcd source: also say whether etcd answers and whether the "
                             "network config there is valid")
 
+    keys = sub.add_parser("keys", help="print this node's WireGuard public key (creating its "
+                                       "private key file on first use)")
+    keys.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="daemon config (TOML)")
+
     from overlayd import demo
     demo_p = sub.add_parser("demo", help="build a 3-host overlay in namespaces and show it working")
     demo.add_arguments(demo_p)
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(Path(args.config))
         if args.command == "check":
             return cmd_check(Path(args.config), args.any_host, args.connect)
+        if args.command == "keys":
+            return cmd_keys(Path(args.config))
         if args.command in ops_commands.COMMANDS:
             return ops_commands.run(args)
         if args.command == "net":
@@ -126,6 +132,18 @@ def cmd_check(path: Path, any_host: bool, connect: bool = False) -> int:
     return 0
 
 
+def cmd_keys(path: Path) -> int:
+    """The public key to put into the map as this node's ``public_key``. Reads only the daemon
+    config: the map cannot be complete before this node's key exists."""
+    from overlayd.control.config import parse_config
+    from overlayd.control.problems import read_toml
+    from overlayd.runtime.wireguard import public_key_text
+
+    config, problems = parse_config(read_toml(path), path)
+    if config is None or config.wireguard is None:
+        raise ConfigError(problems)
+    print(public_key_text(config.wireguard, path))
+    return 0
 def vtep_table(smap: SubnetMap) -> str:
     """Every node's VTEP MAC, what a kernel VTEP (flannel.1) on another host must be told."""
     from overlayd.control.subnet_map import derive_vtep_mac

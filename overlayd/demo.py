@@ -40,6 +40,7 @@ BACKENDS: dict[str, tuple[str, dict[str, object]]] = {
     "udp": ("udp", {}),
     "vxlan": ("vxlan", {}),                                 # routed, flannel.1 compatible
     "vxlan-switched": ("vxlan", {"mode": "switched"}),      # one L2 segment over taps
+    "wireguard": ("wireguard", {}),                         # WireGuard's protocol: encrypted
 }
 WARMUP_TRIES = 5          # pings per pair until the first answer (ARP, daemons settling)
 
@@ -186,6 +187,7 @@ def _run(lab: Lab, args: argparse.Namespace) -> bool:
         _say(f"== ping across the overlay ({args.pings} per ordered pair)")
         rtts = _ping_matrix(lab, args.pings)
         _print_matrix(lab, rtts)
+        sealed_ok = _encryption_story(lab) if lab.backend == "wireguard" else True
 
         src, dst = lab.hosts[0], lab.hosts[-1]
         _say(f"== TCP transfer {src.name} ({src.overlay_ip}) -> {dst.name} ({dst.overlay_ip}),"
@@ -222,14 +224,41 @@ def _run(lab: Lab, args: argparse.Namespace) -> bool:
         ("stop", f"all exit 0 in {stop_s:.1f}s, devices removed" if stop_ok
          else f"exit codes {codes}, devices left {leftovers}", stop_ok),
     ]
+    if lab.backend == "wireguard":
+        rows.insert(2, ("sealed", "a marker reached the overlay device, never the underlay in clear"
+                        if sealed_ok else "plaintext seen on the underlay", sealed_ok))
     if hasattr(lab, "etcdctl"):
         rows.insert(1, ("join", "a new host claimed a subnet in etcd and every host reached it"
                         if joined_ok else "a new host was NOT reached by every host", joined_ok))
     for name, detail, ok in rows:
         _say(f"   {name:<6} {'PASS' if ok else 'FAIL'}  {detail}")
-    passed = pings_ok and transfer_ok and stop_ok and joined_ok
+    passed = pings_ok and transfer_ok and stop_ok and joined_ok and sealed_ok
     _say(f"== {'PASS' if passed else 'FAIL'}")
     return passed
+
+
+def _encryption_story(lab: Lab) -> bool:
+    """wireguard: each host's sessions, then a marker pinged across the overlay, looked for on
+    the receiver's overlay device (it must be there) and its underlay (it must not be)."""
+    import os
+
+    _say("== WireGuard sessions (overlayd peers)")
+    for host in lab:
+        rows = lab.control(host, "peers")
+        parts = [f"{r['name']} via {r['wireguard']['endpoint']} "
+                 f"({r['wireguard']['handshakes']} handshake(s))" for r in rows]
+        _say(f"   {host.name}: {', '.join(parts)}")
+    src, dst = lab.hosts[0], lab.hosts[-1]
+    mark = os.urandom(16)
+    ping = ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "1", "-p", mark.hex(),
+            str(dst.overlay_ip)]
+    seen = {}
+    for iface in (lab.device, "ul0"):
+        seen[iface] = lab.count_arrivals(
+            dst, mark, lambda: lab.exec(src, ping, timeout_s=10, check=False), iface=iface)
+    _say(f"== a marker in pings {src.name} -> {dst.name}: on {dst.name}'s {lab.device} "
+         f"{seen[lab.device]} packet(s), on its underlay ul0 {seen['ul0']} (sealed)")
+    return seen[lab.device] > 0 and seen["ul0"] == 0
 
 
 def _etcd_story(lab: Lab) -> bool:

@@ -369,7 +369,7 @@ def test_bad_leases_are_counted_skips_never_a_crash_or_a_torn_table() -> None:
     (None, "is missing"),
     (b"{not json", "not JSON"),
     (b'{"Network": "10.50.0.0/16", "SubnetLen": 15}', "SubnetLen"),
-    (b'{"Network": "10.50.0.0/16", "Backend": {"Type": "wireguard"}}', "Type"),
+    (b'{"Network": "10.50.0.0/16", "Backend": {"Type": "host-gw"}}', "Type"),
 ])
 def test_missing_or_invalid_network_config_waits_reports_and_recovers(raw: bytes | None,
                                                                       why: str) -> None:

@@ -35,25 +35,30 @@ def test_byte_counts(text: str, value: int) -> None:
 
 
 @netns_required
-@pytest.mark.parametrize("backend", ["udp", "vxlan-switched"])
+@pytest.mark.parametrize("backend", ["udp", "vxlan-switched", "wireguard"])
 def test_demo_runs_and_leaves_nothing(capsys: pytest.CaptureFixture[str], backend: str) -> None:
     before = own_namespaces()
     assert demo.main(["--hosts", "2", "--bytes", "5M", "--pings", "1",
                       "--backend", backend]) == 0
     out = capsys.readouterr().out
     assert "== PASS" in out and "sha256 matches" in out
+    if backend == "wireguard":
+        assert "sealed PASS" in out and "on its underlay ul0 0 (sealed)" in out
     assert own_namespaces() == before
 
 
 @netns_required
 @pytest.mark.skipif(shutil.which("etcd") is None and not os.path.exists("/usr/bin/etcd"),
                     reason="etcd-server is not installed")
+@pytest.mark.parametrize("backend", ["vxlan", "wireguard"])
 def test_demo_with_etcd_claims_subnets_and_a_joining_host_is_reached(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], backend: str) -> None:
     before = own_namespaces()
     assert demo.main(["--hosts", "2", "--bytes", "1M", "--pings", "1", "--map", "etcd",
-                      "--backend", "vxlan"]) == 0
+                      "--backend", backend]) == 0
     out = capsys.readouterr().out
     assert "== PASS" in out and "join   PASS" in out and "claimed 10.77." in out
+    if backend == "wireguard":      # leases carry each node's key; the joiner is sealed too
+        assert "sealed PASS" in out
     assert "PUBLIC IP" in out                     # `overlayd net leases` listed the claims
     assert own_namespaces() == before

@@ -36,7 +36,12 @@ from overlayd.cli import main as cli_main
 from overlayd.control.config import parse_config
 from overlayd.control.local_node import LocalView, build_local_view
 from overlayd.control.subnet_map import SubnetMap, parse_subnet_map
-from overlayd.dataplane.counters import BATCH_BUCKETS, COUNTER_NAMES, DROP_REASONS
+from overlayd.dataplane.counters import (
+    ALL_DROP_REASONS,
+    BATCH_BUCKETS,
+    COUNTER_NAMES,
+    DROP_REASONS,
+)
 from overlayd.errors import EX_NOPERM, EX_OSERR, EX_UNAVAILABLE, StartupError
 from overlayd.ops import capture, control_socket, health, state, tables
 from overlayd.ops.http_server import LoopBridge, OpsHttpServer
@@ -485,7 +490,7 @@ def test_status_peers_routes_fdb_as_json(control: Control,
     sock = str(control.path)
     status = json.loads(cli(capsys, "status", "--socket", sock, "--json")[1])
     assert status["node"]["name"] == "a" and status["health"]["ready"] is True
-    assert set(status["drops"]) == set(DROP_REASONS)
+    assert set(status["drops"]) == set(ALL_DROP_REASONS)
     peers = json.loads(cli(capsys, "peers", "--socket", sock, "--json")[1])
     assert [p["name"] for p in peers] == ["b", "c"]
     routes = json.loads(cli(capsys, "routes", "--socket", sock, "--json")[1])

@@ -29,6 +29,7 @@ The container, its namespaces and its copy of the tree are removed at the end, a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -52,8 +53,9 @@ ENABLED = os.environ.get("OVERLAYD_NSPAWN_TEST") == "1"
 CACHE = Path(os.environ.get("OVERLAYD_NSPAWN_CACHE", "/var/tmp/overlayd-nspawn"))
 SUITE = "bookworm"
 MIRROR = os.environ.get("OVERLAYD_NSPAWN_MIRROR", "http://deb.debian.org/debian")
-PACKAGES = ("systemd,systemd-sysv,dbus,iproute2,iputils-ping,procps,python3,python3-venv,"
-            "python3-dev,gcc,libc6-dev")
+# What a booted container needs, plus what README's setup command installs (read from README
+# below): the tree then proves that list is enough to build and run overlayd.
+BOOT_PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps", "python3", "libc6-dev")
 # What this machine's pip uses: local mirrors and its CA bundle (absent or harmless elsewhere).
 PIP_MIRRORS = ("/opt/pypi", "/opt/pypi-more", "/opt/wheels", "/etc/xdg/pip", "/etc/ssl/certs")
 UNDERLAY = ("192.168.96.1", "192.168.96.2")     # container, peer
@@ -86,16 +88,30 @@ def run(cmd: list[str], timeout: float, check: bool = True,
     return result
 
 
+def readme_apt_packages() -> list[str]:
+    """The packages README's setup command installs with apt-get."""
+    (line,) = [ln for ln in (REPO / "README.md").read_text().splitlines()
+               if ln.startswith("apt-get update && ")]
+    (install,) = [s.strip() for s in line.split(" && ") if s.strip().startswith("apt-get install")]
+    return [w for w in install.split()[2:] if not w.startswith("-")]
+
+
+def tree_packages() -> str:
+    return ",".join(sorted(set(BOOT_PACKAGES) | set(readme_apt_packages())))
+
+
 def cached_tree() -> Path:
-    """A minimal Debian tree with systemd and a compiler, built once (atomically) and reused."""
-    tree = CACHE / SUITE
+    """A minimal Debian tree with systemd and README's packages, built once (atomically) and
+    reused; its name carries a digest of the package list, so a changed list builds a new one."""
+    packages = tree_packages()
+    tree = CACHE / f"{SUITE}-{hashlib.sha256(packages.encode()).hexdigest()[:12]}"
     if (tree / "usr/lib/systemd/systemd").exists():
         return tree
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = CACHE / f"{SUITE}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, str(partial),
+        run(["debootstrap", "--variant=minbase", f"--include={packages}", SUITE, str(partial),
              MIRROR], timeout=1200)
         partial.rename(tree)
     finally:

@@ -27,7 +27,7 @@ from overlayd.bench.testbed import Testbed
 
 DEFAULT_SUBJECTS = ["kernel-vxlan", "overlayd-udp", "overlayd-vxlan", "overlayd-vxlan-switched",
                     "overlayd-udp-py", "overlayd-vxlan-py", "overlayd-vxlan-switched-py"]
-FOREIGN = ["socat-tun", "tinc-router", "openvpn-tun"]
+FOREIGN = ["socat-tun", "tinc-router", "openvpn-tun", "wireguard-go"]
 COLUMNS = [("tcp1_gbps", "TCP 1 Gbit/s", "{:.2f}"), ("tcpn_gbps", "TCP N Gbit/s", "{:.2f}"),
            ("udp_kpps", "UDP 64B kpps", "{:.0f}"), ("rtt_p50_us", "RTT p50 µs", "{:.0f}"),
            ("rtt_p99_us", "RTT p99 µs", "{:.0f}"), ("cpu_s_per_gb", "daemon CPU s/GB", "{:.2f}")]
@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pings", type=int, default=500, help="pings per round (2 ms apart)")
     parser.add_argument("--foreign", action="store_true",
                         help=f"also run {', '.join(FOREIGN)} with ../shared/bench/run.sh")
+    parser.add_argument("--foreign-peers", nargs="+", default=FOREIGN, metavar="PEER",
+                        help="which of the shared testbed's peers --foreign runs")
     parser.add_argument("--shared-bench", type=Path,
                         default=Path(__file__).resolve().parents[2].parent / "shared" / "bench",
                         help="the shared testbed's directory (for --foreign)")
@@ -67,6 +69,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         results.extend(run_foreign(args, out))
     print()
     print(table(results))
+    cost = encryption_cost(results)
+    if cost:
+        print(f"\n{cost}")
     print(f"\nJSON lines: {out / 'results.jsonl'}")
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
@@ -116,19 +121,20 @@ def run_foreign(args: argparse.Namespace, out: Path) -> list[dict]:
     runner = args.shared_bench / "run.sh"
     if not runner.exists():
         return [{"subject": p, "status": "failed", "error": f"{runner} not found"}
-                for p in FOREIGN]
+                for p in args.foreign_peers]
     run_dir = out / "foreign"
     env = dict(os.environ, REPS=str(args.reps), DURATION=str(args.duration),
                PARALLEL=str(args.streams), UDP_LEN=str(args.udp_len),
                PING_COUNT=str(args.pings), RUN_DIR=str(run_dir))
-    budget = len(FOREIGN) * (args.reps * (3 * args.duration + 30) + 120)
-    subprocess.run(["bash", str(runner), *FOREIGN], env=env, timeout=budget, check=False,
+    peers = list(args.foreign_peers)
+    budget = len(peers) * (args.reps * (3 * args.duration + 30) + 120)
+    subprocess.run(["bash", str(runner), *peers], env=env, timeout=budget, check=False,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     merged = []
     lines = (run_dir / "results.jsonl").read_text().splitlines() if (
         run_dir / "results.jsonl").exists() else []
     by_peer = {json.loads(line).get("peer"): json.loads(line) for line in lines if line.strip()}
-    for peer in FOREIGN:
+    for peer in peers:
         raw = by_peer.get(peer)
         if raw is None or raw.get("status") == "failed":
             merged.append({"subject": peer, "status": "failed",
@@ -146,6 +152,22 @@ def foreign_keys(streams: int, udp_len: int) -> dict[str, str]:
             "udp_kpps": f"udp{udp_len}_rx_kpps", "udp_loss_pct": f"udp{udp_len}_loss_pct",
             "rtt_p50_us": "rtt_p50_us", "rtt_p99_us": "rtt_p99_us",
             "cpu_s_per_gb": "tunnel_cpu_s_per_gb"}
+
+
+def encryption_cost(results: list[dict]) -> str:
+    """What encryption costs: overlayd's wireguard backend over its own udp backend, and
+    against wireguard-go, from the same run."""
+    by = {r["subject"]: r for r in results if r["status"] == "ok"}
+    wg = by.get("overlayd-wireguard")
+    lines = []
+    for other in ("overlayd-udp", "wireguard-go"):
+        base = by.get(other)
+        if wg is None or base is None:
+            continue
+        parts = [f"{label} {wg[key] / base[key]:.2f}×" for key, label, _ in COLUMNS
+                 if wg.get(key) and base.get(key)]
+        lines.append(f"overlayd-wireguard / {other}: " + ", ".join(parts))
+    return "\n".join(lines)
 
 
 def summary_line(r: dict) -> str:

@@ -76,6 +76,7 @@ BACKENDS = {
     "udp": ({"type": "udp"}, 28),
     "vxlan": ({"type": "vxlan", "mode": "routed"}, 50),
     "vxlan-switched": ({"type": "vxlan", "mode": "switched"}, 50),
+    "wireguard": ({"type": "wireguard"}, 60),
 }
 
 
@@ -100,6 +101,9 @@ class Overlayd:
                   "address": self.over_a},
                  {"name": "b", "subnet": "100.64.2.0/24", "public_ip": UNDER_B,
                   "address": self.over_b}]
+        if self.backend == "wireguard":
+            for entry in nodes:
+                entry["public_key"] = write_wireguard_key(workdir / f"{entry['name']}.key")
         (workdir / "map.toml").write_text(configs.dumps(
             configs.subnet_map("100.64.0.0/16", 24, backend, nodes)))
         env = dict(os.environ, OVERLAYD_DATAPLANE=self.implementation)
@@ -107,7 +111,8 @@ class Overlayd:
             doc = configs.daemon_config(
                 node, "map.toml", "ovl0", str(workdir / f"{node}.sock"), "warning",
                 # inner MTU 1450 for every subject: the underlay overlayd plans for is set so
-                configs.merge({"device": {"underlay_mtu": INNER_MTU + overhead}},
+                configs.merge({"device": {"underlay_mtu": INNER_MTU + overhead},
+                               "wireguard": {"private_key_file": f"{node}.key"}},
                               self.config_extra))
             path = workdir / f"{node}.toml"
             path.write_text(configs.dumps(doc))
@@ -126,6 +131,17 @@ class Overlayd:
         for daemon in self.daemons:
             daemon.stop()
         self.daemons = []
+
+
+def write_wireguard_key(path: Path) -> str:
+    """A fresh private key file (0600); its public key, base64, for the map."""
+    from overlayd.control.wg_keys import encode_key
+    from overlayd.control.wg_noise import generate_private_key, public_key
+
+    key = generate_private_key()
+    path.write_text(encode_key(key) + "\n")
+    path.chmod(0o600)
+    return encode_key(public_key(key))
 
 
 def make_subject(name: str) -> KernelVxlan | Overlayd:

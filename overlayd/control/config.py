@@ -80,6 +80,23 @@ class DaemonConfig:
     # At boot the public IP may come later than the daemon: wait this long for it (0: no wait).
     wait_for_address_seconds: float = 120.0
     bridge: str | None = None             # switched: the Linux bridge the tap is a port of
+    wireguard: WireguardConfig | None = None   # backend "wireguard" only (defaults otherwise)
+
+
+@dataclass(frozen=True, slots=True)
+class WireguardConfig:
+    """[wireguard]: this node's keys and the protocol's timers (whitepaper section 6; shorten
+    them only for tests)."""
+
+    private_key_file: Path
+    preshared_key_file: Path | None = None
+    persistent_keepalive_seconds: float = 0.0
+    rekey_after_seconds: float = 120.0
+    reject_after_seconds: float = 180.0
+    rekey_attempt_seconds: float = 90.0
+    rekey_timeout_seconds: float = 5.0
+    keepalive_timeout_seconds: float = 10.0
+    handshakes_per_second_under_load: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +147,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     """Validate a parsed config file; return (config or None, problems)."""
     p = Problems(str(path))
     sections = {"node", "map", "device", "tunnel", "dataplane", "runtime", "log", "metrics",
-                "control", "switch"}
+                "control", "switch", "wireguard"}
     p.unknown_keys(data, sections)
     node = p.table(data, "node")
     p.unknown_keys(node, {"name", "wait_for_address_seconds"}, "node")
@@ -222,6 +239,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     p.unknown_keys(ctl, {"socket"}, "control")
     sock_text = p.string(ctl, "socket", "control",
                          default=f"/run/overlayd/{device_name}.sock")
+    wireguard = _wireguard(p, p.table(data, "wireguard"), path, device_name)
     if p.found:
         return None, list(p.found)
     assert tx_queue_len is not None and sockbuf is not None and batch is not None
@@ -238,8 +256,40 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         static_macs=tuple(static_macs), offloads=bool(offloads), etcd=etcd,
         subnet_env=subnet_env, wait_for_address_seconds=address_wait, bridge=bridge,
         fdb_max_entries_per_port=port_max or 1, mac_move_hold_seconds=move_hold,
-        storm_rate_per_second=storm_rate, storm_burst=storm_burst,
+        storm_rate_per_second=storm_rate, storm_burst=storm_burst, wireguard=wireguard,
     ), []
+
+
+def _wireguard(p: Problems, t: dict[str, Any], path: Path, device: str) -> WireguardConfig:
+    p.unknown_keys(t, {"private_key_file", "preshared_key_file", "persistent_keepalive_seconds",
+                       "rekey_after_seconds", "reject_after_seconds", "rekey_attempt_seconds",
+                       "rekey_timeout_seconds", "keepalive_timeout_seconds",
+                       "handshakes_per_second_under_load"}, "wireguard")
+    key = p.string(t, "private_key_file", "wireguard",
+                   default=f"/var/lib/overlayd/{device}.key") or f"/var/lib/overlayd/{device}.key"
+    psk = p.string(t, "preshared_key_file", "wireguard")
+
+    def seconds(name: str, default: float, low: float = 0.05) -> float:
+        return p.number(t, name, "wireguard", default=default, low=low, high=86400.0)
+
+    wg = WireguardConfig(
+        private_key_file=path.parent / key,
+        preshared_key_file=path.parent / psk if psk else None,
+        persistent_keepalive_seconds=seconds("persistent_keepalive_seconds", 0.0, 0.0),
+        rekey_after_seconds=seconds("rekey_after_seconds", 120.0),
+        reject_after_seconds=seconds("reject_after_seconds", 180.0),
+        rekey_attempt_seconds=seconds("rekey_attempt_seconds", 90.0),
+        rekey_timeout_seconds=seconds("rekey_timeout_seconds", 5.0),
+        keepalive_timeout_seconds=seconds("keepalive_timeout_seconds", 10.0),
+        handshakes_per_second_under_load=p.integer(
+            t, "handshakes_per_second_under_load", "wireguard", default=100, low=0,
+            high=1_000_000) or 0,
+    )
+    if wg.reject_after_seconds <= wg.rekey_after_seconds:
+        p.add("wireguard.reject_after_seconds",
+              f"{wg.reject_after_seconds:g} must be longer than rekey_after_seconds "
+              f"{wg.rekey_after_seconds:g} (a session must be renewed before it is refused)")
+    return wg
 
 
 def _subnet_env(p: Problems, map_t: dict[str, Any], path: Path) -> Path | None:

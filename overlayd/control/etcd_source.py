@@ -74,8 +74,12 @@ class EtcdMapSource:
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  rng: random.Random | None = None,
-                 resync_seconds: float | None = None) -> None:
+                 resync_seconds: float | None = None,
+                 wireguard_public_key: Callable[[], str] | None = None) -> None:
         self.store, self.settings, self.public_ip = store, settings, public_ip
+        # wireguard: our public key for the lease, asked for only on a wireguard network (it
+        # may create the private key file)
+        self.wireguard_public_key = wireguard_public_key
         self.previous_subnet = previous_subnet
         self.clock, self.sleep = clock, sleep
         self.rng = rng or random.Random()
@@ -210,7 +214,7 @@ class EtcdMapSource:
         self._next_try = 0.0
         try:
             await self._keep_lease(now)
-        except NoFreeSubnet as exc:
+        except (NoFreeSubnet, ConfigError) as exc:
             self._retry_later(str(exc), CONFIG_RETRY_SECONDS)
         except StoreError as exc:
             self.contact.failed(str(exc) or type(exc).__name__)
@@ -278,7 +282,16 @@ class EtcdMapSource:
         if network.backend_type == "vxlan":
             return lease_json(self.public_ip, "vxlan", vni=network.vni,
                               vtep_mac=derive_vtep_mac(self.public_ip, network.vni))
+        if network.backend_type == "wireguard":
+            return lease_json(self.public_ip, "wireguard", public_key=self._own_public_key(),
+                              port=network.port)
         return lease_json(self.public_ip, "")     # what flannel's udp backend writes
+
+    def _own_public_key(self) -> str:
+        if self.wireguard_public_key is None:
+            raise ConfigError([Problem(self.location, "Backend.Type",
+                                       "wireguard, but this daemon has no WireGuard key")])
+        return self.wireguard_public_key()
 
     def _read_config(self) -> None:
         key = config_key(self.settings.prefix)
@@ -315,7 +328,8 @@ class EtcdMapSource:
         me = Node(node_name(held.subnet), held.subnet, self.public_ip,
                   held.subnet.network_address, None, (),
                   derive_vtep_mac(self.public_ip, network.vni)
-                  if network.backend_type == "vxlan" else "")
+                  if network.backend_type == "vxlan" else "",
+                  self._own_public_key() if network.backend_type == "wireguard" else "")
         nodes, ips = [me], {self.public_ip}
         subnets = subnets_prefix(self.settings.prefix)
         leases = sorted((kv for key, kv in self.watcher.table.entries.items()
@@ -345,7 +359,8 @@ class EtcdMapSource:
         if network.backend_type == "vxlan":
             vtep = lease.vtep_mac or derive_vtep_mac(lease.public_ip, network.vni)
         return Node(node_name(lease.subnet), lease.subnet, lease.public_ip,
-                    lease.subnet.network_address, None, (), vtep)
+                    lease.subnet.network_address, None, (), vtep, lease.public_key or "",
+                    lease.port)
 
     def _parsed_lease(self, kv: KeyValue) -> Lease | None:
         """Parsed once per (key, revision): a change of one lease re-parses that one only."""

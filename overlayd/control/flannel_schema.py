@@ -24,11 +24,12 @@ from typing import Any
 from overlayd.control.problems import ConfigError, Problem, Problems
 
 DEFAULT_PREFIX = "/coreos.com/network"
-BACKEND_TYPES = ("udp", "vxlan")
+BACKEND_TYPES = ("udp", "vxlan", "wireguard")
 DEFAULT_BACKEND = "udp"              # flannel's default when the config has no Backend
 DEFAULT_VNI = 1                      # flannel's vxlan default (Linux)
 MAX_VNI = 0xFFFF                     # flannel's leases carry the VNI as a uint16
-DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472}   # flannel udp default; vxlan Port 0 = kernel's 8472
+DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472,   # flannel udp default; vxlan Port 0 = kernel's 8472
+                 "wireguard": 51820}
 
 # "10.5.1.0-24", optionally "&fd00:5:1::-64" for a dual-stack lease (flannel's MakeSubnetKey).
 _SUBNET_KEY = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3})-(\d{1,2})(?:&([0-9a-f:]+)-(\d{1,3}))?$")
@@ -36,13 +37,14 @@ _MAC_SEPARATED = re.compile(r"^[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{
 _MAC_DOTTED = re.compile(r"^[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}$")
 
 _CONFIG_FIELDS = ("Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend")
-_BACKEND_FIELDS = ("Type", "Port", "VNI", "Mode")
+_BACKEND_FIELDS = ("Type", "Port", "ListenPort", "VNI", "Mode")   # ListenPort: flannel wireguard
 # overlayd's own Backend key (flannel ignores unknown keys): "switched" makes a vxlan network one
 # L2 segment over tap devices (README: the etcd map, switched mode); "routed" is flannel's vxlan.
 VXLAN_MODES = ("routed", "switched")
 SWITCHED_PORT = 4789                 # IANA's VXLAN port, as a plain kernel VTEP uses
 _LEASE_FIELDS = ("PublicIP", "PublicIPv6", "BackendType", "BackendData")
 _VXLAN_FIELDS = ("VNI", "VtepMAC")
+_WIREGUARD_FIELDS = ("PublicKey", "Port")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,8 @@ class Lease:
     vni: int | None                      # BackendData.VNI (vxlan; old flannel leaves it out)
     vtep_mac: str | None                 # BackendData.VtepMAC, normalised to aa:bb:cc:dd:ee:ff
     ipv6_subnet: ipaddress.IPv6Network | None = None   # dual-stack keys only
+    public_key: str | None = None        # wireguard: BackendData.PublicKey (base64)
+    port: int | None = None              # wireguard: BackendData.Port (None: the network's)
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -166,6 +170,8 @@ def _parse_backend(p: Problems, fields: dict[str, Any]) -> tuple[str, int, int, 
     kind = p.string(backend, "Type", "Backend", default=DEFAULT_BACKEND, choices=BACKEND_TYPES)
     # flannel's vxlan takes Port 0 as "the kernel's default"; udp has no such meaning for 0.
     port = p.integer(backend, "Port", "Backend", low=0 if kind == "vxlan" else 1, high=65535)
+    if port is None and kind == "wireguard":
+        port = p.integer(backend, "ListenPort", "Backend", low=1, high=65535)
     vni = p.integer(backend, "VNI", "Backend", default=DEFAULT_VNI, low=0, high=MAX_VNI)
     mode = p.string(backend, "Mode", "Backend", default="routed", choices=VXLAN_MODES)
     if mode == "switched" and kind != "vxlan":
@@ -209,14 +215,31 @@ def parse_lease(key: str, raw: bytes) -> Lease:
     if not isinstance(backend_type, str):
         p.add("BackendType", f"must be a string, not {_json_kind(backend_type)}")
     vni, vtep_mac = _parse_backend_data(p, fields.get("BackendData"), backend_type == "vxlan")
+    public_key, port = None, None
+    if backend_type == "wireguard":
+        public_key, port = _parse_wireguard_data(p, fields.get("BackendData"))
     p.raise_if_any()
     assert public_ip is not None and isinstance(backend_type, str)
-    return Lease(subnet, public_ip, public_ipv6, backend_type, vni, vtep_mac, ipv6_subnet)
+    return Lease(subnet, public_ip, public_ipv6, backend_type, vni, vtep_mac, ipv6_subnet,
+                 public_key, port)
+
+
+def _parse_wireguard_data(p: Problems, value: object) -> tuple[str | None, int | None]:
+    """flannel's wireguard lease: BackendData {"PublicKey": base64, "Port": optional}."""
+    from overlayd.control.subnet_map import decode_key
+
+    data = _fold(value, _WIREGUARD_FIELDS) if isinstance(value, dict) else {}
+    key = data.get("PublicKey")
+    if not isinstance(key, str) or decode_key(key) is None:
+        p.add("BackendData.PublicKey", "missing or not a WireGuard key (base64 of 32 bytes)")
+        key = None
+    return key, p.integer(data, "Port", "BackendData", low=1, high=65535)
 
 
 def lease_json(public_ip: ipaddress.IPv4Address, backend_type: str, *, vni: int | None = None,
                vtep_mac: str | None = None,
-               public_ipv6: ipaddress.IPv6Address | None = None) -> bytes:
+               public_ipv6: ipaddress.IPv6Address | None = None,
+               public_key: str | None = None, port: int | None = None) -> bytes:
     """A lease value exactly as flannel's json.Marshal(LeaseAttrs) writes it.
 
     backend_type "" with no vni/vtep_mac gives what flannel's udp backend writes.
@@ -233,6 +256,10 @@ def lease_json(public_ip: ipaddress.IPv4Address, backend_type: str, *, vni: int 
         if mac is None:
             raise ValueError(f"{vtep_mac!r} is not a MAC address")
         data["VtepMAC"] = mac
+    if public_key is not None:
+        data["PublicKey"] = public_key
+    if port is not None:
+        data["Port"] = port
     if data:
         attrs["BackendData"] = data
     return _dumps(attrs)

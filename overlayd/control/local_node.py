@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from overlayd.control.problems import ConfigError, Problem
-from overlayd.control.subnet_map import Node, SubnetMap
+from overlayd.control.subnet_map import Node, SubnetMap, decode_key
 from overlayd.dataplane.tables import LOCAL, ForwardingTables, PeerEntry, SwitchTables
 from overlayd.wire.ethernet import parse_mac
 
@@ -62,8 +62,10 @@ def build_local_view(smap: SubnetMap, me: Node, underlay_mtu: int,
                                           for p in me.prefixes]
     for index, peer in enumerate(peers):
         path_mtu = min(underlay_mtu, smap.underlay_mtu_of(peer)) - overhead
-        entries.append(PeerEntry(int(peer.public_ip), smap.backend.port, path_mtu, peer.name,
-                                 parse_mac(peer.vtep_mac) if peer.vtep_mac else b""))
+        entries.append(PeerEntry(int(peer.public_ip), peer.port or smap.backend.port, path_mtu,
+                                 peer.name,
+                                 parse_mac(peer.vtep_mac) if peer.vtep_mac else b"",
+                                 decode_key(peer.public_key) or b""))
         routes.extend((int(p.network_address), p.prefixlen, index) for p in peer.prefixes)
     own = sorted({int(me.public_ip), *(int(a) for a in host_addresses)})
     tables = ForwardingTables(int(me.address), tuple(entries), tuple(routes), tuple(own))

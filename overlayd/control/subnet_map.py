@@ -6,6 +6,8 @@ turns the TOML of a map file into a validated ``SubnetMap``, collecting every pr
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import ipaddress
 import re
@@ -14,15 +16,17 @@ from typing import Any
 
 from overlayd.control.problems import Problems
 
-BACKEND_TYPES = ("udp", "vxlan")
+BACKEND_TYPES = ("udp", "vxlan", "wireguard")
 VXLAN_MODES = ("routed", "switched")
-# flannel's defaults for udp and vxlan (routed, flannel.1 compatible); IANA's 4789 for switched.
-DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472, "vxlan-switched": 4789}
+# flannel's defaults for udp and vxlan (routed, flannel.1 compatible); IANA's 4789 for switched;
+# WireGuard's 51820 (flannel's wireguard backend uses it too).
+DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472, "vxlan-switched": 4789, "wireguard": 51820}
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 DEFAULT_VNI = 1
 DEFAULT_UNDERLAY_MTU = 1500
-# Bytes of outer headers over IPv4 (RFC 768 + RFC 791; VXLAN adds 8 + 14 for RFC 7348 + Ethernet).
-ENCAP_OVERHEAD = {"udp": 28, "vxlan": 50}
+# Bytes of outer headers over IPv4 (RFC 768 + RFC 791; VXLAN adds 8 + 14 for RFC 7348 + Ethernet;
+# WireGuard 16 of transport header + 16 of Poly1305 tag).
+ENCAP_OVERHEAD = {"udp": 28, "vxlan": 50, "wireguard": 60}
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -62,6 +66,8 @@ class Node:
     underlay_mtu: int | None = None                     # None: the network's default
     routes: tuple[ipaddress.IPv4Network, ...] = ()      # extra prefixes reachable through it
     vtep_mac: str = ""                                  # vxlan: MAC of its VTEP ("" for udp)
+    public_key: str = ""                                # wireguard: base64 X25519 public key
+    port: int | None = None                             # its UDP port (None: the backend's)
 
     @property
     def prefixes(self) -> tuple[ipaddress.IPv4Network, ...]:
@@ -122,7 +128,7 @@ def _parse_backend(p: Problems, t: dict[str, Any]) -> Backend:
     kind = p.string(t, "type", "backend", default="udp", choices=BACKEND_TYPES) or "udp"
     mode = p.string(t, "mode", "backend", default="routed", choices=VXLAN_MODES) or "routed"
     for key in ("vni", "mode"):
-        if kind == "udp" and key in t:
+        if kind != "vxlan" and key in t:
             p.add(f"backend.{key}", "only meaningful with type = \"vxlan\"")
     default_port = DEFAULT_PORTS["vxlan-switched" if mode == "switched" else kind]
     port = p.integer(t, "port", "backend", default=default_port, low=1, high=65535)
@@ -134,7 +140,7 @@ def _parse_node(p: Problems, t: dict[str, Any], path: str,
                 network: ipaddress.IPv4Network | None, subnet_len: int | None,
                 backend: Backend) -> tuple[str, Node] | None:
     p.unknown_keys(t, {"name", "subnet", "public_ip", "address", "underlay_mtu", "routes",
-                       "vtep_mac"}, path)
+                       "vtep_mac", "public_key"}, path)
     before = len(p.found)
     name = p.string(t, "name", path, required=True)
     if name is not None and not NODE_NAME.match(name):
@@ -173,18 +179,44 @@ def _parse_node(p: Problems, t: dict[str, Any], path: str,
             p.add(f"{path}.vtep_mac", f"{vtep_mac!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
         elif int(vtep_mac[:2], 16) & 1:
             p.add(f"{path}.vtep_mac", f"{vtep_mac} is a multicast MAC; a VTEP needs a unicast one")
+    public_key = _public_key(p, t, path, backend)
     if len(p.found) != before or name is None or subnet is None or public_ip is None:
         return None
     if backend.type == "vxlan" and vtep_mac is None:
         vtep_mac = derive_vtep_mac(public_ip, backend.vni)
     return path, Node(name, subnet, public_ip, address or subnet.network_address, underlay_mtu,
-                      tuple(routes), vtep_mac or "")
+                      tuple(routes), vtep_mac or "", public_key)
+
+
+def _public_key(p: Problems, t: dict[str, Any], path: str, backend: Backend) -> str:
+    """A node's WireGuard public key: required with the wireguard backend, refused without."""
+    text = p.string(t, "public_key", path, required=backend.type == "wireguard")
+    if text is None:
+        return ""
+    if backend.type != "wireguard":
+        p.add(f"{path}.public_key", "only meaningful with backend type = \"wireguard\"")
+        return ""
+    if decode_key(text) is None:
+        p.add(f"{path}.public_key", f"{text!r} is not a WireGuard key (44 characters of "
+                                    "base64, as `wg pubkey` or `overlayd keys` print)")
+        return ""
+    return text
+
+
+def decode_key(text: str) -> bytes | None:
+    """The 32 bytes of a base64 WireGuard key, or None if it is not one."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == 32 else None
 
 
 def _check_unique(p: Problems, nodes: list[tuple[str, Node]]) -> None:
     """Names and public IPs are unique; no two nodes' subnets overlap; no prefix is claimed twice."""
     names: dict[str, str] = {}
     macs: dict[str, str] = {}
+    keys: dict[str, str] = {}
     ips: dict[ipaddress.IPv4Address, str] = {}
     prefixes: dict[ipaddress.IPv4Network, str] = {}
     subnets: list[tuple[ipaddress.IPv4Network, str]] = []
@@ -196,6 +228,9 @@ def _check_unique(p: Problems, nodes: list[tuple[str, Node]]) -> None:
             p.add(f"{path}.vtep_mac", f"duplicate VTEP MAC {node.vtep_mac} "
                                       f"(also {macs[node.vtep_mac]})")
         macs.setdefault(node.vtep_mac, path)
+        if node.public_key and node.public_key in keys:
+            p.add(f"{path}.public_key", f"duplicate public key (also {keys[node.public_key]})")
+        keys.setdefault(node.public_key, path)
         if node.public_ip in ips:
             p.add(f"{path}.public_ip", f"duplicate public IP {node.public_ip} "
                                        f"(also {ips[node.public_ip]})")

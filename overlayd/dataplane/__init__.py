@@ -8,7 +8,7 @@ Which implementation runs is chosen once, at import, by ``OVERLAYD_DATAPLANE``:
 - ``python``: the pure-Python twins (tests run the whole suite once more this way).
 
 Both implementations expose the same names with the same signatures: RouteTable, UdpForwarder,
-VxlanRoutedForwarder, VxlanSwitchForwarder.
+VxlanRoutedForwarder, VxlanSwitchForwarder, WireguardForwarder.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from overlayd.dataplane.tables import (
     SwitchTables,
 )
 
-KERNELS = ("RouteTable", "UdpForwarder", "VxlanRoutedForwarder", "VxlanSwitchForwarder")
+KERNELS = ("RouteTable", "UdpForwarder", "VxlanRoutedForwarder", "VxlanSwitchForwarder",
+           "WireguardForwarder")
 
 __all__ = [
     "IMPLEMENTATION", "KERNELS", "LOCAL", "NO_ROUTE", "ForwardingTables", "PeerEntry",
     "RouteTable", "SwitchTables", "UdpForwarder", "VxlanRoutedForwarder",
-    "VxlanSwitchForwarder", "load_implementation",
+    "VxlanSwitchForwarder", "WireguardForwarder", "load_implementation",
 ]
 
 

@@ -101,16 +101,43 @@ OFFLOAD = (
                                    # (the pseudo-header sum only), finished before the write
 )
 
-COUNTER_NAMES = TRAFFIC + DROP_REASONS + CAPTURE + OFFLOAD
+# WireGuard (backend type "wireguard"): what went through, then why datagrams were dropped.
+WIREGUARD_TRAFFIC = (
+    "wg_handshake_messages",       # handshake messages (MAC1 right) queued for the control plane
+    "wg_keepalives_sent",          # empty transport messages sent (timers, session confirmation)
+    "wg_keepalives_received",      # empty transport messages received and authenticated
+)
+WIREGUARD_DROPS = (
+    "wg_bad_message",              # not a WireGuard message: unknown type, wrong length, reserved
+    "wg_bad_mac1",                 # a handshake message whose MAC1 is not keyed for us
+    "wg_handshake_queue_full",     # more handshake messages in one batch than the queue holds
+    "wg_unknown_index",            # a transport message for no keypair of ours
+    "wg_stale_keypair",            # ... for a keypair past REJECT_AFTER_TIME
+    "wg_replay",                   # ... whose counter was seen or is behind the replay window
+    "wg_decrypt_failed",           # ... that does not authenticate (forged or corrupted)
+    "wg_no_session",               # inside: no usable keypair for the peer yet (handshake asked)
+)
+# Every drop reason, exported as overlayd_drops_total{reason=...}.
+ALL_DROP_REASONS = DROP_REASONS + WIREGUARD_DROPS
+
+COUNTER_NAMES = TRAFFIC + DROP_REASONS + CAPTURE + OFFLOAD + WIREGUARD_TRAFFIC + WIREGUARD_DROPS
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 
-INSIDE_DROPS = tuple(r for r in DROP_REASONS if r.startswith("inside_"))
-OUTSIDE_DROPS = tuple(r for r in DROP_REASONS if r.startswith("outside_"))
+# wireguard: wg_no_session is an inside drop, the others outside drops; handshake messages and
+# keepalives received are outside packets that end in neither a delivery nor a drop, and a
+# keepalive sent is a forwarded datagram that no device read started.
+WIREGUARD_INSIDE_DROPS = ("wg_no_session",)
+WIREGUARD_OUTSIDE_DROPS = tuple(r for r in WIREGUARD_DROPS if r not in WIREGUARD_INSIDE_DROPS)
+INSIDE_DROPS = (*(r for r in DROP_REASONS if r.startswith("inside_")), *WIREGUARD_INSIDE_DROPS)
+OUTSIDE_DROPS = (*(r for r in DROP_REASONS if r.startswith("outside_")),
+                 *WIREGUARD_OUTSIDE_DROPS)
+OUTSIDE_CONSUMED = ("wg_handshake_messages", "wg_keepalives_received")
 ANSWERED_DROPS = ("inside_no_route", "inside_local_destination", "inside_ttl_expired",
                   "inside_too_big")
 INSIDE_IDENTITY = ("inside_packets == inside drops + forwarded_packets + tx_error"
-                   " - flooded_copies + flooded_frames")
-OUTSIDE_IDENTITY = "outside_packets == delivered_packets + device_write_error + outside drops"
+                   " - flooded_copies + flooded_frames - wg_keepalives_sent")
+OUTSIDE_IDENTITY = ("outside_packets == delivered_packets + device_write_error + outside drops"
+                    " + wg_handshake_messages + wg_keepalives_received")
 ICMP_IDENTITY = ("icmp_sent + icmp_rate_limited + icmp_write_error <= inside_no_route"
                  " + inside_local_destination + inside_ttl_expired + inside_too_big")
 
@@ -124,19 +151,23 @@ def identity_violations(counters: Mapping[str, int],
     c = {name: int(counters.get(name, 0)) for name in COUNTER_NAMES}
     sent = c["forwarded_packets"] + c["tx_error"]
     # Frames that left: every copy sent or refused, a flood's copies counted as one frame.
-    frames_out = sent - c["flooded_copies"] + c["flooded_frames"]
+    frames_out = sent - c["flooded_copies"] + c["flooded_frames"] - c["wg_keepalives_sent"]
+    consumed = sum(c[r] for r in OUTSIDE_CONSUMED)
     checks = [
         (INSIDE_IDENTITY, c["inside_packets"], sum(c[r] for r in INSIDE_DROPS) + frames_out),
         (OUTSIDE_IDENTITY, c["outside_packets"],
-         c["delivered_packets"] + c["device_write_error"] + sum(c[r] for r in OUTSIDE_DROPS)),
+         c["delivered_packets"] + c["device_write_error"] + sum(c[r] for r in OUTSIDE_DROPS)
+         + consumed),
     ]
     if peer_counters is not None:
         checks += [
             ("sum of peer tx_packets == forwarded_packets",
              sum(p[0] for p in peer_counters), c["forwarded_packets"]),
-            ("sum of peer rx_packets == outside_packets - outside_truncated - unknown_peer",
+            (("sum of peer rx_packets == outside_packets - outside_truncated - unknown_peer"
+              " - wireguard's unauthenticated (handshakes and their drops)"),
              sum(p[2] for p in peer_counters),
-             c["outside_packets"] - c["outside_truncated"] - c["outside_unknown_peer"]),
+             c["outside_packets"] - c["outside_truncated"] - c["outside_unknown_peer"]
+             - sum(c[r] for r in WIREGUARD_OUTSIDE_DROPS) - c["wg_handshake_messages"]),
         ]
     out = [f"{text}: {left} != {right}" for text, left, right in checks if left != right]
     answered = sum(c[r] for r in ANSWERED_DROPS)

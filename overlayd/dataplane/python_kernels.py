@@ -5,8 +5,9 @@ from overlayd.dataplane.route_table import RouteTable
 from overlayd.dataplane.udp_forwarder import UdpForwarder
 from overlayd.dataplane.vxlan_routed import VxlanRoutedForwarder
 from overlayd.dataplane.vxlan_switch import AGE_LIMIT, VxlanSwitchForwarder
+from overlayd.dataplane.wireguard_forwarder import WireguardForwarder
 
 IMPLEMENTATION = "python"
 
 __all__ = ["AGE_LIMIT", "CAPTURE_BYTES", "CAPTURE_RECORDS", "IMPLEMENTATION", "RouteTable",
-           "UdpForwarder", "VxlanRoutedForwarder", "VxlanSwitchForwarder"]
+           "UdpForwarder", "VxlanRoutedForwarder", "VxlanSwitchForwarder", "WireguardForwarder"]

@@ -25,6 +25,7 @@ class PeerEntry:
     name: str = ""     # for humans and metrics only; never read by the packet path
     mac: bytes = b""   # vxlan: the peer's VTEP MAC (6 bytes), the inner destination MAC of the
                        # routed path; b"" where unused (udp, switched)
+    public_key: bytes = b""  # wireguard: the peer's static X25519 public key (32 bytes)
 
 
 @dataclass(frozen=True, slots=True)

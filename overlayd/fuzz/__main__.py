@@ -28,7 +28,7 @@ from pathlib import Path
 from overlayd.fuzz import engine
 
 SEEDS = Path(__file__).resolve().parents[2] / "tests" / "fuzz_corpus"
-ALL_TARGETS = ("udp", "routed", "switched", "offload", "wire", "config", "control")
+ALL_TARGETS = ("udp", "routed", "switched", "offload", "wire", "config", "control", "wireguard")
 # What a structured generator exists for: printed first, so a run shows whether they got there.
 DEEP_PATHS = ("offload_superpackets", "offload_segments", "offload_gso_sends",
               "offload_gro_receives", "offload_coalesced_writes", "icmp_sent",

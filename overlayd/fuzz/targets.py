@@ -13,7 +13,8 @@ generators get. Targets:
 - ``config``: the daemon config and subnet map parsers on mutated TOML, and a map that parses
   turned into tables both kernels must accept alike;
 - ``control``: the control socket's request parser, through a real ControlServer on a unix
-  socket, and the capture request parser.
+  socket, and the capture request parser;
+- ``wireguard``: the wireguard forwarder, both kernels on one keypair (wireguard.py).
 """
 
 from __future__ import annotations
@@ -433,10 +434,14 @@ def make_target(name: str) -> Any:
         return ConfigTarget()
     if name == "control":
         return ControlTarget()
+    if name == "wireguard":
+        from overlayd.fuzz.wireguard import WireguardTarget
+
+        return WireguardTarget()
     return {"offload": offload_target, "wire": wire_target}[name]
 
 
-TARGETS: Final = (*F.PATHS, "offload", "wire", "config", "control")
+TARGETS: Final = (*F.PATHS, "offload", "wire", "config", "control", "wireguard")
 
 
 def close_target(target: Any) -> None:

@@ -115,6 +115,9 @@ class EtcdLab(Lab):
                                     str(host.control_socket), self.log_level,
                                     configs.merge(self.config_extra, spec.config_extra))
         del doc["node"]          # with etcd a node is its public IP; its name is its lease
+        # A wireguard network (the backend is etcd's to say) makes its key here, never in the
+        # host's default /var/lib/overlayd.
+        doc = configs.merge({"wireguard": {"private_key_file": str(host.dir / "wg.key")}}, doc)
         extras = {k: v for k, v in doc["map"].items() if k not in ("file", "subnet_env")}
         doc["map"] = {"source": "etcd", "endpoints": self.endpoints, "prefix": PREFIX,
                       "lease_ttl_seconds": self.lease_ttl_seconds,

@@ -18,9 +18,9 @@ from overlayd.lab.processes import DaemonProcess
 
 # Per backend: default UDP port and bytes of outer headers over IPv4 (DESIGN.md section 2).
 # Kept here rather than imported so the lab stays an outside observer of the daemon.
-DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472}
+DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472, "wireguard": 51820}
 SWITCHED_PORT = 4789       # vxlan mode "switched": IANA's VXLAN port, as a plain kernel vxlan
-ENCAP_OVERHEAD = {"udp": 28, "vxlan": 50}
+ENCAP_OVERHEAD = {"udp": 28, "vxlan": 50, "wireguard": 60}
 CONTROL_TIMEOUT_S = 5.0
 CONTROL_MAX_BYTES = 16 << 20
 
@@ -63,6 +63,7 @@ class LabHost:
     spec: HostSpec | None = None
     daemon: DaemonProcess | None = None
     vtep_mac: str | None = None                     # vxlan: the MAC the map gives it
+    wg_private_key: bytes | None = None             # wireguard: its key (file wg.key in dir)
 
     @property
     def config_path(self) -> Path:

@@ -18,6 +18,7 @@ with it.
 from __future__ import annotations
 
 import atexit
+import base64
 import ipaddress
 import os
 import shutil
@@ -33,6 +34,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import overlayd
+from overlayd.control.wg_noise import generate_private_key, public_key
 from overlayd.lab import configs, netns
 from overlayd.lab.hosts import DEFAULT_PORTS, SWITCHED_PORT, HostRef, HostSpec, LabHost
 from overlayd.lab.netns import LabError
@@ -122,6 +124,11 @@ class Lab(Traffic, VxlanHosts):
             host.subnet, host.overlay_ip, host.spec = subnet, str(subnet.network_address), spec
             if backend_is_vxlan := self.backend == "vxlan":
                 host.vtep_mac = f"02:4c:41:42:{i // 256:02x}:{i % 256:02x}"
+            if self.backend == "wireguard":
+                host.wg_private_key = generate_private_key()
+                key_file = host.dir / "wg.key"
+                key_file.write_text(base64.b64encode(host.wg_private_key).decode() + "\n")
+                key_file.chmod(0o600)
             self.hosts.append(host)
         self.write_configs()
         if backend_is_vxlan:
@@ -168,6 +175,8 @@ class Lab(Traffic, VxlanHosts):
                 node["underlay_mtu"] = host.spec.underlay_mtu
             if host.vtep_mac is not None:
                 node["vtep_mac"] = host.vtep_mac
+            if host.wg_private_key is not None:
+                node["public_key"] = base64.b64encode(public_key(host.wg_private_key)).decode()
             node = configs.merge(node, host.spec.node_extra)
             host.vtep_mac = node.get("vtep_mac", host.vtep_mac)
             nodes.append(node)
@@ -178,6 +187,8 @@ class Lab(Traffic, VxlanHosts):
         for host in self.hosts:
             assert host.spec is not None
             extra = host.spec.config_extra
+            if host.wg_private_key is not None:
+                extra = configs.merge({"wireguard": {"private_key_file": "wg.key"}}, extra)
             if host.spec.vm_bridge:
                 extra = configs.merge({"device": {"bridge": VM_BRIDGE}}, extra)
             cfg = configs.daemon_config(host.name, "../map.toml", self.device,

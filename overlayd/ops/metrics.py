@@ -102,6 +102,12 @@ TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
     "offload_checksums_finished": ("overlayd_offload_checksums_finished",
                                    ("Delivered TCP/UDP checksums a kernel VTEP left unfinished "
                                     "(the pseudo-header sum only), finished before the write.")),
+    "wg_handshake_messages": ("overlayd_wireguard_handshake_messages",
+                              "WireGuard handshake messages (MAC1 valid) queued for Python."),
+    "wg_keepalives_sent": ("overlayd_wireguard_keepalives_sent",
+                           "WireGuard keepalives (empty transport messages) sent."),
+    "wg_keepalives_received": ("overlayd_wireguard_keepalives_received",
+                               "WireGuard keepalives received and authenticated."),
 }
 
 PEER_METRICS = (  # (position in peer_counters() tuples, name, help)

@@ -17,7 +17,7 @@ from typing import Any
 
 from overlayd import __version__
 from overlayd.control.subnet_map import derive_vtep_mac
-from overlayd.dataplane.counters import DROP_REASONS
+from overlayd.dataplane.counters import ALL_DROP_REASONS
 from overlayd.dataplane.tables import LOCAL
 from overlayd.ops import health
 from overlayd.ops.daemon_view import (  # noqa: F401 - re-exported: ops callers use state.*
@@ -30,7 +30,7 @@ from overlayd.ops.daemon_view import (  # noqa: F401 - re-exported: ops callers 
     map_source,
 )
 
-DROP_SET = frozenset(DROP_REASONS)
+DROP_SET = frozenset(ALL_DROP_REASONS)
 
 def _ip(value: int) -> str:
     return str(ipaddress.IPv4Address(value))
@@ -92,10 +92,13 @@ def peers(d: DaemonLike, info: RuntimeInfo | None = None,
     last_rx = info.peer_last_rx if info is not None else {}
     out = []
     entries = d.view.tables.peers
+    # wireguard: endpoint (roamed), latest handshake and sessions of each peer
+    wireguard = getattr(d, "wireguard", None)
+    wg_rows = wireguard.peer_status() if wireguard is not None else []
     for index, (node, entry, counts, dropped) in enumerate(zip(
             d.view.peers, entries, peer_counters(d), peer_rx_dropped(d), strict=False)):
         heard = last_rx.get(node.name)
-        out.append({
+        row: dict[str, Any] = {
             "index": index,
             "name": node.name,
             "public_ip": str(node.public_ip),
@@ -109,7 +112,10 @@ def peers(d: DaemonLike, info: RuntimeInfo | None = None,
             "rx_dropped": dropped,
             "last_rx_at": heard,
             "last_rx_seconds_ago": None if heard is None else round(max(0.0, wall - heard), 1),
-        })
+        }
+        if index < len(wg_rows):
+            row["wireguard"] = wg_rows[index]
+        out.append(row)
     return out
 
 
@@ -195,7 +201,7 @@ def fdb_size(d: DaemonLike) -> int:
 def counters(d: DaemonLike) -> tuple[dict[str, int], dict[str, int]]:
     """(traffic counters, drops by reason); every reason is present, zero or not."""
     raw = d.forwarder.counters() if d.forwarder is not None else {}
-    drops = {reason: int(raw.get(reason, 0)) for reason in DROP_REASONS}
+    drops = {reason: int(raw.get(reason, 0)) for reason in ALL_DROP_REASONS}
     traffic = {name: int(v) for name, v in raw.items() if name not in DROP_SET}
     return traffic, drops
 

@@ -42,6 +42,12 @@ from overlayd.io.tunnel_socket import (
     udp_gso_supported,
 )
 from overlayd.rate_limited_log import RateLimitedLog
+from overlayd.runtime.wireguard import (
+    WG_TICK_SECONDS,
+    WireguardRuntime,
+    check_own_public_key,
+    node_keys,
+)
 from overlayd.wire.ethernet import parse_mac
 
 log = logging.getLogger("overlayd")
@@ -88,6 +94,7 @@ class Daemon:
         self.tx_socks: list[socket.socket] = []   # vxlan: outer source ports by flow hash
         self.offloads: dict[str, bool] = {"vnet_hdr": False, "udp_gso": False, "udp_gro": False}
         self.forwarder: Any = None
+        self.wireguard: WireguardRuntime | None = None    # backend "wireguard" only
         self.routes: set[ipaddress.IPv4Network] = set()
         self.started_at = time.monotonic()
         self.map_applied_at = time.time()
@@ -122,6 +129,14 @@ class Daemon:
         self.view = build_local_view(self.smap, me, underlay_mtu, self.host_addresses)
         bind = self.config.bind_address or me.public_ip
         backend = self.smap.backend
+        wg_keys = None
+        if backend.type == "wireguard":
+            assert self.config.wireguard is not None
+            wg_keys = node_keys(self.config.wireguard, str(self.config.path))
+            from overlayd.control.wg_noise import public_key
+
+            check_own_public_key(self.smap, self.source.location, me.name,
+                                 public_key(wg_keys[0]))
         self.sock = open_tunnel_socket(bind, backend.port, self.config.socket_buffer_bytes)
         if backend.type == "vxlan":
             # RFC 7348 wants the outer source port to follow the inner flow; one socket has one
@@ -132,13 +147,15 @@ class Daemon:
         self.tun = OverlayDevice(self.config.device_name, "tap" if backend.switched else "tun",
                                  persist=self.config.keep_device, offload=self.config.offloads)
         self._configure_device()
-        self.forwarder = self._make_forwarder(me.vtep_mac)
+        self.forwarder = self._make_forwarder(me.vtep_mac, wg_keys)
         if backend.switched:
             self._clocked = True
             self.forwarder.set_now(time.monotonic())
         self.forwarder.set_tables(self._tables(self.view))
+        if self.wireguard is not None:
+            self.wireguard.set_peers(self.smap, self.view)
         mode = (f"vxlan {backend.mode} vni {backend.vni} VTEP MAC {me.vtep_mac}"
-                if backend.type == "vxlan" else "udp")
+                if backend.type == "vxlan" else backend.type)
         log.info("node %s: subnet %s, device %s (%s, mtu %d), %s %s:%d, %d peers, data plane %s",
                  me.name, me.subnet, self.config.device_name, me.address, self.view.device_mtu,
                  mode, bind, backend.port, len(self.view.peers), self.implementation)
@@ -186,8 +203,9 @@ class Daemon:
         bind = self.config.bind_address or (node.public_ip if node is not None else None)
         return frozenset() if bind is None or bind.is_unspecified else frozenset({bind})
 
-    def _make_forwarder(self, vtep_mac: str) -> Any:
-        """The kernel for the map's backend: udp, vxlan routed (tun) or vxlan switched (tap)."""
+    def _make_forwarder(self, vtep_mac: str, wg_keys: tuple[bytes, bytes | None] | None) -> Any:
+        """The kernel for the map's backend: udp, vxlan routed (tun), vxlan switched (tap) or
+        wireguard (tun)."""
         assert self.tun is not None and self.sock is not None
         backend, config = self.smap.backend, self.config
         dev, sock = self.tun.fileno(), self.sock.fileno()
@@ -201,6 +219,8 @@ class Daemon:
         if backend.type == "udp":
             return self.kernels.UdpForwarder(dev, sock, config.batch_size,
                                              config.icmp_rate_per_second, **self.offloads)
+        if backend.type == "wireguard":
+            return self._make_wireguard(dev, sock, wg_keys)
         if backend.switched:
             return self.kernels.VxlanSwitchForwarder(
                 dev, sock, vni=backend.vni, tx_fds=tx_fds, batch_size=config.batch_size,
@@ -212,6 +232,21 @@ class Daemon:
             dev, sock, parse_mac(vtep_mac), vni=backend.vni, tx_fds=tx_fds,
             batch_size=config.batch_size, icmp_burst=config.icmp_rate_per_second,
             **self.offloads)
+
+    def _make_wireguard(self, dev: int, sock: int,
+                        wg_keys: tuple[bytes, bytes | None] | None) -> Any:
+        from overlayd.control.wg_noise import public_key
+        from overlayd.wire import wireguard as wg
+
+        assert wg_keys is not None and self.config.wireguard is not None and self.sock
+        private, psk = wg_keys
+        mac1_key = wg.mac_key(wg.LABEL_MAC1, public_key(private))
+        forwarder = self.kernels.WireguardForwarder(
+            dev, sock, mac1_key, self.config.batch_size, self.config.icmp_rate_per_second,
+            **self.offloads)
+        self.wireguard = WireguardRuntime(self.config.wireguard, private, psk, forwarder,
+                                          self.sock)
+        return forwarder
 
     def _tables(self, view: LocalView) -> Any:
         if self.smap.backend.switched:
@@ -252,6 +287,8 @@ class Daemon:
         else:
             self._every(ICMP_REFILL_SECONDS, self._refill_icmp)
             self._every(HOST_ADDRESSES_SECONDS, self._refresh_host_addresses)
+        if self.wireguard is not None:
+            self._every(WG_TICK_SECONDS, self.wireguard.tick)
         self._every(HEALTH_CHECK_SECONDS, self._check_health)
         self._follow_task = loop.create_task(self._follow_source())
         for callback in self.on_ready:
@@ -278,6 +315,8 @@ class Daemon:
             self.forwarder.inside_batch()
         except OSError as exc:
             self._device_failed(f"reading the device failed: {exc.strerror or exc}")
+        if self.wireguard is not None:
+            self.wireguard.after_batch()
 
     def _on_socket_readable(self) -> None:
         if self._clocked:
@@ -288,6 +327,8 @@ class Daemon:
             # A socket error the kernel keeps reporting must not spin the loop: log and go on.
             self._ratelimited.warning("socket", "tunnel socket receive failed: %s",
                                       exc.strerror or exc)
+        if self.wireguard is not None:
+            self.wireguard.after_batch()
 
     def _every(self, seconds: float, callback: Callable[[], None]) -> None:
         assert self._loop is not None
@@ -365,9 +406,10 @@ class Daemon:
             return False
         if (smap.backend != self.smap.backend or me.subnet != self.view.node.subnet
                 or me.address != self.view.node.address or me.vtep_mac != self.view.node.vtep_mac
+                or me.public_key != self.view.node.public_key
                 or (smap.network != self.smap.network and smap.backend.switched)):
-            self.map_error = ("this node's subnet/address/VTEP MAC or the backend changed: "
-                              "restart overlayd to apply")
+            self.map_error = ("this node's subnet/address/VTEP MAC/public key or the backend "
+                              "changed: restart overlayd to apply")
             log.error("map reload (%s): %s", why, self.map_error)
             return False
         underlay = self.view.device_mtu + self.smap.backend.overhead
@@ -379,6 +421,8 @@ class Daemon:
             log.error("map reload (%s) rejected, still forwarding on the previous map: %s",
                       why, exc)
             return False
+        if self.wireguard is not None:
+            self.wireguard.set_peers(smap, view)
         routes = kernel_routes(smap, view)
         try:
             host_network.set_routes(self.config.device_name, me.address,

@@ -34,8 +34,19 @@ def open_source(config: DaemonConfig) -> MapSource:
             previous = subnet_env.previous_subnet(text)
         store = EtcdStore(list(etcd.endpoints), ca_file=etcd.ca_file, cert_file=etcd.cert_file,
                           key_file=etcd.key_file)
-        return EtcdMapSource(store, etcd, public_ip(etcd), previous_subnet=previous)
+        return EtcdMapSource(store, etcd, public_ip(etcd), previous_subnet=previous,
+                             wireguard_public_key=lambda: own_public_key(config))
     return FileMapSource(config.map_file, config.map_poll_seconds, config.node_name)
+
+
+def own_public_key(config: DaemonConfig) -> str:
+    """This node's WireGuard public key (base64), creating its private key file on first use."""
+    from overlayd.control.wg_keys import encode_key, load_or_create_private_key
+    from overlayd.control.wg_noise import public_key
+
+    assert config.wireguard is not None
+    return encode_key(public_key(load_or_create_private_key(config.wireguard.private_key_file,
+                                                            str(config.path))))
 
 
 def public_ip(etcd: EtcdSettings) -> ipaddress.IPv4Address:
