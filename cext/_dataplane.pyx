@@ -23,6 +23,7 @@ include "vxlan_common.pxi"
 include "fdb.pxi"
 include "vxlan_routed.pxi"
 include "vxlan_switch.pxi"
+include "engine.pxi"
 
 IMPLEMENTATION = "cython"
 LOCAL = LOCAL_C
