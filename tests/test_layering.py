@@ -11,10 +11,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "overlayd"
 
 # Higher number = higher layer. Top-level helper modules (errors, rate_limited_log, ...) are
-# below every layer; the tools (lab, bench, demo) sit above the cli's layer and may use anything.
+# below every layer; the tools (lab, bench, demo, fuzz) sit above the cli's layer and may use
+# anything.
 RANK = {"wire": 1, "dataplane": 2, "io": 3, "control": 4, "ops": 5, "runtime": 6, "cli": 7,
         "__main__": 8}
-TOOLS = {"lab", "bench", "demo"}     # built on everything; `overlayd demo` dispatches to one
+TOOLS = {"lab", "bench", "demo", "fuzz"}   # built on everything; `overlayd demo` dispatches to one
 
 
 def module_name(path: Path) -> str:

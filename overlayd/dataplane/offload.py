@@ -157,7 +157,7 @@ def finish_partial_in_place(packet: memoryview | bytearray, l2: int) -> bool:
         return False                        # the cheap test, on every delivered packet
     segment = packet[ip + ihl:ip + total]
     whole = ones_sum(segment)               # the field holds the pseudo-header sum already
-    if whole == 0xFFFF:
+    if fold_add(whole, field) == 0xFFFF:    # segment + pseudo-header verify as they are:
         return False                        # a finished checksum that happens to look partial
     packet[at:at + 2] = ((~whole & 0xFFFF) or 0xFFFF).to_bytes(2, "big")
     return True

@@ -65,7 +65,9 @@ class CaptureRequest:
 
 def parse_request(d: DaemonLike, request: dict[str, Any]) -> CaptureRequest:
     direction_text = request.get("direction")
-    if direction_text is not None and direction_text not in DIRECTIONS:
+    # A JSON request can hold any value here (a list is not even hashable): check the type.
+    if direction_text is not None and (not isinstance(direction_text, str)
+                                       or direction_text not in DIRECTIONS):
         raise CaptureError(f"direction {direction_text!r}: expected inside or outside")
     count = request.get("count")
     if count is not None and (not isinstance(count, int) or isinstance(count, bool)
