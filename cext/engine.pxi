@@ -335,6 +335,9 @@ cdef class NativeEngine:
                 self._stop_all()
                 raise OSError(rc, f"pthread_create: {strerror(rc)}")
             th.started = True
+            # While its thread runs, the forwarder refuses every call that would run a batch
+            # or touch batch state from Python (its "a batch is already running" check).
+            (<_ForwarderBase>self.forwarders[i]).busy = True
             name = f"overlayd-dp{i}".encode()[:15]
             pthread_setname_np(th.tid, name)
         self.running = True
@@ -355,6 +358,7 @@ cdef class NativeEngine:
             while not th.paused:
                 pthread_cond_wait(&th.cond, &th.lock)
             pthread_mutex_unlock(&th.lock)
+        (<_ForwarderBase>self.forwarders[i]).busy = False
 
     def resume(self, int i) -> None:
         cdef engine_thread_t *th = self._thread(i)
@@ -362,6 +366,7 @@ cdef class NativeEngine:
             return
         # The only place a thread's generation changes: while it is paused, after set_tables.
         th.tables = &(<_ForwarderBase>self.forwarders[i]).gen.t
+        (<_ForwarderBase>self.forwarders[i]).busy = True
         pthread_mutex_lock(&th.lock)
         ENGINE_STORE(&th.request, RUN_C)
         pthread_cond_broadcast(&th.cond)
@@ -386,6 +391,7 @@ cdef class NativeEngine:
                 self._wake(th)
                 pthread_join(th.tid, NULL)
             th.started = False
+            (<_ForwarderBase>self.forwarders[i]).busy = False
         self.running = False
 
     cdef engine_thread_t *_thread(self, int i) except NULL:

@@ -333,3 +333,24 @@ def test_engine_refuses_bad_arguments() -> None:
     finally:
         for s in (a, b, sock):
             s.close()
+
+
+def test_a_running_threads_forwarder_refuses_batches_from_python() -> None:
+    """Only its thread runs batches: a direct call from Python raises instead of racing it."""
+    rig = EngineRig(1)
+    try:
+        fwd = rig.fwd.forwarders[0]
+        with pytest.raises(RuntimeError, match="already running"):
+            fwd.inside_batch()
+        with pytest.raises(RuntimeError, match="already running"):
+            fwd.outside_batch()
+        fwd.set_capture(True)       # capture_on is read by the thread; drains need a pause
+        rig.apps[0].send(packet("10.0.0.5", "10.0.1.5", b"cap"))
+        rig.wait_counts(1, 0)
+        with pytest.raises(RuntimeError, match="already running"):
+            fwd.drain_capture()
+        assert [r[1] for r in rig.fwd.drain_capture()] == [0]
+        rig.fwd.stop()
+        assert fwd.inside_batch() == 0      # stopped: Python may drive it again
+    finally:
+        rig.close()
