@@ -1,6 +1,7 @@
 # IPv4 checksum and ICMP error construction in C (twin: overlayd/wire/ipv4.py, icmp.py).
 #
-# 1. csum_partial: RFC 1071 sum of big-endian 16-bit words, folded by csum_fold.
+# 1. csum_partial: RFC 1071 sum of big-endian 16-bit words, folded by csum_fold; csum_copy:
+#    the same sum while copying the bytes (segmentation's checksum-while-copy).
 # 2. ttl_decrement: RFC 1624 eqn. 3 incremental update; equals a full recomputation bit for bit
 #    when the old checksum was right, never produces 0xffff.
 # 3. icmp_allowed: RFC 1812 4.3.2.7 - never about an ICMP error, a non-initial fragment, a
@@ -45,26 +46,69 @@ cdef extern from *:
     uint32_t __builtin_bswap32(uint32_t x) nogil
 
 
+cdef extern from *:
+    """
+    /* RFC 1071 sum of p[0:n], optionally copying p to dst on the way (checksum while copying:
+       one pass over the bytes instead of a memcpy and then a sum). Native-order 64-bit words
+       go into two 128-bit accumulators (add with carry, two independent chains); the 16-bit
+       fold of a native-order sum, byte-swapped, is congruent mod 0xFFFF to the sum of the
+       big-endian 16-bit words (RFC 1071 2(B)), and is 0 only when every byte is 0, so
+       csum_fold gives the same result as a big-endian word-by-word sum, bit for bit. */
+    #include <stdint.h>
+    #include <string.h>
+    static inline uint32_t ovd_csum_pass(unsigned char *dst, const unsigned char *p,
+                                         size_t n, int copy) {
+        unsigned __int128 a = 0, b = 0;
+        uint64_t w0, w1, w2, w3, lo, hi, t;
+        size_t i = 0;
+        for (; i + 32 <= n; i += 32) {
+            memcpy(&w0, p + i, 8); memcpy(&w1, p + i + 8, 8);
+            memcpy(&w2, p + i + 16, 8); memcpy(&w3, p + i + 24, 8);
+            if (copy) {
+                memcpy(dst + i, &w0, 8); memcpy(dst + i + 8, &w1, 8);
+                memcpy(dst + i + 16, &w2, 8); memcpy(dst + i + 24, &w3, 8);
+            }
+            a += w0; b += w1; a += w2; b += w3;
+        }
+        for (; i + 8 <= n; i += 8) {
+            memcpy(&w0, p + i, 8);
+            if (copy) memcpy(dst + i, &w0, 8);
+            a += w0;
+        }
+        if (i < n) {               /* the tail in the low bytes of a zero word: positions kept */
+            w0 = 0;
+            memcpy(&w0, p + i, n - i);
+            if (copy) memcpy(dst + i, p + i, n - i);
+            a += w0;
+        }
+        a += b;
+        lo = (uint64_t)a;
+        hi = (uint64_t)(a >> 64);
+        t = lo + hi;
+        t += t < hi;               /* end-around carry: 2**64 == 1 (mod 0xFFFF) */
+        t = (t & 0xFFFFFFFFu) + (t >> 32);
+        t = (t & 0xFFFF) + (t >> 16);
+        t = (t & 0xFFFF) + (t >> 16);
+        t = (t & 0xFFFF) + (t >> 16);
+    #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        t = ((t & 0xFF) << 8) | (t >> 8);
+    #endif
+        return (uint32_t)t;
+    }
+    """
+    uint32_t ovd_csum_pass(unsigned char *dst, const unsigned char *p, size_t n,
+                           int copy) noexcept nogil
+
+
 cdef inline uint64_t csum_partial(const unsigned char *p, size_t n, uint64_t total) noexcept nogil:
-    # Big-endian 32-bit words, two accumulators: the sum of 16-bit words and the sum of 32-bit
-    # words fold to the same value (2**16 == 1 mod 0xFFFF), and this runs at memory speed over
-    # the 64 kB superpackets the offload path checksums.
-    cdef size_t i = 0
-    cdef uint32_t w0, w1
-    cdef uint64_t a = 0, b = 0
-    while i + 8 <= n:
-        memcpy(&w0, p + i, 4)
-        memcpy(&w1, p + i + 4, 4)
-        a += __builtin_bswap32(w0)
-        b += __builtin_bswap32(w1)
-        i += 8
-    total += a + b
-    while i + 1 < n:
-        total += (<uint32_t>p[i] << 8) | p[i + 1]
-        i += 2
-    if n & 1:
-        total += <uint32_t>p[n - 1] << 8     # odd tail: high byte of a zero-padded word
-    return total
+    # At memory speed over the 64 kB superpackets the offload paths checksum (see above).
+    return total + ovd_csum_pass(NULL, p, n, 0)
+
+
+cdef inline uint64_t csum_copy(unsigned char *dst, const unsigned char *src, size_t n,
+                               uint64_t total) noexcept nogil:
+    """memcpy(dst, src, n) and csum_partial(src, n, total) in one pass."""
+    return total + ovd_csum_pass(dst, src, n, 1)
 
 
 cdef inline uint16_t csum_fold(uint64_t total) noexcept nogil:

@@ -24,7 +24,8 @@
 #    doff*4; segment i carries payload[i*mss : (i+1)*mss] after a copy of pkt[:H] with: IPv4
 #    total length = H - l2 + its payload; id = id + i (mod 2**16); header checksum recomputed;
 #    TCP seq = seq + i*mss (mod 2**32); FIN and PSH cleared on all but the last, CWR cleared on
-#    all but the first; TCP checksum computed in full (pseudo-header + header + payload).
+#    all but the first; TCP checksum computed in full (pseudo-header + header + payload), the
+#    payload's part while it is copied (one pass, csum_copy).
 #    Segments are laid out contiguously, segment i at out + prefix + i*(prefix + H + mss), so
 #    that the prefix bytes in front of each (room for the path's outer header) end exactly
 #    where the previous segment ends: a run of them is one UDP GSO buffer. Refused (-1,
@@ -233,6 +234,7 @@ cdef void tso_write(const tso_plan_t *p, const unsigned char *pkt,
     cdef uint32_t ip_id = rd16(ip + 4), seq = rd32(tcp + 4), flags = tcp[13]
     cdef uint64_t pseudo = csum_partial(ip + 12, 8, 0) + PROTO_TCP
     cdef uint32_t i, length, seg_flags
+    cdef uint64_t payload_sum
     cdef unsigned char *seg
     cdef unsigned char *sip
     cdef unsigned char *stcp
@@ -240,7 +242,9 @@ cdef void tso_write(const tso_plan_t *p, const unsigned char *pkt,
         seg = out + p.prefix + <size_t>i * p.stride
         length = tso_segment_len(p, i) - p.hdr
         memcpy(seg, pkt, p.hdr)
-        memcpy(seg + p.hdr, pkt + p.hdr + <size_t>i * p.mss, length)
+        # The payload is copied and summed in one pass (checksum while copying); the TCP
+        # header is even-length (doff is a multiple of 4), so the sums add up word-aligned.
+        payload_sum = csum_copy(seg + p.hdr, pkt + p.hdr + <size_t>i * p.mss, length, 0)
         sip = seg + p.l2
         wr16(sip + 2, p.ihl + p.doff + length)
         wr16(sip + 4, (ip_id + i) & 0xFFFF)
@@ -255,8 +259,8 @@ cdef void tso_write(const tso_plan_t *p, const unsigned char *pkt,
             seg_flags &= ~TCP_CWR
         stcp[13] = seg_flags
         wr16(stcp + 16, 0)
-        wr16(stcp + 16, csum_fold(csum_partial(stcp, p.doff + length,
-                                               pseudo + p.doff + length)))
+        wr16(stcp + 16, csum_fold(csum_partial(stcp, p.doff,
+                                               pseudo + p.doff + length + payload_sum)))
 
 
 # --- coalescing on writes (5.) -------------------------------------------------------------

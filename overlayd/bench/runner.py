@@ -50,14 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    if os.geteuid() != 0:
-        print("overlayd bench: needs root (it builds network namespaces)", file=sys.stderr)
-        return 77
-    missing = [t for t in ("iperf3", "ping", "ip", "bridge") if shutil.which(t) is None]
-    if missing:
-        print(f"overlayd bench: missing tools: {', '.join(missing)} "
-              f"(apt-get install iperf3 iputils-ping iproute2)", file=sys.stderr)
-        return 69
+    refused = check_host("overlayd bench", ("iperf3", "ping", "ip", "bridge"),
+                         "iperf3 iputils-ping iproute2")
+    if refused:
+        return refused
     out = args.out or Path(tempfile.mkdtemp(prefix="overlayd-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -73,6 +69,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(table(results))
     print(f"\nJSON lines: {out / 'results.jsonl'}")
     return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def check_host(prog: str, tools: tuple[str, ...], packages: str) -> int:
+    """0, or the exit code (printed why) when not root or a tool is missing."""
+    if os.geteuid() != 0:
+        print(f"{prog}: needs root (it builds network namespaces)", file=sys.stderr)
+        return 77
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        print(f"{prog}: missing tools: {', '.join(missing)} (apt-get install {packages})",
+              file=sys.stderr)
+        return 69
+    return 0
 
 
 def measure_subject(name: str, args: argparse.Namespace, out: Path) -> dict:

@@ -84,12 +84,12 @@ BACKENDS = {
 class Overlayd:
     backend: str
     implementation: str = "cython"
-    # [dataplane] keys from the name's "+" options (engine_options): engine, threads, busy-poll
-    dataplane: dict[str, Any] = field(default_factory=dict)
-    options: str = ""
+    options: str = ""          # the name's "+" options (engine_options), shown in the name
     over_a: str = "100.64.1.1"
     over_b: str = "100.64.2.1"
     daemons: list[DaemonProcess] = field(default_factory=list)
+    # merged into each daemon's config (the profiler turns metrics on inside the namespaces)
+    config_extra: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -109,7 +109,8 @@ class Overlayd:
             doc = configs.daemon_config(
                 node, "map.toml", "ovl0", str(workdir / f"{node}.sock"), "warning",
                 # inner MTU 1450 for every subject: the underlay overlayd plans for is set so
-                {"device": {"underlay_mtu": INNER_MTU + overhead}, "dataplane": self.dataplane})
+                configs.merge({"device": {"underlay_mtu": INNER_MTU + overhead}},
+                              self.config_extra))
             path = workdir / f"{node}.toml"
             path.write_text(configs.dumps(doc))
             self.daemons.append(DaemonProcess(
@@ -155,5 +156,5 @@ def make_subject(name: str) -> KernelVxlan | Overlayd:
     if not name.startswith("overlayd-") or base not in BACKENDS:
         known = ", ".join(["kernel-vxlan"] + [f"overlayd-{b}[-py]" for b in BACKENDS])
         raise ValueError(f"unknown subject {name!r} (known: {known})")
-    return Overlayd(base, implementation, engine_options(options),
-                    "".join(f"+{o}" for o in options))
+    return Overlayd(base, implementation, options="".join(f"+{o}" for o in options),
+                    config_extra={"dataplane": engine_options(options)})

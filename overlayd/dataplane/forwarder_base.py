@@ -428,15 +428,14 @@ class ForwarderBase:
                 pkt[where + 1] = value & 0xFF
             self._inside_one(state, buf, start, length)
             return
-        segments = None
+        plan = None
         if gso_type == offload.VNET_GSO_TCPV4:
-            segments = offload.segment_tcp4(buf[start:start + length], self._LINK_HEADER_LEN,
-                                            gso_size)
+            plan = offload.tcp4_plan(buf[start:start + length], self._LINK_HEADER_LEN, gso_size)
         # Each segment with the outer-header room in front, that room ending where the
         # previous segment ends: a run of encapsulated segments is one UDP GSO buffer.
         prefix = self._OUTER_PREFIX
-        need = sum(prefix + len(s) for s in segments) if segments is not None else 0
-        if segments is None or need > offload.SEG_ARENA_BYTES:
+        need = plan.need(prefix) if plan is not None else 0
+        if plan is None or need > offload.SEG_ARENA_BYTES:
             self._bad_offload(length)
             return
         if need > offload.SEG_ARENA_BYTES - self._arena_used:
@@ -446,13 +445,16 @@ class ForwarderBase:
         align = offload.SEG_ARENA_ALIGN
         self._arena_used += (need + align - 1) // align * align
         ctr[C["offload_superpackets"]] += 1
-        ctr[C["offload_segments"]] += len(segments)
+        ctr[C["offload_segments"]] += plan.nseg
         arena = self._arena
-        for segment in segments:
+        # Straight from the read slot into the arena: the payload is copied once.
+        offload.segment_tcp4_into(buf[start:start + length], self._LINK_HEADER_LEN, plan,
+                                  arena, offset, prefix)
+        for i in range(plan.nseg):
             offset += prefix
-            arena[offset:offset + len(segment)] = segment
-            self._inside_one(state, arena, offset, len(segment))
-            offset += len(segment)
+            size = plan.segment_length(i)
+            self._inside_one(state, arena, offset, size)
+            offset += size
 
     def _bad_offload(self, length: int) -> None:
         ctr = self._counters

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, NamedTuple
 
 from overlayd.wire.ipv4 import checksum, ones_sum
 
@@ -165,7 +165,7 @@ def finish_partial_in_place(packet: memoryview | bytearray, l2: int) -> bool:
 
 # --- 2. TCP segmentation of a TSO superpacket --------------------------------------------------
 
-def _tcp4_layout(packet: bytes, l2: int, mss: int) -> tuple[int, int, int] | None:
+def _tcp4_layout(packet: bytes | bytearray | memoryview, l2: int, mss: int) -> tuple[int, int, int] | None:
     """(offset of the TCP header, H = length of all headers, number of segments) of a
     superpacket segment_tcp4 accepts, or None."""
     n = len(packet)
@@ -191,30 +191,53 @@ def _tcp4_layout(packet: bytes, l2: int, mss: int) -> tuple[int, int, int] | Non
     return tcp, headers, count
 
 
-def segment_tcp4(packet: bytes | bytearray | memoryview, l2: int,
-                 mss: int) -> list[bytes] | None:
-    """The segments a TCP/IPv4 superpacket stands for (spec point 2), or None when it is not
-    one (not TCP/IPv4 with a total length matching the buffer, no payload, mss 0, more than
-    MAX_TSO_SEGMENTS segments).
+class Tcp4Plan(NamedTuple):
+    """How a superpacket segment_tcp4 accepts is cut (spec point 2)."""
+    tcp: int            # offset of the TCP header
+    headers: int        # H: link + IPv4 + TCP header bytes
+    nseg: int           # segments
+    mss: int
+    length: int         # the superpacket's length
+
+    def segment_length(self, i: int) -> int:
+        return self.headers + min(self.mss, self.length - self.headers - i * self.mss)
+
+    def need(self, prefix: int) -> int:
+        """Bytes of the laid-out run: each segment behind ``prefix`` free bytes."""
+        return self.nseg * prefix + self.nseg * self.headers + self.length - self.headers
+
+
+def tcp4_plan(packet: bytes | bytearray | memoryview, l2: int, mss: int) -> Tcp4Plan | None:
+    """The plan of a superpacket segment_tcp4 accepts, or None when it is not one (not
+    TCP/IPv4 with a total length matching the buffer, no payload, mss 0, more than
+    MAX_TSO_SEGMENTS segments)."""
+    layout = _tcp4_layout(packet, l2, mss)
+    if layout is None:
+        return None
+    return Tcp4Plan(*layout, mss, len(packet))
+
+
+def segment_tcp4_into(packet: bytes | bytearray | memoryview, l2: int, plan: Tcp4Plan,
+                      out: memoryview, offset: int, prefix: int) -> None:
+    """Write the segments of ``packet`` (as ``plan`` cuts it) into ``out``: segment i after
+    ``prefix`` free bytes, right behind segment i - 1, from ``out[offset]`` on (the caller
+    has checked that ``plan.need(prefix)`` bytes fit). The payload goes from the packet to
+    ``out`` in one slice assignment and is summed where it lies, never copied on the side.
 
     Each segment: the headers copied with total length, IPv4 id + i, header checksum, seq +
     i*mss set; FIN and PSH only on the last, CWR only on the first; TCP checksum in full.
     """
-    packet = bytes(packet)
-    layout = _tcp4_layout(packet, l2, mss)
-    if layout is None:
-        return None
-    tcp, headers, count = layout
+    view = memoryview(packet)
+    tcp, headers, count, mss = plan.tcp, plan.headers, plan.nseg, plan.mss
     ihl = tcp - l2
     doff = headers - tcp
-    ident = int.from_bytes(packet[l2 + 4:l2 + 6], "big")
-    seq = int.from_bytes(packet[tcp + 4:tcp + 8], "big")
-    tcp_flags = packet[tcp + 13]
-    template = bytearray(packet[:headers])
+    ident = int.from_bytes(view[l2 + 4:l2 + 6], "big")
+    seq = int.from_bytes(view[tcp + 4:tcp + 8], "big")
+    tcp_flags = view[tcp + 13]
+    template = bytearray(view[:headers])
     template[tcp + 16:tcp + 18] = b"\x00\x00"
-    segments: list[bytes] = []
     for i in range(count):
-        payload = packet[headers + i * mss:headers + (i + 1) * mss]
+        payload = view[headers + i * mss:min(headers + (i + 1) * mss, plan.length)]
         head = bytearray(template)
         head[l2 + 2:l2 + 4] = (ihl + doff + len(payload)).to_bytes(2, "big")
         head[l2 + 4:l2 + 6] = ((ident + i) & 0xFFFF).to_bytes(2, "big")
@@ -230,7 +253,26 @@ def segment_tcp4(packet: bytes | bytearray | memoryview, l2: int,
                          ones_sum(head[tcp:]), ones_sum(payload))
         # head[tcp:] is even-length (doff is a multiple of 4), so the payload's words line up.
         head[tcp + 16:tcp + 18] = (~total & 0xFFFF).to_bytes(2, "big")
-        segments.append(bytes(head) + payload)
+        offset += prefix
+        out[offset:offset + headers] = head
+        out[offset + headers:offset + headers + len(payload)] = payload
+        offset += headers + len(payload)
+
+
+def segment_tcp4(packet: bytes | bytearray | memoryview, l2: int,
+                 mss: int) -> list[bytes] | None:
+    """The segments a TCP/IPv4 superpacket stands for (spec point 2), or None when it is not
+    one (see tcp4_plan)."""
+    plan = tcp4_plan(packet, l2, mss)
+    if plan is None:
+        return None
+    out = memoryview(bytearray(plan.need(0)))
+    segment_tcp4_into(packet, l2, plan, out, 0, 0)
+    segments, offset = [], 0
+    for i in range(plan.nseg):
+        size = plan.segment_length(i)
+        segments.append(bytes(out[offset:offset + size]))
+        offset += size
     return segments
 
 
