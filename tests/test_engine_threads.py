@@ -354,3 +354,31 @@ def test_a_running_threads_forwarder_refuses_batches_from_python() -> None:
         assert fwd.inside_batch() == 0      # stopped: Python may drive it again
     finally:
         rig.close()
+
+
+def test_prepared_tables_are_refused_before_any_thread_swaps() -> None:
+    """A map the data plane refuses (here: vxlan routed needs every peer's MAC) raises in
+    prepare_tables, while every thread still forwards on the old generation."""
+    devs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        fwds = [_dataplane.VxlanRoutedForwarder(d[1].fileno(), s.fileno(), b"\x02" * 6)
+                for d, s in zip(devs, socks)]
+        engine = ThreadedForwarder(fwds, [d[1].fileno() for d in devs],
+                                   [s.fileno() for s in socks], 0)
+        good = ForwardingTables(LOCAL_ADDRESS, (PeerEntry(A("127.0.0.3"), 4789, 1400,
+                                                          mac=b"\x02\x00\x00\x00\x00\x03"),),
+                                ((A("10.0.1.0"), 24, 0),))
+        engine.set_tables(good)
+        engine.start()
+        bad = ForwardingTables(LOCAL_ADDRESS, (PeerEntry(A("127.0.0.4"), 4789, 1400),), ())
+        with pytest.raises(ValueError, match="mac"):
+            engine.set_tables(bad)
+        assert [len(f.peer_counters()) for f in fwds] == [1, 1]
+        engine.stop()
+    finally:
+        for a, b in devs:
+            a.close()
+            b.close()
+        for s in socks:
+            s.close()

@@ -93,8 +93,16 @@ class ThreadedForwarder:
     # -- control -------------------------------------------------------------------------------
 
     def set_tables(self, tables: Any) -> None:
-        # Check on the first one: a refused map (ValueError) leaves every thread on the old one.
-        self._each_paused(lambda fwd: fwd.set_tables(tables))
+        """Routed forwarders build every generation while their threads forward and pause each
+        thread only for the swap; a refused map (ValueError) is refused before any swap. The
+        switched forwarder's swap also remaps its MAC table: all of it runs paused."""
+        if not all(hasattr(fwd, "prepare_tables") for fwd in self.forwarders):
+            self._each_paused(lambda fwd: fwd.set_tables(tables))
+            return
+        built = [fwd.prepare_tables(tables) for fwd in self.forwarders]
+        for i, generation in enumerate(built):
+            with self._paused(i) as fwd:
+                fwd.commit_tables(generation)
 
     def add_icmp_tokens(self, n: int, cap: int) -> None:
         # The rate is the daemon's: each of N threads gets its share. The add races with the
