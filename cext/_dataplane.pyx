@@ -25,6 +25,7 @@ include "fdb.pxi"
 include "vxlan_routed.pxi"
 include "vxlan_switch.pxi"
 include "wireguard.pxi"
+include "engine.pxi"
 
 IMPLEMENTATION = "cython"
 LOCAL = LOCAL_C

@@ -1000,8 +1000,17 @@ cdef class _RoutedBase(_ForwarderBase):
     def set_tables(self, tables) -> None:
         """Build the new generation on the side, carry per-peer counters over by (ip, port),
         then swap it in with one assignment."""
+        self.commit_tables(self.prepare_tables(tables))
+
+    def prepare_tables(self, tables) -> _TableGeneration:
+        """set_tables' first half, which reads nothing of the running batches: the threads
+        engine builds while the thread forwards, and pauses it for commit_tables only."""
         cdef _TableGeneration new = build_generation(tables)
         self._check_generation(new)
+        return new
+
+    def commit_tables(self, _TableGeneration new) -> None:
+        """set_tables' second half: carry the counters over and swap (never during a batch)."""
         self._swap(new)
 
     cdef int _check_generation(self, _TableGeneration gen) except -1:

@@ -283,3 +283,23 @@ def test_overlap_found_among_thousands_of_nodes() -> None:
     (problem,) = info.value.problems
     assert problem.key == "nodes[5000].subnet"
     assert "overlaps 10.3.7.0/24 of nodes[775]" in problem.reason
+
+
+def test_engine_keys_defaults_and_values(tmp_path: Path) -> None:
+    config, _ = load_config(write(tmp_path, '[map]\nfile = "map.toml"\n'))
+    assert (config.engine, config.threads, config.busy_poll_us) == ("auto", 0, 0)
+    config, _ = load_config(write(tmp_path, '[map]\nfile = "map.toml"\n[dataplane]\n'
+                                  'engine = "loop"\nthreads = 3\nbusy_poll_us = 50\n'))
+    assert (config.engine, config.threads, config.busy_poll_us) == ("loop", 3, 50)
+
+
+@pytest.mark.parametrize("line, key, words", [
+    ('engine = "fibers"', "dataplane.engine", "threads"),
+    ("threads = 65", "dataplane.threads", "out of range"),
+    ("threads = -1", "dataplane.threads", "out of range"),
+    ("busy_poll_us = 100001", "dataplane.busy_poll_us", "out of range"),
+])
+def test_engine_key_problems(tmp_path: Path, line: str, key: str, words: str) -> None:
+    path = write(tmp_path, f'[map]\nfile = "map.toml"\n[dataplane]\n{line}\n')
+    found = problems_of(path)
+    assert any(p.startswith(f"{path}: {key}: ") and words in p for p in found), found

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from overlayd.bench.testbed import INNER_MTU, UNDER_A, UNDER_B, Testbed
 from overlayd.lab import configs, netns
@@ -84,6 +85,7 @@ BACKENDS = {
 class Overlayd:
     backend: str
     implementation: str = "cython"
+    options: str = ""          # the name's "+" options (engine_options), shown in the name
     over_a: str = "100.64.1.1"
     over_b: str = "100.64.2.1"
     daemons: list[DaemonProcess] = field(default_factory=list)
@@ -93,7 +95,7 @@ class Overlayd:
     @property
     def name(self) -> str:
         suffix = "" if self.implementation == "cython" else "-py"
-        return f"overlayd-{self.backend}{suffix}"
+        return f"overlayd-{self.backend}{suffix}{self.options}"
 
     def up(self, bed: Testbed, workdir: Path) -> None:
         backend, overhead = BACKENDS[self.backend]
@@ -144,9 +146,25 @@ def write_wireguard_key(path: Path) -> str:
     return encode_key(public_key(key))
 
 
+def engine_options(options: list[str]) -> dict[str, Any]:
+    """"+loop", "+t2" (threads engine, 2 threads), "+poll50" (busy-poll 50 µs) -> [dataplane]."""
+    out: dict[str, Any] = {}
+    for option in options:
+        if option == "loop":
+            out["engine"] = "loop"
+        elif option[:1] == "t" and option[1:].isdigit():
+            out.update(engine="threads", threads=int(option[1:]))
+        elif option.startswith("poll") and option[4:].isdigit():
+            out["busy_poll_us"] = int(option[4:])
+        else:
+            raise ValueError(f"unknown subject option +{option} (known: +loop, +tN, +pollN)")
+    return out
+
+
 def make_subject(name: str) -> KernelVxlan | Overlayd:
     if name == "kernel-vxlan":
         return KernelVxlan()
+    name, *options = name.split("+")
     base = name.removeprefix("overlayd-")
     implementation = "cython"
     if base.endswith("-py"):
@@ -154,4 +172,5 @@ def make_subject(name: str) -> KernelVxlan | Overlayd:
     if not name.startswith("overlayd-") or base not in BACKENDS:
         known = ", ".join(["kernel-vxlan"] + [f"overlayd-{b}[-py]" for b in BACKENDS])
         raise ValueError(f"unknown subject {name!r} (known: {known})")
-    return Overlayd(base, implementation)
+    return Overlayd(base, implementation, options="".join(f"+{o}" for o in options),
+                    config_extra={"dataplane": engine_options(options)})

@@ -19,6 +19,7 @@ from overlayd.control.subnet_map import MAC, SubnetMap, parse_subnet_map
 DEVICE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/' or whitespace
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DATAPLANES = ("auto", "cython", "python")
+ENGINES = ("auto", "threads", "loop")   # [dataplane] engine; auto: threads with the Cython kernel
 MAP_SOURCES = ("file", "etcd")
 ETCD_ENDPOINT = re.compile(r"^(https?://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
 DEFAULT_ETCD_PREFIX = "/coreos.com/network"    # flannel's default
@@ -75,6 +76,9 @@ class DaemonConfig:
     storm_rate_per_second: float = 1000.0  # switched: floods per second per port (0 = off)
     storm_burst: float = 1000.0           # switched: ... and the bucket size, in frames
     offloads: bool = True                 # TSO/checksum from the device, UDP GSO/GRO, coalescing
+    engine: str = "auto"                  # threads (native data-plane threads) | loop | auto
+    threads: int = 0                      # data-plane threads with engine threads; 0: fit the host
+    busy_poll_us: int = 0                 # engine threads: poll this long after a busy wake-up
     etcd: EtcdSettings | None = None      # map_source == "etcd"
     subnet_env: Path | None = Path(DEFAULT_SUBNET_ENV)   # flannel's subnet.env; None: not written
     # At boot the public IP may come later than the daemon: wait this long for it (0: no wait).
@@ -188,13 +192,16 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     tx_sockets = p.integer(tun, "tx_sockets", "tunnel", default=8, low=0, high=64)
 
     dp = p.table(data, "dataplane")
-    p.unknown_keys(dp, {"implementation", "batch_size", "icmp_rate_per_second", "offloads"},
-                   "dataplane")
+    p.unknown_keys(dp, {"implementation", "batch_size", "icmp_rate_per_second", "offloads",
+                        "engine", "threads", "busy_poll_us"}, "dataplane")
     impl = p.string(dp, "implementation", "dataplane", default="auto", choices=DATAPLANES)
     batch = p.integer(dp, "batch_size", "dataplane", default=64, low=1, high=512)
     icmp_rate = p.integer(dp, "icmp_rate_per_second", "dataplane", default=1000, low=0,
                           high=1_000_000)
     offloads = p.boolean(dp, "offloads", "dataplane", default=True)
+    engine = p.string(dp, "engine", "dataplane", default="auto", choices=ENGINES)
+    threads = p.integer(dp, "threads", "dataplane", default=0, low=0, high=64)
+    busy_poll = p.integer(dp, "busy_poll_us", "dataplane", default=0, low=0, high=100_000)
 
     rt = p.table(data, "runtime")
     p.unknown_keys(rt, {"keep_device"}, "runtime")
@@ -254,6 +261,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         tx_sockets=tx_sockets if tx_sockets is not None else 8,
         mac_ageing_seconds=ageing, fdb_max_entries=fdb_max or 16384,
         static_macs=tuple(static_macs), offloads=bool(offloads), etcd=etcd,
+        engine=engine or "auto", threads=threads or 0, busy_poll_us=busy_poll or 0,
         subnet_env=subnet_env, wait_for_address_seconds=address_wait, bridge=bridge,
         fdb_max_entries_per_port=port_max or 1, mac_move_hold_seconds=move_hold,
         storm_rate_per_second=storm_rate, storm_burst=storm_burst, wireguard=wireguard,

@@ -748,7 +748,14 @@ class RoutedForwarderBase(ForwarderBase):
 
     def set_tables(self, tables: Any) -> None:
         """Build the new state on the side, then swap it in with one assignment."""
-        state = self._check_tables(State(tables))
+        self.commit_tables(self.prepare_tables(tables))
+
+    def prepare_tables(self, tables: Any) -> State:
+        """set_tables' first half (the Cython kernel's threads engine builds while forwarding)."""
+        return self._check_tables(State(tables))
+
+    def commit_tables(self, state: State) -> None:
+        """set_tables' second half: carry the counters over and swap."""
         state.inherit_counters(self._state)
         self._state = state
 

@@ -20,6 +20,7 @@ TUN_PATH = "/dev/net/tun"
 TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int), <linux/if_tun.h>
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100    # each open of the name attaches one more queue (one per thread)
 # What the kernel may hand us: packets with a partial checksum (we finish it) and TCPv4
 # superpackets, ECN-marked ones included (we cut them into segments, cext/offload.pxi).
 TUN_F_CSUM = 0x01
@@ -40,10 +41,13 @@ class OverlayDevice:
     and unfinished checksums. ``vnet_hdr`` says whether reads carry the header; ``tso``
     whether the kernel accepted the offload flags (it may refuse on an old kernel, and then
     sends plain packets, still behind a header).
+
+    With ``queues`` > 1 the device is multi-queue: ``fds`` holds one fd per queue (``fd`` is
+    the first), and the kernel spreads flows over the queues by flow hash.
     """
 
     def __init__(self, name: str, kind: str = "tun", persist: bool = False,
-                 offload: bool = False) -> None:
+                 offload: bool = False, queues: int = 1) -> None:
         if kind not in ("tun", "tap"):
             raise ValueError(f"device kind {kind!r}: expected tun or tap")
         self.name = name
@@ -51,12 +55,23 @@ class OverlayDevice:
         self.persist = persist
         self.vnet_hdr = offload
         self.tso = False
-        self.fd = self._open_dup()
+        self.queues = queues
+        self.fds: list[int] = []
+        try:
+            for _ in range(queues):
+                self.fds.append(self._open_dup())
+        except BaseException:
+            for fd in self.fds:
+                os.close(fd)
+            raise
+        self.fd = self.fds[0]
 
     def _open_dup(self) -> int:
         flags = (pytun.IFF_TUN if self.kind == "tun" else pytun.IFF_TAP) | pytun.IFF_NO_PI
         if self.vnet_hdr:
             flags |= IFF_VNET_HDR
+        if self.queues > 1:
+            flags |= IFF_MULTI_QUEUE
         dev = _open(self.name, self.kind, flags)
         try:
             if self.persist:
@@ -85,13 +100,14 @@ class OverlayDevice:
         return True
 
     def reopen(self) -> None:
-        """Create the device again and put it on the same fd number."""
-        fd = self._open_dup()
-        try:
-            os.dup2(fd, self.fd)
-        finally:
-            os.close(fd)
-        os.set_blocking(self.fd, False)
+        """Create the device again and put each queue on the same fd number."""
+        for target in self.fds:
+            fd = self._open_dup()
+            try:
+                os.dup2(fd, target)
+            finally:
+                os.close(fd)
+            os.set_blocking(target, False)
 
     def close(self, keep: bool = False) -> None:
         if self.fd < 0:
@@ -102,7 +118,9 @@ class OverlayDevice:
                 fcntl.ioctl(self.fd, TUNSETPERSIST, 0)
             except OSError:
                 pass
-        os.close(self.fd)
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
         self.fd = -1
 
 

@@ -22,9 +22,13 @@ UDP_GRO = getattr(socket, "UDP_GRO", 104)           # Linux 5.0
 
 
 def open_tunnel_socket(address: ipaddress.IPv4Address, port: int,
-                       buffer_bytes: int) -> socket.socket:
+                       buffer_bytes: int, reuse_port: bool = False) -> socket.socket:
+    """reuse_port: one of several receive sockets on the port (one per data-plane thread);
+    the kernel picks one per datagram by hash of its addresses and ports."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
         _set_buffers(sock, buffer_bytes)
         sock.bind((str(address), port))

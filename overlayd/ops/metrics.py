@@ -35,6 +35,8 @@ the name (``_bytes``, ``_seconds``), one ``_info`` gauge per set of descriptive 
 | overlayd_map_reloads_total | counter | result (applied, rejected) |
 | overlayd_capture_sessions | gauge | |
 | overlayd_capture_dropped_packets_total | counter | |
+| overlayd_dataplane_thread_packets_total | counter | thread, direction (engine threads) |
+| overlayd_dataplane_thread_wakeups_total, overlayd_dataplane_thread_busy_polls_total | counter | thread |
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ def read_sample(d: state.DaemonLike, info: state.RuntimeInfo) -> dict[str, Any]:
                    "fdb_entries": state.fdb_size(d)},
         "batches": {"inside": inside, "outside": outside},
         "offloads": state.offloads(d),
+        "engine": state.engine(d),
         "map": {"source": kind, "location": location, "datastore": report,
                 "nodes": len(d.smap.nodes), "applied_at": d.map_applied_at,
                 "current": d.map_error is None, "applied": info.reloads_applied,
@@ -262,9 +265,26 @@ class OverlaydCollector(Collector):
                          "1 for each offload the data plane runs with (udp_gso turns 0 if the "
                          "kernel refuses it).", labels=["offload"])
 
+        thread_packets = counter("overlayd_dataplane_thread_packets",
+                                 "Packets read by each native data-plane thread, by direction "
+                                 "(engine threads; their sum is the inside/outside packets).",
+                                 labels=["thread", "direction"])
+        thread_wakeups = counter("overlayd_dataplane_thread_wakeups",
+                                 "Wake-ups of each native data-plane thread (epoll returns).",
+                                 labels=["thread"])
+        thread_polls = counter("overlayd_dataplane_thread_busy_polls",
+                               "Busy-poll rounds of each native data-plane thread.",
+                               labels=["thread"])
+
         if s is None:
             return fams
         build.add_metric([__version__, s["dataplane"]], 1)
+        for t in s["engine"]["threads"]:
+            thread = str(t["thread"])
+            thread_packets.add_metric([thread, "inside"], t["inside_packets"])
+            thread_packets.add_metric([thread, "outside"], t["outside_packets"])
+            thread_wakeups.add_metric([thread], t["wakeups"])
+            thread_polls.add_metric([thread], t["busy_polls"])
         for name, enabled in s["offloads"].items():
             offloads.add_metric([name], float(enabled))
         for peer in s["peers"]:

@@ -220,6 +220,16 @@ def batches(d: DaemonLike) -> tuple[list[int], list[int]]:
     return list(inside), list(outside)
 
 
+def engine(d: DaemonLike) -> dict[str, Any]:
+    """Who drives the data plane: the event loop, or native threads (runtime/engine.py), each
+    with its share of the packets and its loop statistics."""
+    reader = getattr(d.forwarder, "threads", None)
+    if reader is None:
+        return {"kind": "loop", "threads": []}
+    return {"kind": "threads", "busy_poll_us": getattr(d.forwarder, "busy_poll_us", 0),
+            "threads": [dict(t) for t in reader()]}
+
+
 def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[str, Any]:
     """Everything ``overlayd status`` shows, and what scripts read with ``--json``."""
     mono = time.monotonic() if now is None else now
@@ -256,6 +266,7 @@ def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[s
                    "routes": route_count(d),
                    "fdb_entries": fdb_size(d)},
         "offloads": offloads(d),
+        "engine": engine(d),
         "traffic": traffic,
         "drops": drops,
         "health": {"healthy": verdict.healthy, "ready": verdict.ready,

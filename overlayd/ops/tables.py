@@ -101,6 +101,22 @@ def render_datastore(r: dict[str, Any]) -> list[tuple[str, str]]:
     return lines
 
 
+def render_engine(e: dict[str, Any]) -> list[tuple[str, str]]:
+    """One line for the engine, one per native thread with its share of the packets."""
+    if e["kind"] != "threads":
+        return [("engine", "event loop")]
+    threads = e["threads"]
+    poll = f", busy-poll {e['busy_poll_us']} us" if e.get("busy_poll_us") else ""
+    lines = [("engine", f"{len(threads)} native thread{'s' if len(threads) != 1 else ''}{poll}")]
+    for t in threads:
+        lines.append(("", (f"thread {t['thread']}: {t['share'] * 100:.0f}% of packets, "
+                           f"{human_count(t['inside_packets'])} in, "
+                           f"{human_count(t['outside_packets'])} out, "
+                           f"{human_count(t['wakeups'])} wake-ups"
+                           + ("" if t["device_attached"] else ", device detached"))))
+    return lines
+
+
 def render_status(s: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     node, dev, tun, smap, tab = s["node"], s["device"], s["tunnel"], s["map"], s["tables"]
@@ -128,6 +144,7 @@ def render_status(s: dict[str, Any], now: float | None = None) -> str:
     backend = (f"vxlan {tun['mode']} backend, VNI {tun.get('vni')}" if tun["backend"] == "vxlan"
                else f"{tun['backend']} backend")
     lines.append(("tunnel", f"{backend}, udp {tun['bind']}:{tun['port']}"))
+    lines.extend(render_engine(s.get("engine") or {"kind": "loop", "threads": []}))
     map_line = (f"{smap['source']} {smap['location']}: network {smap['network']}, "
                 f"{smap['nodes']} nodes, applied {_ago(smap['applied_at'], now)}")
     lines.append(("map", map_line))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import time
@@ -42,6 +43,7 @@ from overlayd.io.tunnel_socket import (
     udp_gso_supported,
 )
 from overlayd.rate_limited_log import RateLimitedLog
+from overlayd.runtime.engine import ThreadedForwarder, choose_engine
 from overlayd.runtime.wireguard import (
     WG_TICK_SECONDS,
     WireguardRuntime,
@@ -95,6 +97,12 @@ class Daemon:
         self.offloads: dict[str, bool] = {"vnet_hdr": False, "udp_gso": False, "udp_gro": False}
         self.forwarder: Any = None
         self.wireguard: WireguardRuntime | None = None    # backend "wireguard" only
+        # [dataplane] engine: "loop" (readers on this event loop) or "threads" (runtime/engine.py:
+        # native threads, one per device queue and receive socket; self.rx_socks[1:] are the
+        # extra SO_REUSEPORT sockets of threads 1..N-1)
+        self.engine = "loop"
+        self.engine_threads = 1
+        self.rx_socks: list[socket.socket] = []
         self.routes: set[ipaddress.IPv4Network] = set()
         self.started_at = time.monotonic()
         self.map_applied_at = time.time()
@@ -137,7 +145,17 @@ class Daemon:
 
             check_own_public_key(self.smap, self.source.location, me.name,
                                  public_key(wg_keys[0]))
-        self.sock = open_tunnel_socket(bind, backend.port, self.config.socket_buffer_bytes)
+        self.engine, self.engine_threads, note = choose_engine(
+            self.config.engine, self.config.threads, self.implementation, backend.switched,
+            where=str(self.config.path), wireguard=backend.type == "wireguard")
+        if note:
+            log.info("%s", note)
+        multi = self.engine_threads > 1
+        self.sock = open_tunnel_socket(bind, backend.port, self.config.socket_buffer_bytes,
+                                       reuse_port=multi)
+        self.rx_socks = [self.sock] + [
+            open_tunnel_socket(bind, backend.port, self.config.socket_buffer_bytes,
+                               reuse_port=True) for _ in range(self.engine_threads - 1)]
         if backend.type == "vxlan":
             # RFC 7348 wants the outer source port to follow the inner flow; one socket has one
             # port, so datagrams leave from a small pool of sockets on kernel-chosen ephemeral
@@ -145,9 +163,16 @@ class Daemon:
             self.tx_socks = [open_tx_socket(bind, self.config.socket_buffer_bytes)
                              for _ in range(self.config.tx_sockets)]
         self.tun = OverlayDevice(self.config.device_name, "tap" if backend.switched else "tun",
-                                 persist=self.config.keep_device, offload=self.config.offloads)
+                                 persist=self.config.keep_device, offload=self.config.offloads,
+                                 queues=self.engine_threads)
         self._configure_device()
         self.forwarder = self._make_forwarder(me.vtep_mac, wg_keys)
+        if self.engine == "threads":
+            extra = [self._make_forwarder(me.vtep_mac, wg_keys, queue)
+                     for queue in range(1, self.engine_threads)]
+            self.forwarder = ThreadedForwarder(
+                [self.forwarder, *extra], self.tun.fds,
+                [s.fileno() for s in self.rx_socks], self.config.busy_poll_us)
         if backend.switched:
             self._clocked = True
             self.forwarder.set_now(time.monotonic())
@@ -160,6 +185,9 @@ class Daemon:
                  me.name, me.subnet, self.config.device_name, me.address, self.view.device_mtu,
                  mode, bind, backend.port, len(self.view.peers), self.implementation)
         log.info("offloads: %s", describe_offloads(self.offloads, self.tun.tso))
+        log.info("engine: %s", self.engine if self.engine == "loop" else
+                 f"{self.engine_threads} native data-plane thread(s), busy-poll "
+                 f"{self.config.busy_poll_us} us")
         for hook in self.on_map_applied:
             hook(self.smap, self.view)
 
@@ -203,18 +231,20 @@ class Daemon:
         bind = self.config.bind_address or (node.public_ip if node is not None else None)
         return frozenset() if bind is None or bind.is_unspecified else frozenset({bind})
 
-    def _make_forwarder(self, vtep_mac: str, wg_keys: tuple[bytes, bytes | None] | None) -> Any:
+    def _make_forwarder(self, vtep_mac: str, wg_keys: tuple[bytes, bytes | None] | None,
+                        queue: int = 0) -> Any:
         """The kernel for the map's backend: udp, vxlan routed (tun), vxlan switched (tap) or
-        wireguard (tun)."""
+        wireguard (tun); ``queue``: on the device queue and receive socket of that data-plane
+        thread."""
         assert self.tun is not None and self.sock is not None
         backend, config = self.smap.backend, self.config
-        dev, sock = self.tun.fileno(), self.sock.fileno()
+        dev, sock = self.tun.fds[queue], self.rx_socks[queue].fileno()
         tx_fds = [s.fileno() for s in self.tx_socks]
         # GSO is asked for per send on whichever socket sends; GRO is a receive-socket option.
         self.offloads = {
             "vnet_hdr": self.tun.vnet_hdr,
             "udp_gso": config.offloads and udp_gso_supported(self.sock),
-            "udp_gro": config.offloads and enable_udp_gro(self.sock),
+            "udp_gro": config.offloads and enable_udp_gro(self.rx_socks[queue]),
         }
         if backend.type == "udp":
             return self.kernels.UdpForwarder(dev, sock, config.batch_size,
@@ -298,12 +328,17 @@ class Daemon:
 
     def _add_readers(self) -> None:
         assert self._loop is not None and self.tun is not None and self.sock is not None
+        if isinstance(self.forwarder, ThreadedForwarder):
+            self.forwarder.start()      # the threads read the fds: no reader on this loop
+            return
         self._loop.add_reader(self.tun.fileno(), self._on_device_readable)
         self._loop.add_reader(self.sock.fileno(), self._on_socket_readable)
         self._readers = [self.tun.fileno(), self.sock.fileno()]
 
     def _remove_readers(self) -> None:
         assert self._loop is not None
+        if isinstance(self.forwarder, ThreadedForwarder):
+            self.forwarder.stop()       # joined: no thread outlives the fds closed next
         for fd in self._readers:
             self._loop.remove_reader(fd)
         self._readers = []
@@ -446,16 +481,32 @@ class Daemon:
             log.warning("device %s: %s; recreating it", self.config.device_name, why)
         self._device_broken = True
         assert self._loop is not None and self.tun is not None
+        if isinstance(self.forwarder, ThreadedForwarder):
+            self.forwarder.detach_device()
+            return
         self._loop.remove_reader(self.tun.fileno())
 
     def _check_health(self) -> None:
         assert self.tun is not None
+        if isinstance(self.forwarder, ThreadedForwarder):
+            self._check_threads(self.forwarder)
         if not self._device_broken and not self.tun.exists():
             self._device_failed("device was deleted")
         if self._device_broken:
             self._recover_device()
         else:
             self._check_placement()
+
+    def _check_threads(self, threaded: ThreadedForwarder) -> None:
+        """What the threads reported since the last check: a failed device read (the device
+        is recreated as on the loop engine) and receive errors (logged, rate-limited)."""
+        error = threaded.device_error()
+        if error and not self._device_broken:
+            self._device_failed(f"reading the device failed: {os.strerror(error)}")
+        error = threaded.take_socket_error()
+        if error:
+            self._ratelimited.warning("socket", "tunnel socket receive failed: %s",
+                                      os.strerror(error))
 
     def _check_placement(self) -> None:
         """The device exists; is it where it should be (in its bridge, its address on it or,
@@ -485,7 +536,10 @@ class Daemon:
             return
         self._device_broken = False
         self.device_recreations += 1
-        self._loop.add_reader(self.tun.fileno(), self._on_device_readable)
+        if isinstance(self.forwarder, ThreadedForwarder):
+            self.forwarder.attach_device()
+        else:
+            self._loop.add_reader(self.tun.fileno(), self._on_device_readable)
         log.info("device %s recreated and configured", self.config.device_name)
 
     # -- 5. stop --------------------------------------------------------------------------------
@@ -515,6 +569,11 @@ class Daemon:
 
     def close(self) -> None:
         """Release the socket and the device; safe to call after a failed start."""
+        if isinstance(self.forwarder, ThreadedForwarder):
+            self.forwarder.stop()       # idempotent; a failed start may not have run()
+        for rx in self.rx_socks[1:]:
+            rx.close()
+        self.rx_socks = []
         if self.sock is not None:
             self.sock.close()
             self.sock = None

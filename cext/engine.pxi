@@ -1,0 +1,469 @@
+# The native engine: data-plane threads that drive the forwarders' batch loops without Python.
+# Python side: overlayd/runtime/engine.py.
+#
+# 1. One C thread (pthread) per forwarder. Each forwarder is a whole, unshared data plane of
+#    its own (slots, send queues, counters, capture ring, table generation), so the per-packet
+#    code runs unchanged and unsynchronised: a thread owns its forwarder's packet path, its
+#    device queue fd and its receive socket fd (IFF_MULTI_QUEUE + SO_REUSEPORT give every
+#    thread its own; the kernel spreads flows over them by hash, one flow on one queue).
+# 2. The loop: epoll_wait (level-triggered) on the device fd, the socket fd and a wake
+#    eventfd; a readable fd gets one _inside_run/_outside_run (the same nogil batch functions
+#    inside_batch/outside_batch call). The GIL is never taken here.
+# 3. Busy-poll (busy_poll_us > 0): after a wake-up that did work, the thread keeps running
+#    non-blocking batches on both fds until busy_poll_us pass without a packet, so the reply
+#    of a request-response exchange is taken without a sleep and a wake-up.
+# 4. Control stays with Python: everything that changes a forwarder's state outside its packet
+#    path (set_tables, age, set_capture, drain_capture) runs while that thread is *paused*:
+#    pause() asks through the wake eventfd, the thread finishes its batch, acknowledges and
+#    waits on a condition variable; the caller (GIL released while it waits) then calls the
+#    forwarder's ordinary methods, and resume() lets the thread go on. A table swap is thus
+#    still one assignment that no batch sees halfway, and the old generation can only be freed
+#    after the batch that pinned it ended. Reading counters needs no pause: each is an aligned
+#    uint64 written by one thread only, so a reader sees a recent value, never a torn one.
+# 5. A device read error (the device vanished) takes the device fd out of the thread's epoll
+#    set and is reported through device_error(); after the runtime recreated the device on
+#    the same fd numbers, attach_device() puts it back. The thread never closes an fd.
+# 6. stop() asks every thread to end and joins it: no thread outlives the engine (nor the
+#    daemon, which stops the engine before it closes the fds).
+
+from cpython.ref cimport PyObject
+from libc.errno cimport EEXIST
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_create(pthread_t *thread, const void *attr, void *(*start)(void *) noexcept nogil,
+                       void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+    int pthread_cond_init(pthread_cond_t *c, const void *attr)
+    int pthread_cond_destroy(pthread_cond_t *c)
+    int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
+    int pthread_cond_broadcast(pthread_cond_t *c)
+    int pthread_setname_np(pthread_t thread, const char *name)
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    const int EPOLLIN
+    const int EPOLL_CTL_ADD
+    const int EPOLL_CTL_DEL
+    const int EPOLL_CTL_MOD
+    const int EPOLL_CLOEXEC
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    const int EFD_NONBLOCK
+    const int EFD_CLOEXEC
+    int eventfd(unsigned int initval, int flags)
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+    long sysconf(int name)
+    const int _SC_NPROCESSORS_ONLN
+
+
+def online_cpus() -> int:
+    return max(1, <int>sysconf(_SC_NPROCESSORS_ONLN))
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec_t "timespec":
+        time_t tv_sec
+        long tv_nsec
+    const int CLOCK_MONOTONIC
+    const int CLOCK_REALTIME
+    int clock_gettime(int clk, timespec_t *ts)
+
+cdef extern from *:
+    """
+    #define ENGINE_LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    #define ENGINE_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+    """
+    int ENGINE_LOAD(int *p) nogil
+    void ENGINE_STORE(int *p, int v) nogil
+
+cdef enum:
+    RUN_C = 0
+    PAUSE_C = 1
+    STOP_C = 2
+    EV_DEVICE_C = 1
+    EV_SOCKET_C = 2
+    EV_WAKE_C = 3
+    ENGINE_EVENTS_C = 4
+    ENGINE_MAX_THREADS_C = 64
+
+ENGINE_MAX_THREADS = ENGINE_MAX_THREADS_C
+
+
+ctypedef struct engine_thread_t:
+    PyObject *fwd              # borrowed: the NativeEngine holds the reference
+    const fwd_tables_t *tables # the forwarder's generation, re-read by resume() after a swap
+    bint switched              # VxlanSwitchForwarder: set its clock before each batch
+    int index
+    int dev_fd
+    int sock_fd
+    int epfd
+    int wake_fd
+    pthread_t tid
+    bint started
+    int request                # RUN_C / PAUSE_C / STOP_C (atomic)
+    int paused                 # under lock
+    int dev_attached           # under lock (changed only while paused, or by the thread)
+    int dev_error              # errno of the read that took the device out (atomic), 0: none
+    int sock_error             # errno of the last failed receive (atomic)
+    int64_t busy_poll_ns
+    uint64_t wakeups           # epoll_wait returns with at least one event
+    uint64_t inside_batches    # batches that moved at least one packet
+    uint64_t outside_batches
+    uint64_t polls             # busy-poll rounds (each one read attempt per fd)
+    uint64_t poll_hits         # ... that found packets
+    uint64_t sock_errors
+    pthread_mutex_t lock
+    pthread_cond_t cond
+
+
+cdef inline int64_t mono_ns() noexcept nogil:
+    cdef timespec_t ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline double clock_seconds(int clk) noexcept nogil:
+    cdef timespec_t ts
+    clock_gettime(clk, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef int engine_inside(engine_thread_t *th) noexcept nogil:
+    """One device batch of this thread's forwarder; the packets it read."""
+    cdef int err = 0, n
+    cdef epoll_event ev
+    if th.switched:
+        (<VxlanSwitchForwarder>th.fwd).now = clock_seconds(CLOCK_MONOTONIC)
+    if (<_ForwarderBase>th.fwd).capture_on:
+        (<_ForwarderBase>th.fwd).cap_time = clock_seconds(CLOCK_REALTIME)
+    n = (<_ForwarderBase>th.fwd)._inside_run(th.tables, &err)
+    if err:
+        # The device is gone or failing: stop polling it (level-triggered, it would spin) and
+        # let the runtime recreate it.
+        pthread_mutex_lock(&th.lock)
+        if th.dev_attached:
+            epoll_ctl(th.epfd, EPOLL_CTL_DEL, th.dev_fd, &ev)
+            th.dev_attached = False
+        pthread_mutex_unlock(&th.lock)
+        ENGINE_STORE(&th.dev_error, err)
+    if n:
+        th.inside_batches += 1
+    return n
+
+
+cdef int engine_outside(engine_thread_t *th) noexcept nogil:
+    cdef int err = 0, n
+    if th.switched:
+        (<VxlanSwitchForwarder>th.fwd).now = clock_seconds(CLOCK_MONOTONIC)
+    if (<_ForwarderBase>th.fwd).capture_on:
+        (<_ForwarderBase>th.fwd).cap_time = clock_seconds(CLOCK_REALTIME)
+    n = (<_ForwarderBase>th.fwd)._outside_run(th.tables, &err)
+    if err:
+        th.sock_errors += 1
+        ENGINE_STORE(&th.sock_error, err)
+    if n:
+        th.outside_batches += 1
+    return n
+
+
+cdef void engine_busy_poll(engine_thread_t *th) noexcept nogil:
+    """Keep taking batches until busy_poll_ns pass without a packet (or a pause/stop)."""
+    cdef int64_t deadline = mono_ns() + th.busy_poll_ns
+    cdef int got
+    while ENGINE_LOAD(&th.request) == RUN_C:
+        got = engine_outside(th)
+        if th.dev_attached:
+            got += engine_inside(th)
+        th.polls += 1
+        if got:
+            th.poll_hits += 1
+            deadline = mono_ns() + th.busy_poll_ns
+        elif mono_ns() >= deadline:
+            return
+
+
+cdef void *engine_main(void *arg) noexcept nogil:
+    cdef engine_thread_t *th = <engine_thread_t *>arg
+    cdef epoll_event events[ENGINE_EVENTS_C]
+    cdef int n, i, worked
+    cdef uint64_t drain
+    while True:
+        if ENGINE_LOAD(&th.request) != RUN_C:
+            pthread_mutex_lock(&th.lock)
+            if th.request == STOP_C:
+                pthread_mutex_unlock(&th.lock)
+                break
+            th.paused = True
+            pthread_cond_broadcast(&th.cond)
+            while th.request == PAUSE_C:
+                pthread_cond_wait(&th.cond, &th.lock)
+            th.paused = False
+            pthread_mutex_unlock(&th.lock)
+            continue
+        n = epoll_wait(th.epfd, events, ENGINE_EVENTS_C, -1)
+        if n <= 0:
+            continue            # EINTR
+        th.wakeups += 1
+        worked = 0
+        for i in range(n):
+            if events[i].data.u32 == EV_WAKE_C:
+                read(th.wake_fd, &drain, sizeof(drain))
+            elif events[i].data.u32 == EV_SOCKET_C:
+                worked += engine_outside(th)
+            elif th.dev_attached:
+                worked += engine_inside(th)
+        if worked and th.busy_poll_ns > 0:
+            engine_busy_poll(th)
+    return NULL
+
+
+cdef class NativeEngine:
+    """Data-plane threads over forwarders, one thread per (forwarder, device fd, socket fd).
+
+    Call everything from one control thread (the event loop's). Between pause(i) and resume(i)
+    thread i runs no batch, so forwarder i's own methods may be called.
+    """
+
+    cdef engine_thread_t *threads
+    cdef int n
+    cdef list forwarders
+    cdef bint running
+
+    def __cinit__(self, forwarders, dev_fds, sock_fds, busy_poll_us=0):
+        cdef int i
+        cdef engine_thread_t *th
+        cdef epoll_event ev
+        self.threads = NULL
+        self.n = 0
+        self.running = False
+        self.forwarders = list(forwarders)
+        devs = [operator_index(fd) for fd in dev_fds]
+        socks = [operator_index(fd) for fd in sock_fds]
+        busy_poll_us = operator_index(busy_poll_us)
+        count = len(self.forwarders)
+        if not 1 <= count <= ENGINE_MAX_THREADS_C:
+            raise ValueError(f"1..{ENGINE_MAX_THREADS_C} forwarders, got {count}")
+        if len(devs) != count or len(socks) != count:
+            raise ValueError("one device fd and one socket fd per forwarder")
+        if not 0 <= busy_poll_us <= 1_000_000:
+            raise ValueError(f"busy_poll_us must be 0..1000000, got {busy_poll_us}")
+        for f in self.forwarders:
+            if not isinstance(f, _ForwarderBase):
+                raise TypeError(f"{type(f).__name__} is not a compiled forwarder")
+        self.threads = <engine_thread_t *>calloc(count, sizeof(engine_thread_t))
+        if self.threads == NULL:
+            raise MemoryError()
+        for i in range(count):
+            th = &self.threads[i]
+            th.epfd = -1
+            th.wake_fd = -1
+        self.n = count
+        for i in range(count):
+            th = &self.threads[i]
+            th.fwd = <PyObject *>self.forwarders[i]
+            th.switched = isinstance(self.forwarders[i], VxlanSwitchForwarder)
+            th.index = i
+            th.dev_fd = devs[i]
+            th.sock_fd = socks[i]
+            th.busy_poll_ns = <int64_t>busy_poll_us * 1000
+            pthread_mutex_init(&th.lock, NULL)
+            pthread_cond_init(&th.cond, NULL)
+            th.epfd = epoll_create1(EPOLL_CLOEXEC)
+            th.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+            if th.epfd < 0 or th.wake_fd < 0:
+                raise OSError(errno, strerror(errno))
+            for fd, tag in ((th.wake_fd, EV_WAKE_C), (th.sock_fd, EV_SOCKET_C),
+                            (th.dev_fd, EV_DEVICE_C)):
+                ev.events = EPOLLIN
+                ev.data.u64 = 0
+                ev.data.u32 = tag
+                if epoll_ctl(th.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+                    raise OSError(errno, f"epoll_ctl fd {fd}: {strerror(errno)}")
+            th.dev_attached = True
+
+    def __dealloc__(self):
+        cdef int i
+        if self.threads == NULL:
+            return
+        self._stop_all()
+        for i in range(self.n):
+            if self.threads[i].epfd >= 0:
+                close(self.threads[i].epfd)
+            if self.threads[i].wake_fd >= 0:
+                close(self.threads[i].wake_fd)
+            pthread_mutex_destroy(&self.threads[i].lock)
+            pthread_cond_destroy(&self.threads[i].cond)
+        free(self.threads)
+
+    @property
+    def count(self) -> int:
+        return self.n
+
+    def start(self) -> None:
+        cdef int i, rc
+        cdef engine_thread_t *th
+        cdef bytes name
+        if self.running:
+            raise RuntimeError("the engine is already running")
+        for i in range(self.n):
+            th = &self.threads[i]
+            th.request = RUN_C
+            th.tables = &(<_ForwarderBase>self.forwarders[i]).gen.t
+            rc = pthread_create(&th.tid, NULL, engine_main, th)
+            if rc != 0:
+                self._stop_all()
+                raise OSError(rc, f"pthread_create: {strerror(rc)}")
+            th.started = True
+            # While its thread runs, the forwarder refuses every call that would run a batch
+            # or touch batch state from Python (its "a batch is already running" check).
+            (<_ForwarderBase>self.forwarders[i]).busy = True
+            name = f"overlayd-dp{i}".encode()[:15]
+            pthread_setname_np(th.tid, name)
+        self.running = True
+
+    cdef void _wake(self, engine_thread_t *th) noexcept nogil:
+        cdef uint64_t one = 1
+        write(th.wake_fd, &one, sizeof(one))
+
+    def pause(self, int i) -> None:
+        """Return once thread i has finished its batch and waits (a no-op when not running)."""
+        cdef engine_thread_t *th = self._thread(i)
+        if not th.started:
+            return
+        with nogil:
+            pthread_mutex_lock(&th.lock)
+            ENGINE_STORE(&th.request, PAUSE_C)
+            self._wake(th)
+            while not th.paused:
+                pthread_cond_wait(&th.cond, &th.lock)
+            pthread_mutex_unlock(&th.lock)
+        (<_ForwarderBase>self.forwarders[i]).busy = False
+
+    def resume(self, int i) -> None:
+        cdef engine_thread_t *th = self._thread(i)
+        if not th.started:
+            return
+        # The only place a thread's generation changes: while it is paused, after set_tables.
+        th.tables = &(<_ForwarderBase>self.forwarders[i]).gen.t
+        (<_ForwarderBase>self.forwarders[i]).busy = True
+        pthread_mutex_lock(&th.lock)
+        ENGINE_STORE(&th.request, RUN_C)
+        pthread_cond_broadcast(&th.cond)
+        pthread_mutex_unlock(&th.lock)
+
+    def stop(self) -> None:
+        """End and join every thread (idempotent)."""
+        self._stop_all()
+
+    cdef void _stop_all(self) noexcept:
+        cdef int i
+        cdef engine_thread_t *th
+        for i in range(self.n):
+            th = &self.threads[i]
+            if not th.started:
+                continue
+            with nogil:
+                pthread_mutex_lock(&th.lock)
+                ENGINE_STORE(&th.request, STOP_C)
+                pthread_cond_broadcast(&th.cond)
+                pthread_mutex_unlock(&th.lock)
+                self._wake(th)
+                pthread_join(th.tid, NULL)
+            th.started = False
+            (<_ForwarderBase>self.forwarders[i]).busy = False
+        self.running = False
+
+    cdef engine_thread_t *_thread(self, int i) except NULL:
+        if not 0 <= i < self.n:
+            raise IndexError(f"thread {i} of {self.n}")
+        return &self.threads[i]
+
+    def device_error(self) -> int:
+        """errno of a device read that took some thread's device fd out, or 0."""
+        cdef int i, e
+        for i in range(self.n):
+            e = ENGINE_LOAD(&self.threads[i].dev_error)
+            if e:
+                return e
+        return 0
+
+    def detach_device(self) -> None:
+        """Stop every thread polling its device fd (the device is being recreated)."""
+        cdef int i
+        cdef epoll_event ev
+        for i in range(self.n):
+            self.pause(i)
+            if self.threads[i].dev_attached:
+                epoll_ctl(self.threads[i].epfd, EPOLL_CTL_DEL, self.threads[i].dev_fd, &ev)
+                self.threads[i].dev_attached = False
+            self.resume(i)
+
+    def attach_device(self) -> None:
+        """Poll the device fds again (after the device was recreated on the same numbers)."""
+        cdef int i, rc, err
+        cdef epoll_event ev
+        cdef engine_thread_t *th
+        for i in range(self.n):
+            self.pause(i)
+            th = &self.threads[i]
+            if th.dev_attached:
+                # the old registration went with the file dup2 replaced; a stale one goes too
+                epoll_ctl(th.epfd, EPOLL_CTL_DEL, th.dev_fd, &ev)
+            ev.events = EPOLLIN
+            ev.data.u64 = 0
+            ev.data.u32 = EV_DEVICE_C
+            rc = epoll_ctl(th.epfd, EPOLL_CTL_ADD, th.dev_fd, &ev)
+            if rc < 0 and errno == EEXIST:
+                # the same file is back on the fd (its registration outlived the other file)
+                rc = epoll_ctl(th.epfd, EPOLL_CTL_MOD, th.dev_fd, &ev)
+            err = errno
+            th.dev_attached = rc == 0
+            ENGINE_STORE(&th.dev_error, 0)
+            self.resume(i)
+            if rc < 0:
+                raise OSError(err, f"epoll_ctl device fd {th.dev_fd}: {strerror(err)}")
+
+    def take_socket_error(self) -> int:
+        """errno of the last failed receive on any thread since the last call, or 0."""
+        cdef int i, e, got = 0
+        for i in range(self.n):
+            e = ENGINE_LOAD(&self.threads[i].sock_error)
+            if e:
+                ENGINE_STORE(&self.threads[i].sock_error, 0)
+                got = e
+        return got
+
+    def thread_stats(self) -> list:
+        """Per thread: wakeups, inside/outside batches, busy-poll rounds and hits, receive
+        errors (each written by its thread only: read without stopping it)."""
+        cdef int i
+        cdef engine_thread_t *th
+        out = []
+        for i in range(self.n):
+            th = &self.threads[i]
+            out.append({"wakeups": th.wakeups, "inside_batches": th.inside_batches,
+                        "outside_batches": th.outside_batches, "busy_polls": th.polls,
+                        "busy_poll_hits": th.poll_hits, "socket_errors": th.sock_errors,
+                        "device_attached": bool(th.dev_attached), "running": bool(th.started)})
+        return out
