@@ -14,8 +14,10 @@ an initiation unanswered for REKEY_TIMEOUT (+ jitter) is resent with a new ephem
 most REKEY_ATTEMPT_TIME; data to a peer without a session, a session past REKEY_AFTER_TIME
 (initiator), or a peer silent for KEEPALIVE + REKEY_TIMEOUT after we sent data starts one;
 received data unanswered for KEEPALIVE_TIMEOUT (or the persistent keepalive interval) sends a
-keepalive. Under load (more handshake messages per second than ``under_load_rate``), a message
-without a valid MAC2 gets a cookie reply instead of our X25519 work.
+keepalive; a persistent keepalive due while there is no session starts a handshake instead
+(one per interval, counting an initiation as something sent). Under load (more handshake
+messages per second than ``under_load_rate``), a message without a valid MAC2 gets a cookie
+reply instead of our X25519 work.
 Times: ``now`` monotonic seconds, ``unix_ns`` wall clock ns; both passed in.
 """
 
@@ -34,7 +36,13 @@ from overlayd.control.wg_handshake import (
     SessionKeys,
     open_initiation,
 )
-from overlayd.control.wg_timers import Activity, Timings, keepalive_due, peer_looks_dead
+from overlayd.control.wg_timers import (
+    Activity,
+    Timings,
+    keepalive_due,
+    peer_looks_dead,
+    persistent_keepalive_due,
+)
 from overlayd.wire import wireguard as wg
 
 log = logging.getLogger("overlayd.wireguard")
@@ -267,6 +275,11 @@ class WgDevice:
         self.stats.cookie_replies_received += 1
         return []
 
+    def _has_session(self, peer: WgPeer, now: float) -> bool:
+        """A session the data plane can still send with (younger than REJECT_AFTER_TIME)."""
+        return (peer.session_started is not None
+                and now - peer.session_started < self.timings.reject_after_time)
+
     def handshake_done(self, peer_index: int, unix_ns: int) -> None:
         """The responder's session got its first transport message (the data plane saw it)."""
         peer = self.peer_at(peer_index)
@@ -295,8 +308,13 @@ class WgDevice:
             if peer_looks_dead(a, now, t) and a.sent_data > peer.dead_handled_at:
                 peer.dead_handled_at = a.sent_data
                 actions += self.want_handshake(index, now, unix_ns)
-            if peer.session_started is not None and keepalive_due(a, now, t):
-                actions.append(Keepalive(index))
+            if self._has_session(peer, now):
+                if keepalive_due(a, now, t):
+                    actions.append(Keepalive(index))
+            elif persistent_keepalive_due(a, peer.last_initiation_sent, now, t):
+                # A keepalive needs a session (whitepaper 6.5): start one, so that a peer
+                # behind NAT comes up, and keeps its mapping open, by itself.
+                actions += self.want_handshake(index, now, unix_ns)
             if (peer.session_started is not None
                     and now - peer.session_started >= 3 * t.reject_after_time):
                 peer.session_started = None     # the data plane has zeroed its keys by now
