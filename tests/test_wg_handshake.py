@@ -30,6 +30,7 @@ from overlayd.control.wg_noise import (
     xaead_encrypt,
 )
 from overlayd.control.wg_peers import (
+    DropStaged,
     Install,
     Keepalive,
     PeerConfig,
@@ -221,12 +222,17 @@ def test_unanswered_initiation_is_retried_then_given_up() -> None:
     assert _one(a.want_handshake(0, 0.0, UNIX_NS), Send)
     sent = 1
     now = 0.0
+    gave_up: list[float] = []
     while now < 40.0:
         now += 0.5
-        sent += sum(isinstance(x, Send) for x in a.tick(now, UNIX_NS, [Activity()]))
+        actions = a.tick(now, UNIX_NS, [Activity()])
+        sent += sum(isinstance(x, Send) for x in actions)
+        gave_up += [now for x in actions if isinstance(x, DropStaged) and x.peer == 0]
     # retries every 5-5.33 s while the attempt is younger than 20 s (at ~5, ~10, ~15 s);
     # the one due at ~20 s gives up instead, and nothing follows without new data
     assert sent == 1 + 3, sent
+    # giving up drops what the data plane held for the peer, once
+    assert len(gave_up) == 1 and 20.0 <= gave_up[0] <= 22.5, gave_up
 
 
 def test_initiator_rekeys_after_rekey_after_time_when_sending() -> None:

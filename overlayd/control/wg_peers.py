@@ -8,6 +8,7 @@ socket or the data plane: every call returns actions for the runtime to carry ou
   Install(peer, keys)            session keys for the data plane (it rotates its keypairs)
   SetEndpoint(peer, address)     a peer's endpoint follows its last authenticated handshake
   Keepalive(peer)                ask the data plane to send an empty transport message
+  DropStaged(peer)               the handshake gave up: drop the packets held for the peer
 
 Timer rules (whitepaper section 6), decided on ``tick`` from the data plane's activity times:
 an initiation unanswered for REKEY_TIMEOUT (+ jitter) is resent with a new ephemeral, for at
@@ -74,7 +75,12 @@ class Keepalive:
     peer: int
 
 
-Action = Send | Install | SetEndpoint | Keepalive
+@dataclass(frozen=True, slots=True)
+class DropStaged:
+    peer: int
+
+
+Action = Send | Install | SetEndpoint | Keepalive | DropStaged
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +261,9 @@ class WgDevice:
         peer.last_handshake_unix_ns = unix_ns
         peer.endpoint = address
         index = peer.config.index
-        # The responder may send only once it saw the session used: confirm it at once.
-        return [Install(index, keys), SetEndpoint(index, address), Keepalive(index)]
+        # The responder may send only once it saw the session used: confirm it at once. The
+        # endpoint first: installing sends what the data plane held for the peer.
+        return [SetEndpoint(index, address), Install(index, keys), Keepalive(index)]
 
     def _session(self, peer: WgPeer, keys: SessionKeys, now: float) -> None:
         peer.session_started = now
@@ -299,6 +306,7 @@ class WgDevice:
                 if now - peer.attempt_started >= t.rekey_attempt_time:
                     peer.attempt_started = None     # give up until data asks again
                     peer.next_retry = float("inf")
+                    actions.append(DropStaged(index))   # as wireguard-go: held data goes
                 else:
                     actions += self._initiate(peer, now, unix_ns)
             if (peer.session_started is not None and peer.session_initiator
