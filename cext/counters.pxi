@@ -66,6 +66,8 @@ cpdef enum:
     CTR_WG_HANDSHAKE_MESSAGES
     CTR_WG_KEEPALIVES_SENT
     CTR_WG_KEEPALIVES_RECEIVED
+    CTR_WG_STAGED
+    CTR_WG_STAGED_SENT
     CTR_WG_BAD_MESSAGE
     CTR_WG_BAD_MAC1
     CTR_WG_HANDSHAKE_QUEUE_FULL
@@ -74,6 +76,8 @@ cpdef enum:
     CTR_WG_REPLAY
     CTR_WG_DECRYPT_FAILED
     CTR_WG_NO_SESSION
+    CTR_WG_STAGED_OVERFLOW
+    CTR_WG_STAGED_EXPIRED
     N_COUNTERS
 
 COUNTER_NAMES = (
@@ -138,6 +142,8 @@ COUNTER_NAMES = (
     "wg_handshake_messages",
     "wg_keepalives_sent",
     "wg_keepalives_received",
+    "wg_staged",
+    "wg_staged_sent",
     "wg_bad_message",
     "wg_bad_mac1",
     "wg_handshake_queue_full",
@@ -146,6 +152,8 @@ COUNTER_NAMES = (
     "wg_replay",
     "wg_decrypt_failed",
     "wg_no_session",
+    "wg_staged_overflow",
+    "wg_staged_expired",
 )
 
 cdef enum:

@@ -4,7 +4,11 @@
 # Inside (tun -> underlay), per packet or TSO segment, GIL released:
 #   1. _RoutedBase._route;
 #   2. the peer's session's current keypair, usable (younger than REJECT_AFTER_TIME, counter
-#      below REJECT_AFTER_MESSAGES), else wg_no_session and one NEED_HANDSHAKE event;
+#      below REJECT_AFTER_MESSAGES), else one NEED_HANDSHAKE event and the packet is copied
+#      into the session's staging ring (STAGED_MAX_C slots, allocated with the session; full:
+#      the oldest is wg_staged_overflow; too big for a slot: wg_no_session). The ring is
+#      sealed and sent, in its slots, by the call that makes a keypair current
+#      (install_keypair, send_staged), or dropped (drop_staged, the peer leaving the map);
 #   3. in place: zero padding to 16 (not past the path MTU) behind the packet, ChaCha20-Poly1305
 #      with the keypair's send context (set up once, at install) and the counter as nonce, the
 #      tag behind, the 16-byte header in the headroom in front; queue it. TSO segments got room
@@ -85,6 +89,11 @@ cdef enum:
     WG_EVENT_SESSION_CONFIRMED = 4
     REPLAY_BLOCKS = 33             # wg_replay.BLOCKS: 2048 counters behind the newest
     REPLAY_WINDOW = (REPLAY_BLOCKS - 1) * 64
+    STAGED_MAX_C = 128             # wireguard_forwarder.STAGED_MAX
+    STAGED_PACKET_MAX_C = 9216     # wireguard_forwarder.STAGED_PACKET_MAX (16-aligned)
+    # a slot: header room, the packet and its padding, the tag, and a gap so that two sealed
+    # slots never lie back to back (the twin's held packets never merge into one GSO send)
+    STAGED_STRIDE_C = WG_HEADER_LEN + STAGED_PACKET_MAX_C + WG_TAG_LEN + 16
 
 cdef double WG_NEVER = -1e300
 
@@ -150,6 +159,11 @@ ctypedef struct session_t:
     bint roamed
     sockaddr_in endpoint           # where it roamed to (valid while roamed)
     sockaddr_in map_addr           # what the map said when the endpoint was last reset
+    unsigned char *staged          # STAGED_MAX_C slots of STAGED_STRIDE_C bytes (malloc'd with
+                                   # the session, so holding a packet is one memcpy)
+    uint32_t staged_len[STAGED_MAX_C]
+    int32_t staged_head            # ring: the oldest held packet's slot
+    int32_t staged_count
 
 
 ctypedef struct wg_event_t:
@@ -276,6 +290,9 @@ cdef class WireguardForwarder(_RoutedBase):
             for i in range(self.nkeypairs):
                 self._free_ctx(&self.keypairs[i])
         free(self.keypairs)
+        if self.spool != NULL:
+            for i in range(self.nspool):
+                free(self.spool[i].staged)
         free(self.spool)
         free(self.peer_session)
         free(self.index_table)
@@ -393,6 +410,9 @@ cdef class WireguardForwarder(_RoutedBase):
             for kp in (s.current, s.previous, s.next):
                 if kp >= 0:
                     self._drop(kp)
+            self._expire_staged(s)
+            free(s.staged)
+            s.staged = NULL
             s.used = False
             s.peer = -1
         new_count = sum(1 for k in keys if k not in self.by_key)
@@ -412,6 +432,9 @@ cdef class WireguardForwarder(_RoutedBase):
                 slot = free_slot
                 s = &self.spool[slot]
                 memset(s, 0, sizeof(session_t))
+                s.staged = <unsigned char *>malloc(STAGED_MAX_C * STAGED_STRIDE_C)
+                if s.staged == NULL:
+                    raise MemoryError()
                 s.used = True
                 s.current = s.previous = s.next = -1
                 s.sent_any = s.received_any = s.sent_data = s.received_data = WG_NEVER
@@ -461,6 +484,53 @@ cdef class WireguardForwarder(_RoutedBase):
             s.next = slot
         s.want_handshake = False
         self._rebuild_index()
+        if k.initiator:
+            self._send_staged_now(s)
+
+    def send_staged(self, peer) -> int:
+        cdef int32_t p = operator_index(peer)
+        if not 0 <= p < self.npeer_session:
+            return 0
+        return self._send_staged_now(&self.spool[self.peer_session[p]])
+
+    def drop_staged(self, peer) -> int:
+        cdef int32_t p = operator_index(peer)
+        if not 0 <= p < self.npeer_session:
+            return 0
+        return self._expire_staged(&self.spool[self.peer_session[p]])
+
+    cdef int32_t _expire_staged(self, session_t *s) noexcept:
+        cdef int32_t dropped = s.staged_count
+        self.ctr[CTR_WG_STAGED_EXPIRED] += dropped
+        s.staged_head = s.staged_count = 0
+        return dropped
+
+    cdef int32_t _send_staged_now(self, session_t *s) except -1:
+        """Seal the held packets in their slots and send them (one flush for all)."""
+        cdef _TableGeneration gen = self.gen
+        cdef int32_t kp, sent = 0, i
+        cdef unsigned char *pkt
+        if s.staged_count == 0 or self._sendable(s) < 0 or s.peer < 0:
+            return 0
+        self._enter()
+        try:
+            with nogil:
+                while s.staged_count:
+                    kp = self._sendable(s)
+                    if kp < 0:
+                        break       # used up on the way (REJECT_AFTER_MESSAGES)
+                    i = s.staged_head
+                    s.staged_head = (i + 1) % STAGED_MAX_C
+                    s.staged_count -= 1
+                    pkt = s.staged + <size_t>i * STAGED_STRIDE_C + WG_HEADER_LEN
+                    self.ctr[CTR_WG_STAGED_SENT] += 1
+                    self._seal_and_queue(&gen.t, s, &self.keypairs[kp], s.peer, pkt,
+                                         s.staged_len[i])
+                    sent += 1
+                self._flush(&gen.t)
+        finally:
+            self.busy = False
+        return sent
 
     def set_endpoint(self, peer, ip, port) -> None:
         cdef int32_t p = operator_index(peer)
@@ -610,17 +680,38 @@ cdef class WireguardForwarder(_RoutedBase):
                           uint32_t n) noexcept nogil:
         cdef int32_t peer = self._route(t, pkt, n), kp
         cdef session_t *s
-        cdef keypair_t *k
-        cdef uint32_t padded
         if peer < 0:
             return
         s = &self.spool[self.peer_session[peer]]
         kp = self._sendable(s)
         if kp < 0:
-            self.ctr[CTR_WG_NO_SESSION] += 1
-            self._want_handshake(s)
+            self._stage(s, pkt, n)
             return
-        k = &self.keypairs[kp]
+        self._seal_and_queue(t, s, &self.keypairs[kp], peer, pkt, n)
+
+    cdef inline void _stage(self, session_t *s, const unsigned char *pkt,
+                            uint32_t n) noexcept nogil:
+        """Hold a packet for a peer without a session (a copy into the ring), and ask for the
+        handshake."""
+        cdef int32_t i
+        self._want_handshake(s)
+        if n > STAGED_PACKET_MAX_C:
+            self.ctr[CTR_WG_NO_SESSION] += 1
+            return
+        if s.staged_count >= STAGED_MAX_C:
+            s.staged_head = (s.staged_head + 1) % STAGED_MAX_C
+            s.staged_count -= 1
+            self.ctr[CTR_WG_STAGED_OVERFLOW] += 1
+        i = (s.staged_head + s.staged_count) % STAGED_MAX_C
+        memcpy(s.staged + <size_t>i * STAGED_STRIDE_C + WG_HEADER_LEN, pkt, n)
+        s.staged_len[i] = n
+        s.staged_count += 1
+        self.ctr[CTR_WG_STAGED] += 1
+
+    cdef void _seal_and_queue(self, const fwd_tables_t *t, session_t *s, keypair_t *k,
+                              int32_t peer, unsigned char *pkt, uint32_t n) noexcept nogil:
+        """Seal one routed packet in place (header room in front, room behind) and queue it."""
+        cdef uint32_t padded
         if (k.send_counter >= self.rekey_after_messages
                 or (k.initiator and self.now - k.created >= self.rekey_after_time)):
             self._want_handshake(s)

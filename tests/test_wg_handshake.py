@@ -30,6 +30,7 @@ from overlayd.control.wg_noise import (
     xaead_encrypt,
 )
 from overlayd.control.wg_peers import (
+    DropStaged,
     Install,
     Keepalive,
     PeerConfig,
@@ -221,12 +222,17 @@ def test_unanswered_initiation_is_retried_then_given_up() -> None:
     assert _one(a.want_handshake(0, 0.0, UNIX_NS), Send)
     sent = 1
     now = 0.0
+    gave_up: list[float] = []
     while now < 40.0:
         now += 0.5
-        sent += sum(isinstance(x, Send) for x in a.tick(now, UNIX_NS, [Activity()]))
+        actions = a.tick(now, UNIX_NS, [Activity()])
+        sent += sum(isinstance(x, Send) for x in actions)
+        gave_up += [now for x in actions if isinstance(x, DropStaged) and x.peer == 0]
     # retries every 5-5.33 s while the attempt is younger than 20 s (at ~5, ~10, ~15 s);
     # the one due at ~20 s gives up instead, and nothing follows without new data
     assert sent == 1 + 3, sent
+    # giving up drops what the data plane held for the peer, once
+    assert len(gave_up) == 1 and 20.0 <= gave_up[0] <= 22.5, gave_up
 
 
 def test_initiator_rekeys_after_rekey_after_time_when_sending() -> None:
@@ -247,6 +253,42 @@ def test_keepalive_after_received_data_goes_unanswered() -> None:
     quiet = Activity(sent_any=2.0, received_any=3.0, sent_data=2.0, received_data=3.0)
     assert not any(isinstance(x, Keepalive) for x in b.tick(12.0, UNIX_NS, [quiet]))
     assert any(isinstance(x, Keepalive) for x in b.tick(13.0, UNIX_NS, [quiet]))
+
+
+def test_persistent_keepalive_without_a_session_starts_the_handshake() -> None:
+    # A peer behind NAT with nothing to send must still come up by itself: its persistent
+    # keepalive needs a session, so it initiates one (and keeps trying once per interval).
+    t = Timings(persistent_keepalive=25.0, rekey_timeout=5.0, rekey_attempt_time=20.0)
+    a, b = _pair(timings=t)
+    idle = Activity()
+    first = _one(a.tick(0.1, UNIX_NS, [idle]), Send)
+    assert isinstance(first, Send) and wg.message_type(first.datagram) == wg.INITIATION
+    # unanswered: the ordinary retries (~5, ~10, ~15 s), then given up at ~20 s; the next
+    # attempt comes one persistent interval after the last initiation, not on every tick
+    initiations = [0.1]
+    now = 0.1
+    while now < 45.0:
+        now = round(now + 0.1, 1)
+        if any(isinstance(x, Send) for x in a.tick(now, UNIX_NS, [idle])):
+            initiations.append(now)
+    assert len(initiations) == 5, initiations
+    assert 15.0 <= initiations[3] < 16.1 and 40.0 <= initiations[4] < 41.2, initiations
+    # answered: a session, then keepalives (not handshakes) every interval
+    retry = a.tick(70.0, UNIX_NS, [idle])
+    init = _one(retry, Send)
+    assert isinstance(init, Send)
+    response = _one(b.handle(init.datagram, A_ADDR, 70.0, UNIX_NS), Send)
+    assert isinstance(response, Send)
+    actions = a.handle(response.datagram, B_ADDR, 70.0, UNIX_NS)
+    assert _one(actions, Install) and _one(actions, Keepalive)
+    sent = Activity(sent_any=70.0)
+    assert not a.tick(94.0, UNIX_NS, [sent])
+    assert [type(x) for x in a.tick(95.0, UNIX_NS, [sent])] == [Keepalive]
+
+
+def test_no_persistent_keepalive_means_no_handshake_without_data() -> None:
+    a, _ = _pair(timings=Timings(persistent_keepalive=0.0))
+    assert not any(a.tick(now, UNIX_NS, [Activity()]) for now in (0.1, 30.0, 300.0))
 
 
 def test_response_moves_the_endpoint_to_its_source() -> None:

@@ -167,13 +167,21 @@ def packet_ttl(p: bytes, ttl: int) -> bytes:
 def test_responder_sends_only_after_the_session_is_confirmed(pair: tuple[Node, Node]) -> None:
     a, b = pair
     handshake(a, b)
-    b.app.send(packet("10.0.2.9", "10.0.1.5"))
+    b.app.send(packet("10.0.2.9", "10.0.1.5", b"held"))
     b.fw.inside_batch()
-    assert b.counters()["wg_no_session"] == 1
+    assert b.counters()["wg_staged"] == 1        # held: B's keypair is only "next" yet
+    assert not select.select([a.sock], [], [], 0.2)[0]
+    assert identity_violations(b.fw.counters(), b.fw.peer_counters()) == []
     a.fw.send_keepalive(0)
     wait(b.sock)
     b.fw.outside_batch()
     assert b.counters()["wg_keepalives_received"] == 1
+    assert EVENT_SESSION_CONFIRMED in [e[0] for e in b.fw.drain_events()]
+    assert b.fw.send_staged(0) == 1             # what the runtime does on that event
+    wait(a.sock)
+    a.fw.outside_batch()
+    assert a.app.recv(65536) == packet_ttl(packet("10.0.2.9", "10.0.1.5", b"held"), 63)
+    assert b.counters()["wg_staged_sent"] == 1
     b.app.send(packet("10.0.2.9", "10.0.1.5"))
     b.fw.inside_batch()
     wait(a.sock)
@@ -249,8 +257,81 @@ def test_no_session_asks_for_one_handshake_per_batch(pair: tuple[Node, Node]) ->
     for _ in range(5):
         a.app.send(packet("10.0.1.5", "10.0.2.9"))
     a.fw.inside_batch()
-    assert a.counters()["wg_no_session"] == 5
+    assert a.counters()["wg_staged"] == 5
     assert a.fw.drain_events() == [(EVENT_NEED_HANDSHAKE, 0, b"", None)]
+
+
+def test_packets_held_without_a_session_leave_when_the_keypair_is_installed(
+        pair: tuple[Node, Node]) -> None:
+    # the first packets to a peer (a ping after start) are held, not lost, and go out sealed
+    # in the very call that installs our keypair, in order
+    a, b = pair
+    sent = [packet("10.0.1.5", "10.0.2.9", bytes([i]) * (i * 100)) for i in range(5)]
+    for p in sent:
+        a.app.send(p)
+    a.fw.inside_batch()
+    c = a.counters()
+    assert c["wg_staged"] == 5 and "forwarded_packets" not in c
+    assert identity_violations(a.fw.counters(), a.fw.peer_counters()) == []
+    assert not select.select([b.sock], [], [], 0.1)[0]
+    assert a.fw.drain_events() == [(EVENT_NEED_HANDSHAKE, 0, b"", None)]
+    handshake(a, b)                                 # ends with A's install_keypair
+    assert a.counters()["wg_staged_sent"] == 5 and a.counters()["forwarded_packets"] == 5
+    wait(b.sock)
+    b.fw.outside_batch()
+    got = []
+    while select.select([b.app], [], [], 0.2)[0]:
+        got.append(b.app.recv(65536))
+    assert got == [packet_ttl(p, 63) for p in sent]
+    assert a.fw.send_staged(0) == 0                 # nothing held twice
+    for node in (a, b):
+        assert identity_violations(node.fw.counters(), node.fw.peer_counters()) == []
+
+
+def test_held_packets_are_bounded_the_oldest_dropped(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    sent = [packet("10.0.1.5", "10.0.2.9", struct.pack("!I", i)) for i in range(130)]
+    for chunk in (sent[:60], sent[60:120], sent[120:]):
+        for p in chunk:
+            a.app.send(p)
+        while a.fw.inside_batch():
+            pass
+    c = a.counters()
+    assert c["wg_staged"] == 130 and c["wg_staged_overflow"] == 2
+    assert identity_violations(a.fw.counters(), a.fw.peer_counters()) == []
+    a.fw.drain_events()
+    handshake(a, b)
+    assert a.counters()["wg_staged_sent"] == 128
+    got = []
+    while select.select([b.sock], [], [], 0.2)[0]:
+        while b.fw.outside_batch():
+            pass
+        while select.select([b.app], [], [], 0.05)[0]:
+            got.append(b.app.recv(65536))
+    assert got == [packet_ttl(p, 63) for p in sent[2:]]
+    assert identity_violations(a.fw.counters(), a.fw.peer_counters()) == []
+
+
+def test_held_packets_are_dropped_when_the_handshake_gives_up(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    for _ in range(3):
+        a.app.send(packet("10.0.1.5", "10.0.2.9"))
+    a.fw.inside_batch()
+    assert a.fw.drop_staged(0) == 3
+    assert a.counters()["wg_staged_expired"] == 3
+    assert identity_violations(a.fw.counters(), a.fw.peer_counters()) == []
+    a.fw.drain_events()
+    handshake(a, b)
+    assert "wg_staged_sent" not in a.counters()
+    assert not select.select([b.sock], [], [], 0.2)[0]
+    # a peer that leaves the map takes what was held for it
+    a.fw.set_now(100.0 + 200.0)                     # past REJECT_AFTER_TIME: held again
+    a.app.send(packet("10.0.1.5", "10.0.2.9"))
+    a.fw.inside_batch()
+    a.fw.set_tables(ForwardingTables(ipv4.addr_to_int("10.0.1.1"), (), (
+        (ipv4.addr_to_int("10.0.1.0"), 24, LOCAL),)))
+    assert a.counters()["wg_staged_expired"] == 4
+    assert identity_violations(a.fw.counters()) == []
 
 
 def test_endpoint_roams_to_the_last_authenticated_source(pair: tuple[Node, Node]) -> None:
@@ -285,7 +366,7 @@ def test_keypair_past_reject_after_time_is_refused_both_ways(pair: tuple[Node, N
         fw.set_now(100.0 + 181.0)
     a.app.send(packet("10.0.1.5", "10.0.2.9"))
     a.fw.inside_batch()
-    assert a.counters()["wg_no_session"] == 1
+    assert a.counters()["wg_staged"] == 1           # held until a new handshake
     a.sock.sendto(seal_transport(a_keys.remote_index, 0, a_keys.send_key,
                                  packet("10.0.1.5", "10.0.2.9")), (B_IP, b.port))
     wait(b.sock)
@@ -385,3 +466,54 @@ def test_cython_and_twin_seal_the_same_bytes_and_count_the_same(
     assert len(outputs[0]) == len(inner) and outputs[0] == outputs[1]
     assert counters[0] == counters[1], counters
     assert counters[0][0]["wg_replay"] == 2 and counters[0][0]["delivered_packets"] == 4
+
+
+def test_cython_and_twin_hold_and_release_alike(
+        kernel_pair: tuple[ModuleType, ModuleType]) -> None:
+    """Parity of staging: the same packets held (past the bound), then sealed on install,
+    byte for byte, with the same counters; and the same drops when given up."""
+    ka, kb = generate_private_key(), generate_private_key()
+    nodes = [Node(k, A_IP, "10.0.1.0/24", B_IP, "10.0.2.0/24", ka, kb) for k in kernel_pair]
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)   # 128 at once
+    sink.bind((B_IP, 0))
+    send_key, recv_key = os.urandom(32), os.urandom(32)
+    rng = random.Random(7)
+    inner = [packet("10.0.1.5", "10.0.2.9", rng.randbytes(rng.randrange(0, 400)))
+             for _ in range(140)]
+    outputs, counters = [], []
+    try:
+        for node in nodes:
+            node.connect(sink.getsockname()[1])
+            for start in range(0, len(inner), 50):
+                for p in inner[start:start + 50]:
+                    node.app.send(p)
+                while node.fw.inside_batch():
+                    pass
+            held = node.counters()
+            node.fw.install_keypair(0, 1234, 777, send_key, recv_key, True)
+            got = []
+            while select.select([sink], [], [], 0.3)[0]:
+                got.append(sink.recv(65536))
+            outputs.append(got)
+            node.fw.set_now(100.0 + 200.0)          # the keypair expires: held again
+            for p in inner[:3]:
+                node.app.send(p)
+            node.fw.inside_batch()
+            dropped = node.fw.drop_staged(0)
+            counters.append((held, node.counters(), dropped,
+                             [e[0] for e in node.fw.drain_events()]))
+            assert identity_violations(node.fw.counters(), node.fw.peer_counters()) == []
+    finally:
+        sink.close()
+        for node in nodes:
+            node.close()
+    assert len(outputs[0]) == 128 and outputs[0] == outputs[1]
+    for counter, datagram in enumerate(outputs[0]):
+        receiver, got_counter, plain = open_transport(datagram, send_key)
+        assert receiver == 777 and got_counter == counter
+        assert plain[:len(inner[12 + counter])] == packet_ttl(inner[12 + counter], 63)
+    assert counters[0] == counters[1], counters
+    held, after, dropped, _ = counters[0]
+    assert held["wg_staged"] == 140 and held["wg_staged_overflow"] == 12
+    assert after["wg_staged_sent"] == 128 and after["wg_staged_expired"] == 3 and dropped == 3

@@ -8,14 +8,17 @@ socket or the data plane: every call returns actions for the runtime to carry ou
   Install(peer, keys)            session keys for the data plane (it rotates its keypairs)
   SetEndpoint(peer, address)     a peer's endpoint follows its last authenticated handshake
   Keepalive(peer)                ask the data plane to send an empty transport message
+  DropStaged(peer)               the handshake gave up: drop the packets held for the peer
 
 Timer rules (whitepaper section 6), decided on ``tick`` from the data plane's activity times:
 an initiation unanswered for REKEY_TIMEOUT (+ jitter) is resent with a new ephemeral, for at
 most REKEY_ATTEMPT_TIME; data to a peer without a session, a session past REKEY_AFTER_TIME
 (initiator), or a peer silent for KEEPALIVE + REKEY_TIMEOUT after we sent data starts one;
 received data unanswered for KEEPALIVE_TIMEOUT (or the persistent keepalive interval) sends a
-keepalive. Under load (more handshake messages per second than ``under_load_rate``), a message
-without a valid MAC2 gets a cookie reply instead of our X25519 work.
+keepalive; a persistent keepalive due while there is no session starts a handshake instead
+(one per interval, counting an initiation as something sent). Under load (more handshake
+messages per second than ``under_load_rate``), a message without a valid MAC2 gets a cookie
+reply instead of our X25519 work.
 Times: ``now`` monotonic seconds, ``unix_ns`` wall clock ns; both passed in.
 """
 
@@ -34,7 +37,13 @@ from overlayd.control.wg_handshake import (
     SessionKeys,
     open_initiation,
 )
-from overlayd.control.wg_timers import Activity, Timings, keepalive_due, peer_looks_dead
+from overlayd.control.wg_timers import (
+    Activity,
+    Timings,
+    keepalive_due,
+    peer_looks_dead,
+    persistent_keepalive_due,
+)
 from overlayd.wire import wireguard as wg
 
 log = logging.getLogger("overlayd.wireguard")
@@ -66,7 +75,12 @@ class Keepalive:
     peer: int
 
 
-Action = Send | Install | SetEndpoint | Keepalive
+@dataclass(frozen=True, slots=True)
+class DropStaged:
+    peer: int
+
+
+Action = Send | Install | SetEndpoint | Keepalive | DropStaged
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,8 +261,9 @@ class WgDevice:
         peer.last_handshake_unix_ns = unix_ns
         peer.endpoint = address
         index = peer.config.index
-        # The responder may send only once it saw the session used: confirm it at once.
-        return [Install(index, keys), SetEndpoint(index, address), Keepalive(index)]
+        # The responder may send only once it saw the session used: confirm it at once. The
+        # endpoint first: installing sends what the data plane held for the peer.
+        return [SetEndpoint(index, address), Install(index, keys), Keepalive(index)]
 
     def _session(self, peer: WgPeer, keys: SessionKeys, now: float) -> None:
         peer.session_started = now
@@ -266,6 +281,11 @@ class WgDevice:
             return []
         self.stats.cookie_replies_received += 1
         return []
+
+    def _has_session(self, peer: WgPeer, now: float) -> bool:
+        """A session the data plane can still send with (younger than REJECT_AFTER_TIME)."""
+        return (peer.session_started is not None
+                and now - peer.session_started < self.timings.reject_after_time)
 
     def handshake_done(self, peer_index: int, unix_ns: int) -> None:
         """The responder's session got its first transport message (the data plane saw it)."""
@@ -286,6 +306,7 @@ class WgDevice:
                 if now - peer.attempt_started >= t.rekey_attempt_time:
                     peer.attempt_started = None     # give up until data asks again
                     peer.next_retry = float("inf")
+                    actions.append(DropStaged(index))   # as wireguard-go: held data goes
                 else:
                     actions += self._initiate(peer, now, unix_ns)
             if (peer.session_started is not None and peer.session_initiator
@@ -295,8 +316,13 @@ class WgDevice:
             if peer_looks_dead(a, now, t) and a.sent_data > peer.dead_handled_at:
                 peer.dead_handled_at = a.sent_data
                 actions += self.want_handshake(index, now, unix_ns)
-            if peer.session_started is not None and keepalive_due(a, now, t):
-                actions.append(Keepalive(index))
+            if self._has_session(peer, now):
+                if keepalive_due(a, now, t):
+                    actions.append(Keepalive(index))
+            elif persistent_keepalive_due(a, peer.last_initiation_sent, now, t):
+                # A keepalive needs a session (whitepaper 6.5): start one, so that a peer
+                # behind NAT comes up, and keeps its mapping open, by itself.
+                actions += self.want_handshake(index, now, unix_ns)
             if (peer.session_started is not None
                     and now - peer.session_started >= 3 * t.reject_after_time):
                 peer.session_started = None     # the data plane has zeroed its keys by now

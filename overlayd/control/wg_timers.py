@@ -54,6 +54,14 @@ def keepalive_due(a: Activity, now: float, t: Timings) -> bool:
     return t.persistent_keepalive > 0 and now - a.sent_any >= t.persistent_keepalive
 
 
+def persistent_keepalive_due(a: Activity, last_initiation_sent: float, now: float,
+                             t: Timings) -> bool:
+    """The persistent interval passed since we last sent anything, a handshake initiation
+    included (without a session that is all a peer sends, and it keeps a NAT mapping too)."""
+    return (t.persistent_keepalive > 0
+            and now - max(a.sent_any, last_initiation_sent) >= t.persistent_keepalive)
+
+
 def peer_looks_dead(a: Activity, now: float, t: Timings) -> bool:
     """We sent data and heard nothing for KEEPALIVE + REKEY_TIMEOUT: start a new handshake."""
     return (a.sent_data > a.received_any

@@ -106,6 +106,8 @@ WIREGUARD_TRAFFIC = (
     "wg_handshake_messages",       # handshake messages (MAC1 right) queued for the control plane
     "wg_keepalives_sent",          # empty transport messages sent (timers, session confirmation)
     "wg_keepalives_received",      # empty transport messages received and authenticated
+    "wg_staged",                   # packets held for a peer while its handshake is under way
+    "wg_staged_sent",              # ... that left sealed once a keypair came (tx_error included)
 )
 WIREGUARD_DROPS = (
     "wg_bad_message",              # not a WireGuard message: unknown type, wrong length, reserved
@@ -115,7 +117,10 @@ WIREGUARD_DROPS = (
     "wg_stale_keypair",            # ... for a keypair past REJECT_AFTER_TIME
     "wg_replay",                   # ... whose counter was seen or is behind the replay window
     "wg_decrypt_failed",           # ... that does not authenticate (forged or corrupted)
-    "wg_no_session",               # inside: no usable keypair for the peer yet (handshake asked)
+    "wg_no_session",               # inside: no keypair for the peer, too big to hold (> 9216 B)
+    "wg_staged_overflow",          # inside: the oldest held packet, pushed out by the 129th
+    "wg_staged_expired",           # inside: held packets of a handshake that gave up (or a peer
+                                   # that left the map)
 )
 # Every drop reason, exported as overlayd_drops_total{reason=...}.
 ALL_DROP_REASONS = DROP_REASONS + WIREGUARD_DROPS
@@ -125,8 +130,11 @@ COUNTER_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 
 # wireguard: wg_no_session is an inside drop, the others outside drops; handshake messages and
 # keepalives received are outside packets that end in neither a delivery nor a drop, and a
-# keepalive sent is a forwarded datagram that no device read started.
-WIREGUARD_INSIDE_DROPS = ("wg_no_session",)
+# keepalive sent is a forwarded datagram that no device read started. A packet held for a
+# peer without a session (wg_staged) is in neither until it leaves (forwarded, tx_error: then
+# wg_staged_sent too) or is dropped (wg_staged_overflow / wg_staged_expired): the held ones,
+# wg_staged - wg_staged_sent - wg_staged_overflow - wg_staged_expired, complete the identity.
+WIREGUARD_INSIDE_DROPS = ("wg_no_session", "wg_staged_overflow", "wg_staged_expired")
 WIREGUARD_OUTSIDE_DROPS = tuple(r for r in WIREGUARD_DROPS if r not in WIREGUARD_INSIDE_DROPS)
 INSIDE_DROPS = (*(r for r in DROP_REASONS if r.startswith("inside_")), *WIREGUARD_INSIDE_DROPS)
 OUTSIDE_DROPS = (*(r for r in DROP_REASONS if r.startswith("outside_")),
@@ -135,7 +143,8 @@ OUTSIDE_CONSUMED = ("wg_handshake_messages", "wg_keepalives_received")
 ANSWERED_DROPS = ("inside_no_route", "inside_local_destination", "inside_ttl_expired",
                   "inside_too_big")
 INSIDE_IDENTITY = ("inside_packets == inside drops + forwarded_packets + tx_error"
-                   " - flooded_copies + flooded_frames - wg_keepalives_sent")
+                   " - flooded_copies + flooded_frames - wg_keepalives_sent"
+                   " + (wg_staged - wg_staged_sent - wg_staged_overflow - wg_staged_expired)")
 OUTSIDE_IDENTITY = ("outside_packets == delivered_packets + device_write_error + outside drops"
                     " + wg_handshake_messages + wg_keepalives_received")
 ICMP_IDENTITY = ("icmp_sent + icmp_rate_limited + icmp_write_error <= inside_no_route"
@@ -152,9 +161,11 @@ def identity_violations(counters: Mapping[str, int],
     sent = c["forwarded_packets"] + c["tx_error"]
     # Frames that left: every copy sent or refused, a flood's copies counted as one frame.
     frames_out = sent - c["flooded_copies"] + c["flooded_frames"] - c["wg_keepalives_sent"]
+    held = (c["wg_staged"] - c["wg_staged_sent"] - c["wg_staged_overflow"]
+            - c["wg_staged_expired"])
     consumed = sum(c[r] for r in OUTSIDE_CONSUMED)
     checks = [
-        (INSIDE_IDENTITY, c["inside_packets"], sum(c[r] for r in INSIDE_DROPS) + frames_out),
+        (INSIDE_IDENTITY, c["inside_packets"], sum(c[r] for r in INSIDE_DROPS) + frames_out + held),
         (OUTSIDE_IDENTITY, c["outside_packets"],
          c["delivered_packets"] + c["device_write_error"] + sum(c[r] for r in OUTSIDE_DROPS)
          + consumed),

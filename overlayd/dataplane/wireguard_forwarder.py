@@ -8,7 +8,12 @@ differs is that every datagram is a WireGuard message and every packet is sealed
 Inside (tun -> underlay), per packet (each TSO segment on its own):
   1. route as the udp path does;
   2. the peer's current keypair: none, or past REJECT_AFTER_TIME / REJECT_AFTER_MESSAGES ->
-     dropped as wg_no_session and a handshake asked for (an event);
+     the packet is held (staged, as wireguard-go does: up to STAGED_MAX per peer, the oldest
+     pushed out as wg_staged_overflow; one over STAGED_PACKET_MAX bytes is wg_no_session)
+     and a handshake asked for (an event); the held packets go out, through steps 3-4, in
+     the call that makes a keypair current (install_keypair for ours, send_staged after a
+     responder's session is confirmed), or are dropped as wg_staged_expired when the
+     handshake gives up (drop_staged) or the peer leaves the map;
   3. pad the plaintext to 16 bytes (not past the path MTU), seal it with ChaCha20-Poly1305
      under the keypair's send key and the 64-bit counter as nonce, put the 16-byte transport
      header in front; an initiator's keypair past REKEY_AFTER_TIME (or any past
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import operator
 import struct
+from collections import deque
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
@@ -65,6 +71,8 @@ EVENT_NEED_HANDSHAKE: Final = 2     # data for a peer without a usable session, 
 EVENT_ENDPOINT: Final = 3           # the peer's endpoint moved to where its data came from
 EVENT_SESSION_CONFIRMED: Final = 4  # a responder's new keypair got its first message
 MAX_EVENTS: Final = 1024            # handshake messages queued between two drains
+STAGED_MAX: Final = 128             # packets held per peer without a session (wireguard-go's)
+STAGED_PACKET_MAX: Final = 9216     # the largest held packet (a jumbo-frame MTU; 16-aligned)
 
 REKEY_AFTER_MESSAGES: Final = 1 << 60
 REJECT_AFTER_MESSAGES: Final = (1 << 64) - (1 << 13) - 1
@@ -97,7 +105,8 @@ class PeerSession:
     """A peer's keypairs and activity; follows the peer (by public key) across table swaps."""
 
     __slots__ = ("current", "endpoint", "index", "map_address", "next", "previous",
-                 "received_any", "received_data", "sent_any", "sent_data", "want_handshake")
+                 "received_any", "received_data", "sent_any", "sent_data", "staged",
+                 "want_handshake")
 
     def __init__(self, index: int) -> None:
         self.index = index                  # the peer's position in the tables in force
@@ -108,6 +117,7 @@ class PeerSession:
         self.map_address: tuple[str, int] | None = None
         self.sent_any = self.received_any = self.sent_data = self.received_data = _NEVER
         self.want_handshake = False         # an EVENT_NEED_HANDSHAKE is queued
+        self.staged: deque[bytes] = deque()  # packets held until a keypair comes
 
     def keypairs(self) -> list[Keypair]:
         return [k for k in (self.current, self.previous, self.next) if k is not None]
@@ -190,6 +200,7 @@ class WireguardForwarder(RoutedForwarderBase):
             if key not in by_key:
                 for keypair in session.keypairs():
                     self._drop_keypair(session, keypair)
+                self._expire_staged(session)
                 session.index = -1
         self._sessions, self._by_key = sessions, by_key
         self._state = state
@@ -212,6 +223,49 @@ class WireguardForwarder(RoutedForwarderBase):
             session.next = keypair
         self._by_index[keypair.local_index] = keypair
         session.want_handshake = False
+        if keypair.initiator and session.staged:
+            self._send_staged_now(session)
+
+    def send_staged(self, peer: int) -> int:
+        """Seal and send the packets held for ``peer`` if it has a usable keypair now (the
+        runtime calls it when a responder's session is confirmed); returns how many left."""
+        peer = operator.index(peer)
+        if not 0 <= peer < len(self._sessions):
+            return 0
+        return self._send_staged_now(self._sessions[peer])
+
+    def drop_staged(self, peer: int) -> int:
+        """The handshake for ``peer`` gave up: drop what is held for it (wg_staged_expired)."""
+        peer = operator.index(peer)
+        if not 0 <= peer < len(self._sessions):
+            return 0
+        return self._expire_staged(self._sessions[peer])
+
+    def _expire_staged(self, session: PeerSession) -> int:
+        dropped = len(session.staged)
+        self._counters[C["wg_staged_expired"]] += dropped
+        session.staged.clear()
+        return dropped
+
+    def _send_staged_now(self, session: PeerSession) -> int:
+        if not session.staged or self._sendable(session) is None:
+            return 0
+        self._enter()
+        try:
+            state = self._state
+            sent = 0
+            while session.staged:
+                keypair = self._sendable(session)
+                if keypair is None:
+                    break           # used up on the way (REJECT_AFTER_MESSAGES)
+                packet = memoryview(session.staged.popleft())
+                self._counters[C["wg_staged_sent"]] += 1
+                self._seal_and_queue(state, session, keypair, packet, session.index)
+                sent += 1
+            self._flush(state)
+            return sent
+        finally:
+            self._busy = False
 
     def _drop_keypair(self, session: PeerSession, keypair: Keypair) -> None:
         self._by_index.pop(keypair.local_index, None)
@@ -309,9 +363,27 @@ class WireguardForwarder(RoutedForwarderBase):
         session = self._sessions[peer]
         keypair = self._sendable(session)
         if keypair is None:
-            self._counters[C["wg_no_session"]] += 1
-            self._want_handshake(session)
+            self._stage(session, pkt)
             return
+        self._seal_and_queue(state, session, keypair, pkt, peer)
+
+    def _stage(self, session: PeerSession, pkt: memoryview) -> None:
+        """Hold a packet for a peer without a session, and ask for the handshake."""
+        ctr = self._counters
+        self._want_handshake(session)
+        if len(pkt) > STAGED_PACKET_MAX:
+            ctr[C["wg_no_session"]] += 1
+            return
+        if len(session.staged) >= STAGED_MAX:
+            session.staged.popleft()
+            ctr[C["wg_staged_overflow"]] += 1
+        session.staged.append(bytes(pkt))
+        ctr[C["wg_staged"]] += 1
+
+    def _seal_and_queue(self, state: State, session: PeerSession, keypair: Keypair,
+                        pkt: memoryview, peer: int) -> None:
+        """Hot: seal one routed packet with the peer's keypair and queue it."""
+        length = len(pkt)
         if (keypair.send_counter >= self._rekey_after_messages
                 or (keypair.initiator and self._now - keypair.created >= self._rekey_after_time)):
             self._want_handshake(session)

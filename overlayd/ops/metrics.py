@@ -110,6 +110,10 @@ TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
                            "WireGuard keepalives (empty transport messages) sent."),
     "wg_keepalives_received": ("overlayd_wireguard_keepalives_received",
                                "WireGuard keepalives received and authenticated."),
+    "wg_staged": ("overlayd_wireguard_staged_packets",
+                  "Packets held for a WireGuard peer while its handshake was under way."),
+    "wg_staged_sent": ("overlayd_wireguard_staged_sent_packets",
+                       "Held packets sealed and sent once the peer's keypair came."),
 }
 
 PEER_METRICS = (  # (position in peer_counters() tuples, name, help)

@@ -22,6 +22,7 @@ from overlayd.control.subnet_map import SubnetMap, decode_key
 from overlayd.control.wg_keys import encode_key, load_or_create_private_key, load_private_key
 from overlayd.control.wg_peers import (
     Action,
+    DropStaged,
     Install,
     Keepalive,
     PeerConfig,
@@ -114,6 +115,7 @@ class WireguardRuntime:
                     peer.endpoint = address
             elif kind == EVENT_SESSION_CONFIRMED:
                 self.device.handshake_done(peer_index, unix_ns)
+                self.forwarder.send_staged(peer_index)  # what it held while we responded
         self._apply(actions)
 
     def tick(self) -> None:
@@ -138,6 +140,8 @@ class WireguardRuntime:
                 fw.set_endpoint(action.peer, action.address[0], action.address[1])
             elif isinstance(action, Keepalive):
                 fw.send_keepalive(action.peer)
+            elif isinstance(action, DropStaged):
+                fw.drop_staged(action.peer)
 
     def peer_status(self) -> list[dict[str, Any]]:
         """Per peer (data-plane order): latest handshake, endpoint, sessions (for status)."""
