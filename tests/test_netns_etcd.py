@@ -71,8 +71,10 @@ def background_ping(lab: EtcdLab, a: str, b: str, count: int) -> tuple[threading
 
 @pytest.fixture
 def lab() -> Iterator[EtcdLab]:
-    with EtcdLab(3, cidr="10.81.0.0/16", underlay="192.168.81.0/24",
-                 ready_timeout_s=30) as lab:
+    # Claims stay below 10.81.200.0: the tests write leases by hand from there on, and a daemon
+    # that had claimed one of those subnets at random would see its own lease overwritten.
+    with EtcdLab(3, cidr="10.81.0.0/16", underlay="192.168.81.0/24", ready_timeout_s=30,
+                 net_init=("--subnet-max", "10.81.199.0")) as lab:
         lab.wait_mesh(timeout_s=20)
         yield lab
 

@@ -62,6 +62,11 @@ class EtcdLab(Lab):
         self.etcd_hosts = [self.host(m.name) for m in self.cluster.members]
         if self.net_init is not None:
             self.init_network(self.net_init)
+        for host in self.hosts:
+            if host.spec is not None and host.spec.kernel_vxlan and host.subnet is not None:
+                # A kernel host's subnet is the lab's, not claimed: its lease goes in before any
+                # daemon starts, or one of them may claim that subnet at random.
+                self.write_kernel_lease(host)
         self.write_configs()     # now with the members' endpoints
 
     def member_addresses(self, members: int | None = None) -> list[str]:
@@ -158,12 +163,17 @@ class EtcdLab(Lab):
             if other is not host and other.subnet is not None:
                 kv = self.etcdctl("get", _key(other.subnet), "--print-value-only").strip()
                 other.vtep_mac = json.loads(kv)["BackendData"]["VtepMAC"]
+        self.write_kernel_lease(host)
+        super().setup_kernel_vtep(host)
+
+    def write_kernel_lease(self, host: LabHost) -> None:
+        """A kernel host's lease, by hand, exactly as flannel writes it (a reservation: no TTL)."""
+        assert host.subnet is not None and host.vtep_mac is not None
         lease = json.dumps({"PublicIP": host.underlay_ip, "PublicIPv6": None,
                             "BackendType": "vxlan",
                             "BackendData": {"VNI": self.vni, "VtepMAC": host.vtep_mac}},
                            separators=(",", ":"))
         self.etcdctl("put", _key(host.subnet), lease)
-        super().setup_kernel_vtep(host)
 
     # -- readiness: the subnet comes from the daemon ---------------------------------------------
 
