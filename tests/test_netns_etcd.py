@@ -10,12 +10,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from netns_helpers import NETNS_MARKS, VXLAN_UNAVAILABLE
+from netns_helpers import NETNS_MARKS, VXLAN_UNAVAILABLE, wait_for
 
 from overlayd.lab import HostSpec, PingResult
 from overlayd.lab.etcd import etcd_unavailable
@@ -28,13 +28,6 @@ pytestmark = [*NETNS_MARKS, pytest.mark.skipif(
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "flannel_leases.json").read_text())
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float, step_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step_s)
-    return False
 
 
 def peer_subnets(lab: EtcdLab, ref: Any) -> set[str]:
