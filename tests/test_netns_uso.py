@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from netns_helpers import NETNS_MARKS
 
-from overlayd.lab import HostSpec, Lab, UdpTransferResult
+from overlayd.lab import HostSpec, Lab, UdpTransferResult, run_prefix
+from overlayd.lab.netns import add_netns, del_netns, ip
 
 pytestmark = NETNS_MARKS
 
@@ -79,6 +80,38 @@ def test_receiver_writes_udp_runs_as_superpackets_and_every_datagram_arrives(
     # Nothing else is on the overlay: every datagram of a run was one of ours.
     assert segments <= result.received, (segments, result)
     assert_no_drops(s)
+
+
+def test_runs_forwarded_on_are_cut_with_right_checksums(udp_lab: Lab) -> None:
+    """The receiving host routes the runs on, over a veth whose checksum offload is off: the
+    kernel cuts each superpacket and computes every datagram's UDP checksum from the partial
+    sum the data plane wrote, and the namespace behind verifies each one (and drops a wrong
+    one, which the transfer would miss)."""
+    host2 = udp_lab.host("host2")
+    assert host2.subnet is not None
+    target = str(host2.subnet.network_address + 77)
+    behind = f"{run_prefix()}-b"
+    add_netns(behind)
+    try:
+        here, there = f"{behind[-6:]}h", f"{behind[-6:]}t"
+        ip("-n", host2.netns, "link", "add", here, "type", "veth", "peer", "name", there,
+           "netns", behind)
+        udp_lab.exec(host2, ["ethtool", "-K", here, "tx", "off"])
+        ip("-n", host2.netns, "link", "set", here, "up")
+        ip("-n", host2.netns, "route", "add", f"{target}/32", "dev", here)
+        udp_lab.exec(host2, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        ip("-n", behind, "link", "set", "lo", "up")
+        ip("-n", behind, "addr", "add", f"{target}/32", "dev", there)
+        ip("-n", behind, "link", "set", there, "up")
+        ip("-n", behind, "route", "add", "default", "dev", there)
+        before = status(udp_lab, "host2")["traffic"]["offload_udp_coalesced_writes"]
+        result = udp_lab.udp_transfer("host1", "host2", flows=4, bursts=100,
+                                      beyond=(behind, target))
+        assert_intact(result, hops=2)
+        after = status(udp_lab, "host2")["traffic"]["offload_udp_coalesced_writes"]
+        assert after > before
+    finally:
+        del_netns(behind)
 
 
 def test_sender_cuts_udp_superpackets_from_its_device(udp_lab: Lab) -> None:

@@ -16,7 +16,7 @@ bounded by the TIMEOUT/SECONDS argument.
   udp-send SRC_IP DST_IP PORT FLOWS BURSTS SIZE SEED GSO TIMEOUT
         BURSTS bursts over FLOWS connected UDP sockets: per flow 16 datagrams of SIZE bytes and
         a shorter last one, the flows interleaved (GSO=1: each flow's burst in one UDP_SEGMENT
-        send); TOS and TTL change from burst to burst. Every datagram says what it is (flow,
+        send); TOS and TTL change from burst to burst (without GSO, also mid-burst). Every datagram says what it is (flow,
         seq, TOS, TTL) and carries bytes derived from SEED, flow and seq.
   udp-recv BIND_IP PORT EXPECTED SEED TIMEOUT            receive udp-send's datagrams and check
         each one's bytes, TOS and TTL, and each flow's order
@@ -191,25 +191,36 @@ def udp_send(src_ip: str, dst_ip: str, port: str, flows: str, bursts: str, size:
         socks.append(s)
     sent = shorts = 0
     seq = [0] * n
-    for burst in range(int(bursts)):
-        if time.monotonic() > deadline:
-            return _result(error="timeout", sent=sent)
-        tos, ttl = (burst % 2) * 0x20, 64 - burst % 3
+    def marks(phase: int) -> tuple[int, int]:
+        return (phase % 2) * 0x20, 64 - phase % 3        # TOS, TTL
+
+    def set_marks(phase: int) -> None:
+        tos, ttl = marks(phase)
         for s in socks:
             s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
             s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+
+    for burst in range(int(bursts)):
+        if time.monotonic() > deadline:
+            return _result(error="timeout", sent=sent)
+        # Without GSO, TOS and TTL change in the middle of a burst too, between full-size
+        # datagrams of one flow: a run merged across the change would lose the later marks.
         runs: list[list[bytes]] = [[] for _ in range(n)]
         for i in range(UDP_BURST + 1):
+            phase = burst * 2 + (0 if use_gso or i < UDP_BURST // 2 else 1)
             for flow in range(n):
-                runs[flow].append(udp_datagram(int(seed), flow, seq[flow], tos, ttl,
+                runs[flow].append(udp_datagram(int(seed), flow, seq[flow], *marks(phase),
                                                short if i == UDP_BURST else full))
                 seq[flow] += 1
+        set_marks(burst * 2)
         if use_gso:
             for flow, s in enumerate(socks):
                 s.sendmsg([b"".join(runs[flow])],
                           [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", full))])
         else:
             for i in range(UDP_BURST + 1):
+                if i == UDP_BURST // 2:
+                    set_marks(burst * 2 + 1)
                 for flow, s in enumerate(socks):
                     s.send(runs[flow][i])
         sent += n * (UDP_BURST + 1)

@@ -107,19 +107,23 @@ class Traffic(HostsView):
 
     def udp_transfer(self, a: HostRef, b: HostRef, *, flows: int = 4, bursts: int = 200,
                      size: int = 64, gso: bool = False, port: int = 5301, seed: int = 1,
-                     timeout_s: float = 60.0) -> UdpTransferResult:
+                     timeout_s: float = 60.0,
+                     beyond: tuple[str, str] | None = None) -> UdpTransferResult:
         """Bursts of UDP datagrams from a's overlay address to b's over ``flows`` flows, each
         burst of a flow ``size``-byte datagrams and a shorter last one, TOS and TTL changing
         from burst to burst (``gso``: each flow's burst in one UDP_SEGMENT send); b checks
-        every datagram's bytes, TOS, TTL and order (agents.py udp-send / udp-recv)."""
+        every datagram's bytes, TOS, TTL and order (agents.py udp-send / udp-recv). ``beyond``:
+        (namespace, address) of a receiver behind b instead, that b routes to."""
         src, dst = self.host(a), self.host(b)
         assert src.overlay_ip is not None and dst.overlay_ip is not None
         expected = flows * bursts * (UDP_BURST + 1)
-        recv = self.agent(dst, "udp-recv", dst.overlay_ip, str(port), str(expected), str(seed),
-                          f"{timeout_s:g}")
+        ns, dst_ip = beyond or (dst.netns, dst.overlay_ip)
+        recv = Agent(ns, [sys.executable, str(AGENTS), "udp-recv", dst_ip, str(port),
+                          str(expected), str(seed), f"{timeout_s:g}"])
+        self._agents.append(recv)
         try:
             recv.wait_ready()
-            send = self.agent(src, "udp-send", src.overlay_ip, dst.overlay_ip, str(port),
+            send = self.agent(src, "udp-send", src.overlay_ip, dst_ip, str(port),
                               str(flows), str(bursts), str(size), str(seed),
                               "1" if gso else "0", f"{timeout_s:g}")
             sent = _agent_json(send, timeout_s + 5.0)
