@@ -1,5 +1,6 @@
-# Offloads: TCP segmentation of superpackets read from the device, UDP GSO on the tunnel
-# socket, UDP GRO on receive, and TCP coalescing on writes into the device.
+# Offloads: TCP (and, with USO, UDP) segmentation of superpackets read from the device, UDP GSO
+# on the tunnel socket, UDP GRO on receive, and TCP (and UDP) coalescing on writes into the
+# device.
 # Twin: overlayd/dataplane/offload.py (same functions, same bytes; tests compare them).
 #
 # Why: a per-packet userspace loop pays one read, one sendmsg, one recvmsg and one write per
@@ -71,6 +72,23 @@
 #    (not a fragment, TCP or UDP with a nonzero UDP checksum) whose field is exactly that
 #    pattern and whose whole does not verify is finished in place, as 1. does for reads, and
 #    counted (offload_checksums_finished); anything else is left as it came.
+# 7. USO (gro_t.uso / forwarder uso: the device took TUN_F_USO4 | TUN_F_USO6, kernel >= 6.2).
+#    Reads with gso UDP_L4 (an application's UDP_SEGMENT send) are cut by uso_plan/uso_write
+#    like 2., for a UDPv4 packet (total length == n - l2, payload > 0): datagram i carries
+#    payload[i*mss : (i+1)*mss] after a copy of the headers with IPv4 total length, id + i,
+#    header checksum, UDP length and the UDP checksum computed in full (0 stored as 0xFFFF);
+#    without uso such a read is inside_bad_offload. Writes: in 5., a *UDP packet* (IPv4, ihl >=
+#    20, proto 17, ports inside) also has a flow (the protocol is part of every flow, so TCP and
+#    UDP of the same ports never meet), and is *coalescable* when: ihl 5, neither MF nor an
+#    offset, total length == n - l2, UDP length == total - 20, payload > 0, header checksum
+#    right, UDP checksum nonzero and right (what udp_gro_receive_segment merges). It is merged
+#    into the open same-flow item when the TOS, TTL and DF/flags word equal the head's, its id is
+#    the head's id + segments held, payload <= the first one's, total <= 65535, fewer than
+#    GRO_MAX_SEGS; a shorter payload closes the item. Written: head's total length, header
+#    checksum and UDP length set for the run, its UDP checksum field = the folded pseudo-header
+#    sum of the run (not inverted), header {NEEDS_CSUM, UDP_L4, hdr_len = l2+28, gso_size = the
+#    first payload, csum_start = l2+20, csum_offset = 6}; the kernel cuts it back at gso_size
+#    with ids counting up, so the datagrams that come out are the ones that went in.
 
 cdef enum:
     VNET_HDR_LEN_C = 10

@@ -30,7 +30,9 @@
    previous entry of its queue ends in the arena (same peer, not longer) is merged into it
    and the entry goes out in one UDP_SEGMENT sendmsg. ``udp_gro`` - the caller enabled
    UDP_GRO on the receive socket; a receive that carries several datagrams is split and each
-   is handled as if received alone.
+   is handled as if received alone. ``device_uso`` (with vnet_hdr) - the device took USO: UDP
+   superpackets it hands over are cut into datagrams like TCP ones, and the coalescer merges
+   runs of one UDP flow into UDP GSO writes (offload.py, spec point 7).
 
 Invariants: the fds belong to the caller and are never closed here; a batch is not re-entrant;
 tables are swapped whole; every counter index comes from counters.COUNTER_INDEX.

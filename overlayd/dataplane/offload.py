@@ -4,7 +4,10 @@ Why: a per-packet loop pays one read, one sendmsg, one recvmsg and one write per
 packet. With the device opened with IFF_VNET_HDR and TSO, the kernel hands us TCP superpackets
 of up to 64 kB, which ``segment_tcp4`` cuts into wire-sized segments; the ``Coalescer`` does
 the reverse for packets we write into the device, so the guest stack sees one superpacket per
-run of segments. The forwarders (forwarder_base.py) use UDP GSO/GRO around these.
+run of segments. The forwarders (forwarder_base.py) use UDP GSO/GRO around these. With USO
+(``uso``: the device took TUN_F_USO4 | TUN_F_USO6), the same for UDP: ``segment_udp4`` cuts a
+UDP superpacket an application sent with UDP_SEGMENT, and the Coalescer merges runs of one UDP
+flow as the kernel's UDP GRO would (spec point 7 in cext/offload.pxi).
 
 The virtio-net header (VNET_HDR_LEN bytes, host byte order - little-endian on the x86 hosts we
 run on - in front of every read and write of a device opened with IFF_VNET_HDR):
