@@ -39,6 +39,22 @@ static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
 static double cpu(void) { struct rusage r; getrusage(RUSAGE_THREAD, &r);
   return r.ru_utime.tv_sec + r.ru_utime.tv_usec * 1e-6 + r.ru_stime.tv_sec + r.ru_stime.tv_usec * 1e-6; }
 
+// Wait (at most 100 ms) for the next completion: whether there is one.
+static int wait_cqe(struct io_uring *ring, long *waits) {
+  struct io_uring_cqe *cqe;
+  struct __kernel_timespec ts = {0, 100000000};
+  if (io_uring_wait_cqe_timeout(ring, &cqe, &ts) < 0) return 0;
+  ++*waits;
+  return 1;
+}
+
+static void arm_multishot(struct io_uring *ring, int fd) {
+  struct io_uring_sqe *s = io_uring_get_sqe(ring);
+  io_uring_prep_rw(49 /* IORING_OP_READ_MULTISHOT */, s, fd, NULL, 0, 0);
+  s->flags |= IOSQE_BUFFER_SELECT; s->buf_group = 1;
+  io_uring_submit(ring);
+}
+
 static void sender(double secs) {
   int s = socket(AF_INET, SOCK_DGRAM, 0);
   struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(9)};
@@ -82,9 +98,7 @@ int main(int argc, char **argv) {
     io_uring_submit(&ring);
     while (now() < tend) {
       struct io_uring_cqe *cqe; unsigned head, n = 0;
-      struct __kernel_timespec ts = {0, 100000000};
-      if (io_uring_wait_cqe_timeout(&ring, &cqe, &ts) < 0) continue;
-      waits++;
+      if (!wait_cqe(&ring, &waits)) continue;
       io_uring_for_each_cqe(&ring, head, cqe) {
         int i = cqe->user_data; if (cqe->res > 0) pkts++;
         struct io_uring_sqe *s = io_uring_get_sqe(&ring);
@@ -102,15 +116,10 @@ int main(int argc, char **argv) {
     if (io_uring_register_buf_ring(&ring, &reg, 0)) { perror("buf ring"); return 1; }
     for (int i = 0; i < QD; i++) io_uring_buf_ring_add(br, bufs[i], BUF, i, QD - 1, i);
     io_uring_buf_ring_advance(br, QD);
-    struct io_uring_sqe *s = io_uring_get_sqe(&ring);
-    io_uring_prep_rw(49 /* IORING_OP_READ_MULTISHOT */, s, fd, NULL, 0, 0);
-    s->flags |= IOSQE_BUFFER_SELECT; s->buf_group = 1;
-    io_uring_submit(&ring);
+    arm_multishot(&ring, fd);
     while (now() < tend) {
       struct io_uring_cqe *cqe; unsigned head, n = 0;
-      struct __kernel_timespec ts = {0, 100000000};
-      if (io_uring_wait_cqe_timeout(&ring, &cqe, &ts) < 0) continue;
-      waits++;
+      if (!wait_cqe(&ring, &waits)) continue;
       int rearm = 0;
       io_uring_for_each_cqe(&ring, head, cqe) {
         if (cqe->res > 0) { pkts++; int b = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
@@ -120,8 +129,7 @@ int main(int argc, char **argv) {
         n++;
       }
       io_uring_cq_advance(&ring, n);
-      if (rearm) { s = io_uring_get_sqe(&ring); io_uring_prep_rw(49, s, fd, NULL, 0, 0);
-        s->flags |= IOSQE_BUFFER_SELECT; s->buf_group = 1; io_uring_submit(&ring); }
+      if (rearm) arm_multishot(&ring, fd);   // the kernel ended it (e.g. out of buffers)
     }
   }
   double dt = now() - t0, dc = cpu() - c0;
