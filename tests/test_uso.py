@@ -37,6 +37,7 @@ from test_offload import (  # noqa: F401 (fwd_kernels: a fixture)
 )
 
 from overlayd.dataplane import offload as py_offload
+from overlayd.ops.tables import render_offloads
 
 UDP_L4 = 5
 GRO_MAX_SEGS = 64
@@ -453,3 +454,12 @@ def test_forwarder_writes_a_udp_run_into_the_device_as_one(make: Any) -> None:
     assert (c["delivered_packets"], c["offload_udp_coalesced_writes"],
             c["offload_udp_coalesced_segments"]) == (7, 1, 7)
     assert rig.fwd.offloads()["device_uso"] is True
+
+
+def test_status_line_says_uso_and_what_it_did() -> None:
+    on = {"vnet_hdr": True, "udp_gso": True, "udp_gro": True, "device_uso": True}
+    line = render_offloads(on, {"offload_udp_coalesced_writes": 31,
+                                "offload_udp_superpackets": 2})
+    assert " uso;" in line and "31 UDP superpackets written, 2 cut" in line
+    off = render_offloads({**on, "device_uso": False}, {"offload_udp_coalesced_writes": 31})
+    assert "uso" not in off and "UDP superpackets" not in off
