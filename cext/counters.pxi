@@ -63,6 +63,10 @@ cpdef enum:
     CTR_OFFLOAD_COALESCED_WRITES
     CTR_OFFLOAD_COALESCED_SEGMENTS
     CTR_OFFLOAD_CHECKSUMS_FINISHED
+    CTR_OFFLOAD_UDP_SUPERPACKETS
+    CTR_OFFLOAD_UDP_SEGMENTS
+    CTR_OFFLOAD_UDP_COALESCED_WRITES
+    CTR_OFFLOAD_UDP_COALESCED_SEGMENTS
     CTR_WG_HANDSHAKE_MESSAGES
     CTR_WG_KEEPALIVES_SENT
     CTR_WG_KEEPALIVES_RECEIVED
@@ -139,6 +143,10 @@ COUNTER_NAMES = (
     "offload_coalesced_writes",
     "offload_coalesced_segments",
     "offload_checksums_finished",
+    "offload_udp_superpackets",
+    "offload_udp_segments",
+    "offload_udp_coalesced_writes",
+    "offload_udp_coalesced_segments",
     "wg_handshake_messages",
     "wg_keepalives_sent",
     "wg_keepalives_received",

@@ -307,6 +307,8 @@ cdef class _ForwarderBase:
     cdef bint vnet             # device reads and writes carry a virtio-net header
     cdef bint gso              # UDP_SEGMENT on sends (turned off if the kernel refuses)
     cdef bint gro              # the receive socket has UDP_GRO: split coalesced receives
+    cdef bint uso              # the device does USO (TUN_F_USO4/6): UDP superpackets are read
+                               # from it and runs of one UDP flow written to it as one
     cdef uint32_t encap_len    # outer header bytes the path writes in front of a packet
     cdef uint32_t l2_len       # 0 (tun) or 14 (tap): link header in front of IPv4
     cdef unsigned char *arena  # segments of superpackets, until the queues are sent
@@ -338,6 +340,7 @@ cdef class _ForwarderBase:
         self.vnet = False
         self.gso = False
         self.gro = False
+        self.uso = False
         self.capture_on = False
         self.cap_buf = NULL
         self.cap_recs = NULL
@@ -352,13 +355,15 @@ cdef class _ForwarderBase:
 
     cdef int _setup(self, str name, dev_fd, sock_fd, tx_fds, batch_size, offloads,
                     uint32_t encap_len, uint32_t l2_len) except -1:
-        """offloads: (vnet_hdr, udp_gso, udp_gro) as the caller configured the fds."""
+        """offloads: (vnet_hdr, udp_gso, udp_gro, device_uso) as the caller configured the
+        fds (device_uso needs vnet_hdr)."""
         cdef int i, k
         self.name = name
-        vnet_hdr, udp_gso, udp_gro = offloads
+        vnet_hdr, udp_gso, udp_gro, device_uso = offloads
         self.vnet = bool(vnet_hdr)
         self.gso = bool(udp_gso)
         self.gro = bool(udp_gro)
+        self.uso = bool(device_uso) and self.vnet
         self.encap_len = encap_len
         self.l2_len = l2_len
         dev_fd = operator_index(dev_fd)
@@ -390,7 +395,7 @@ cdef class _ForwarderBase:
             self.arena = <unsigned char *>malloc(SEG_ARENA_BYTES_C)
             if self.arena == NULL:
                 raise MemoryError()
-            gro_init(&self.pending, l2_len)
+            gro_init(&self.pending, l2_len, self.uso)
         if self.gso:
             # malloc: untouched pages cost no RSS until runs of datagrams fill them.
             self.stage = <unsigned char *>malloc(STAGE_BYTES_C)
@@ -467,7 +472,8 @@ cdef class _ForwarderBase:
 
     def offloads(self) -> dict:
         """Which offloads are in use now (udp_gso turns off if the kernel refused it)."""
-        return {"vnet_hdr": bool(self.vnet), "udp_gso": bool(self.gso), "udp_gro": bool(self.gro)}
+        return {"vnet_hdr": bool(self.vnet), "udp_gso": bool(self.gso), "udp_gro": bool(self.gro),
+                "device_uso": bool(self.uso)}
 
     def batch_histogram(self) -> tuple:
         return ([self.hist_inside[i] for i in range(BATCH_BUCKETS_C)],
@@ -611,6 +617,7 @@ cdef class _ForwarderBase:
         cdef tso_plan_t plan
         cdef unsigned char *run
         cdef uint32_t i, gso_type
+        cdef int refused
         # A read the offload path refuses is still a read: counted as one inside packet, so
         # that inside_packets = forwarded + tx_error + the inside drops holds exactly.
         if n == BAD_READ_C:
@@ -626,8 +633,13 @@ cdef class _ForwarderBase:
                 return
             self._inside_one(t, pkt, n)
             return
-        if (gso_type != VNET_GSO_TCPV4_C
-                or tso_plan(&plan, pkt, n, self.l2_len, h.gso_size, self.encap_len) < 0):
+        if gso_type == VNET_GSO_TCPV4_C:
+            refused = tso_plan(&plan, pkt, n, self.l2_len, h.gso_size, self.encap_len)
+        elif gso_type == VNET_GSO_UDP_L4_C and self.uso:
+            refused = uso_plan(&plan, pkt, n, self.l2_len, h.gso_size, self.encap_len)
+        else:
+            refused = -1
+        if refused < 0:
             self._bad_offload(n)
             return
         if self.seal_tail:
@@ -640,9 +652,14 @@ cdef class _ForwarderBase:
             self.arena_used = 0
         run = self.arena + self.arena_used
         self.arena_used += (plan.need + 15) & ~(<size_t>15)
-        tso_write(&plan, pkt, run)
-        self.ctr[CTR_OFFLOAD_SUPERPACKETS] += 1
-        self.ctr[CTR_OFFLOAD_SEGMENTS] += plan.nseg
+        if gso_type == VNET_GSO_TCPV4_C:
+            tso_write(&plan, pkt, run)
+            self.ctr[CTR_OFFLOAD_SUPERPACKETS] += 1
+            self.ctr[CTR_OFFLOAD_SEGMENTS] += plan.nseg
+        else:
+            uso_write(&plan, pkt, run)
+            self.ctr[CTR_OFFLOAD_UDP_SUPERPACKETS] += 1
+            self.ctr[CTR_OFFLOAD_UDP_SEGMENTS] += plan.nseg
         for i in range(plan.nseg):
             self._inside_one(t, run + plan.prefix + <size_t>i * plan.stride,
                              tso_segment_len(&plan, i))
@@ -973,7 +990,10 @@ cdef class _ForwarderBase:
                 self.ctr[CTR_DEVICE_WRITE_ERROR] += segs
                 continue
             self.ctr[CTR_DELIVERED_PACKETS] += segs
-            if segs > 1:
+            if segs > 1 and self.pending.items[i].proto == PROTO_UDP:
+                self.ctr[CTR_OFFLOAD_UDP_COALESCED_WRITES] += 1
+                self.ctr[CTR_OFFLOAD_UDP_COALESCED_SEGMENTS] += segs
+            elif segs > 1:
                 self.ctr[CTR_OFFLOAD_COALESCED_WRITES] += 1
                 self.ctr[CTR_OFFLOAD_COALESCED_SEGMENTS] += segs
         self.pending.nitems = 0

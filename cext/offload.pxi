@@ -1,5 +1,6 @@
-# Offloads: TCP segmentation of superpackets read from the device, UDP GSO on the tunnel
-# socket, UDP GRO on receive, and TCP coalescing on writes into the device.
+# Offloads: TCP (and, with USO, UDP) segmentation of superpackets read from the device, UDP GSO
+# on the tunnel socket, UDP GRO on receive, and TCP (and UDP) coalescing on writes into the
+# device.
 # Twin: overlayd/dataplane/offload.py (same functions, same bytes; tests compare them).
 #
 # Why: a per-packet userspace loop pays one read, one sendmsg, one recvmsg and one write per
@@ -71,12 +72,30 @@
 #    (not a fragment, TCP or UDP with a nonzero UDP checksum) whose field is exactly that
 #    pattern and whose whole does not verify is finished in place, as 1. does for reads, and
 #    counted (offload_checksums_finished); anything else is left as it came.
+# 7. USO (gro_t.uso / forwarder uso: the device took TUN_F_USO4 | TUN_F_USO6, kernel >= 6.2).
+#    Reads with gso UDP_L4 (an application's UDP_SEGMENT send) are cut by uso_plan/uso_write
+#    like 2., for a UDPv4 packet (total length == n - l2, payload > 0): datagram i carries
+#    payload[i*mss : (i+1)*mss] after a copy of the headers with IPv4 total length, id + i,
+#    header checksum, UDP length and the UDP checksum computed in full (0 stored as 0xFFFF);
+#    without uso such a read is inside_bad_offload. Writes: in 5., a *UDP packet* (IPv4, ihl >=
+#    20, proto 17, ports inside) also has a flow (the protocol is part of every flow, so TCP and
+#    UDP of the same ports never meet), and is *coalescable* when: ihl 5, neither MF nor an
+#    offset, total length == n - l2, UDP length == total - 20, payload > 0, header checksum
+#    right, UDP checksum nonzero and right (what udp_gro_receive_segment merges). It is merged
+#    into the open same-flow item when the TOS, TTL and DF/flags word equal the head's, its id is
+#    the head's id + segments held, payload <= the first one's, total <= 65535, fewer than
+#    GRO_MAX_SEGS; a shorter payload closes the item. Written: head's total length, header
+#    checksum and UDP length set for the run, its UDP checksum field = the folded pseudo-header
+#    sum of the run (not inverted), header {NEEDS_CSUM, UDP_L4, hdr_len = l2+28, gso_size = the
+#    first payload, csum_start = l2+20, csum_offset = 6}; the kernel cuts it back at gso_size
+#    with ids counting up, so the datagrams that come out are the ones that went in.
 
 cdef enum:
     VNET_HDR_LEN_C = 10
     VNET_F_NEEDS_CSUM_C = 1
     VNET_GSO_NONE_C = 0
     VNET_GSO_TCPV4_C = 1
+    VNET_GSO_UDP_L4_C = 5        # UDP GSO (USO): kernel >= 6.2, TUN_F_USO4 | TUN_F_USO6
     VNET_GSO_ECN_C = 0x80
     GSO_MAX_SEGS_C = 64          # UDP_MAX_SEGMENTS of older kernels
     GSO_MAX_BYTES_C = 65000      # one UDP payload: under 65535 - IPv4 - UDP headers
@@ -94,6 +113,7 @@ cdef enum:
     TCP_CWR = 0x80
     PROTO_TCP = 6
     PROTO_UDP = 17
+    UDP_HEADER_C = 8
     SOL_UDP_C = 17
     UDP_SEGMENT_C = 103
     UDP_GRO_C = 104
@@ -102,6 +122,7 @@ VNET_HDR_LEN = VNET_HDR_LEN_C
 VNET_F_NEEDS_CSUM = VNET_F_NEEDS_CSUM_C
 VNET_GSO_NONE = VNET_GSO_NONE_C
 VNET_GSO_TCPV4 = VNET_GSO_TCPV4_C
+VNET_GSO_UDP_L4 = VNET_GSO_UDP_L4_C
 VNET_GSO_ECN = VNET_GSO_ECN_C
 GSO_MAX_SEGS = GSO_MAX_SEGS_C
 GSO_MAX_BYTES = GSO_MAX_BYTES_C
@@ -263,6 +284,66 @@ cdef void tso_write(const tso_plan_t *p, const unsigned char *pkt,
                                                pseudo + p.doff + length + payload_sum)))
 
 
+cdef inline int uso_plan(tso_plan_t *p, const unsigned char *pkt, uint32_t n, uint32_t l2,
+                         uint32_t mss, uint32_t prefix) noexcept nogil:
+    """Check a UDPv4 superpacket (USO) and size its cutting (see 7.): 0, or -1 if refused.
+    The plan is a tso_plan_t whose "doff" is the UDP header."""
+    cdef const unsigned char *ip = pkt + l2
+    cdef uint32_t last
+    if mss == 0 or n < l2 + IPV4_MIN_HEADER + UDP_HEADER_C:
+        return -1
+    if l2 and rd16(pkt + l2 - 2) != ETHERTYPE_IP:
+        return -1
+    if (ip[0] >> 4) != 4 or ip[9] != PROTO_UDP:
+        return -1
+    p.ihl = (ip[0] & 0x0F) * 4
+    p.doff = UDP_HEADER_C
+    p.hdr = l2 + p.ihl + UDP_HEADER_C
+    if p.ihl < IPV4_MIN_HEADER or rd16(ip + 2) != n - l2 or p.hdr >= n:
+        return -1
+    p.l2 = l2
+    p.mss = mss
+    p.payload = n - p.hdr
+    p.nseg = (p.payload + mss - 1) // mss
+    if p.nseg > TSO_MAX_SEGMENTS_C:
+        return -1
+    p.prefix = prefix
+    p.stride = prefix + p.hdr + mss
+    last = p.payload - (p.nseg - 1) * mss
+    p.need = <size_t>(p.nseg - 1) * p.stride + prefix + p.hdr + last
+    return 0
+
+
+cdef void uso_write(const tso_plan_t *p, const unsigned char *pkt,
+                    unsigned char *out) noexcept nogil:
+    """Lay the datagrams out like tso_write: each with the headers, its own IPv4 total length,
+    id + i, header checksum, UDP length and full UDP checksum (0 sent as 0xFFFF)."""
+    cdef const unsigned char *ip = pkt + p.l2
+    cdef uint32_t ip_id = rd16(ip + 4), i, length
+    cdef uint64_t pseudo = csum_partial(ip + 12, 8, 0) + PROTO_UDP
+    cdef uint64_t payload_sum
+    cdef uint16_t c
+    cdef unsigned char *seg
+    cdef unsigned char *sip
+    cdef unsigned char *sudp
+    for i in range(p.nseg):
+        seg = out + p.prefix + <size_t>i * p.stride
+        length = tso_segment_len(p, i) - p.hdr
+        memcpy(seg, pkt, p.hdr)
+        payload_sum = csum_copy(seg + p.hdr, pkt + p.hdr + <size_t>i * p.mss, length, 0)
+        sip = seg + p.l2
+        wr16(sip + 2, p.ihl + UDP_HEADER_C + length)
+        wr16(sip + 4, (ip_id + i) & 0xFFFF)
+        wr16(sip + 10, 0)
+        wr16(sip + 10, csum_fold(csum_partial(sip, p.ihl, 0)))
+        sudp = sip + p.ihl
+        wr16(sudp + 4, UDP_HEADER_C + length)
+        wr16(sudp + 6, 0)
+        c = csum_fold(csum_partial(sudp, UDP_HEADER_C,
+                                   pseudo + UDP_HEADER_C + length + payload_sum))
+        wr16(sudp + 6, c if c != 0 else 0xFFFF)
+
+
 # --- coalescing on writes (5.) -------------------------------------------------------------
 
 ctypedef struct gro_rec_t:       # one appended payload
@@ -281,7 +362,7 @@ ctypedef struct gro_item_t:      # one pending write
     uint32_t segs
     int32_t first_rec
     int32_t last_rec
-    bint has_flow
+    uint8_t proto                # PROTO_TCP or PROTO_UDP: the item has a flow; 0: it has none
     bint open
 
 
@@ -291,14 +372,16 @@ ctypedef struct gro_t:
     int32_t nitems
     int32_t nrecs
     uint32_t l2
+    bint uso                     # the device takes UDP GSO writes: UDP runs are merged too
 
 
-cdef int gro_init(gro_t *g, uint32_t l2) except -1:
+cdef int gro_init(gro_t *g, uint32_t l2, bint uso) except -1:
     g.items = <gro_item_t *>malloc(GRO_MAX_ITEMS_C * sizeof(gro_item_t))
     g.recs = <gro_rec_t *>malloc(GRO_MAX_RECS_C * sizeof(gro_rec_t))
     g.nitems = 0
     g.nrecs = 0
     g.l2 = l2
+    g.uso = uso
     if g.items == NULL or g.recs == NULL:
         free(g.items)
         free(g.recs)
@@ -319,21 +402,28 @@ cdef inline bint gro_full(const gro_t *g) noexcept nogil:
     return g.nitems >= GRO_MAX_ITEMS_C or g.nrecs >= GRO_MAX_RECS_C
 
 
-cdef inline bint gro_tcp_packet(const unsigned char *pkt, uint32_t n, uint32_t l2) noexcept nogil:
+cdef inline uint8_t gro_flow_proto(const unsigned char *pkt, uint32_t n, uint32_t l2,
+                                   bint uso) noexcept nogil:
+    """PROTO_TCP for a *TCP packet*, PROTO_UDP for a *UDP packet* (uso only), else 0."""
     cdef uint32_t ihl
+    cdef uint8_t proto
     if n < l2 + IPV4_MIN_HEADER or (l2 and rd16(pkt + l2 - 2) != ETHERTYPE_IP):
-        return False
+        return 0
     ihl = (pkt[l2] & 0x0F) * 4
-    return ((pkt[l2] >> 4) == 4 and ihl >= IPV4_MIN_HEADER and pkt[l2 + 9] == PROTO_TCP
-            and l2 + ihl + 4 <= n)
+    proto = pkt[l2 + 9]
+    if (pkt[l2] >> 4) != 4 or ihl < IPV4_MIN_HEADER or l2 + ihl + 4 > n:
+        return 0
+    if proto == PROTO_TCP or (proto == PROTO_UDP and uso):
+        return proto
+    return 0
 
 
 cdef inline bint gro_same_flow(const unsigned char *a, const unsigned char *b,
                                uint32_t l2) noexcept nogil:
-    """Both TCP packets (gro_tcp_packet)."""
+    """Both TCP or UDP packets (gro_flow_proto): same link header, protocol, addresses, ports."""
     cdef const unsigned char *ipa = a + l2
     cdef const unsigned char *ipb = b + l2
-    return (memcmp(a, b, l2) == 0 and memcmp(ipa + 12, ipb + 12, 8) == 0
+    return (ipa[9] == ipb[9] and memcmp(a, b, l2) == 0 and memcmp(ipa + 12, ipb + 12, 8) == 0
             and memcmp(ipa + (ipa[0] & 0x0F) * 4, ipb + (ipb[0] & 0x0F) * 4, 4) == 0)
 
 
@@ -362,6 +452,41 @@ cdef inline uint32_t gro_payload(const unsigned char *pkt, uint32_t n, uint32_t 
     return n - l2 - IPV4_MIN_HEADER - doff
 
 
+cdef inline uint32_t gro_udp_payload(const unsigned char *pkt, uint32_t n,
+                                     uint32_t l2) noexcept nogil:
+    """The UDP payload length of a coalescable UDP packet (a UDP packet), or 0 if it is not
+    one: what the kernel's UDP GRO would merge (udp_gro_receive_segment wants a nonzero
+    checksum, and a bad one must reach the device as it came)."""
+    cdef const unsigned char *ip = pkt + l2
+    cdef const unsigned char *udp = ip + IPV4_MIN_HEADER
+    cdef uint32_t length
+    if ip[0] != 0x45 or (rd16(ip + 6) & 0x3FFF) != 0 or rd16(ip + 2) != n - l2:
+        return 0
+    if n <= l2 + IPV4_MIN_HEADER + UDP_HEADER_C:
+        return 0
+    length = n - l2 - IPV4_MIN_HEADER
+    if rd16(udp + 4) != length or rd16(udp + 6) == 0:
+        return 0
+    if csum_fold(csum_partial(ip, IPV4_MIN_HEADER, 0)) != 0:
+        return 0
+    if csum_fold(csum_partial(udp, length,
+                              csum_partial(ip + 12, 8, 0) + PROTO_UDP + length)) != 0:
+        return 0
+    return length - UDP_HEADER_C
+
+
+cdef inline bint gro_udp_mergeable(const gro_item_t *it, const unsigned char *pkt,
+                                   uint32_t payload, uint32_t l2) noexcept nogil:
+    # TOS, TTL and the DF word equal, IPv4 ids counting up from the head's (the kernel's UDP
+    # segmentation numbers the datagrams that way), no payload longer than the first.
+    cdef const unsigned char *ip = pkt + l2
+    cdef const unsigned char *hip = it.head + l2
+    return (it.open and ip[1] == hip[1] and ip[8] == hip[8] and rd16(ip + 6) == rd16(hip + 6)
+            and rd16(ip + 4) == ((rd16(hip + 4) + it.segs) & 0xFFFF)
+            and payload <= it.mss and it.ip_len + payload <= 0xFFFF
+            and it.segs < GRO_MAX_SEGS_C)
+
+
 cdef inline bint gro_mergeable(const gro_item_t *it, const unsigned char *pkt, uint32_t payload,
                                uint32_t l2) noexcept nogil:
     cdef const unsigned char *ip = pkt + l2
@@ -384,19 +509,29 @@ cdef void gro_add(gro_t *g, unsigned char *pkt, uint32_t n) noexcept nogil:
     """Add one delivered packet; the caller has made room (not gro_full). ``pkt`` must stay
     valid and untouched until the item is written."""
     cdef uint32_t l2 = g.l2
-    cdef bint tcp = gro_tcp_packet(pkt, n, l2)
-    cdef uint32_t payload = gro_payload(pkt, n, l2) if tcp else 0
+    cdef uint8_t proto = gro_flow_proto(pkt, n, l2, g.uso)
+    cdef uint32_t payload = 0
     cdef int32_t j, stop = g.nitems - GRO_SCAN_C
     cdef gro_item_t *it
     cdef gro_rec_t *rec
-    cdef uint32_t flags
-    if tcp:
+    cdef uint32_t flags = 0
+    cdef bint fits
+    if proto == PROTO_TCP:
+        payload = gro_payload(pkt, n, l2)
+        if payload:             # (then the whole TCP header is inside the packet)
+            flags = pkt[l2 + IPV4_MIN_HEADER + 13]
+    elif proto == PROTO_UDP:
+        payload = gro_udp_payload(pkt, n, l2)
+    if proto:
         j = g.nitems - 1
         while j >= 0 and j >= stop:
             it = &g.items[j]
-            if it.has_flow and gro_same_flow(it.head, pkt, l2):
-                if payload and gro_mergeable(it, pkt, payload, l2):
-                    flags = pkt[l2 + IPV4_MIN_HEADER + 13]
+            if it.proto and gro_same_flow(it.head, pkt, l2):
+                if proto == PROTO_TCP:
+                    fits = payload and gro_mergeable(it, pkt, payload, l2)
+                else:
+                    fits = payload and gro_udp_mergeable(it, pkt, payload, l2)
+                if fits:
                     rec = &g.recs[g.nrecs]
                     rec.data = pkt + (n - payload)
                     rec.length = payload
@@ -408,7 +543,7 @@ cdef void gro_add(gro_t *g, unsigned char *pkt, uint32_t n) noexcept nogil:
                     it.last_rec = g.nrecs
                     g.nrecs += 1
                     it.segs += 1
-                    it.next_seq += payload
+                    it.next_seq += payload      # (UDP: unused)
                     it.ip_len += payload
                     if payload < it.mss or (flags & TCP_PSH):
                         it.open = False
@@ -425,13 +560,14 @@ cdef void gro_add(gro_t *g, unsigned char *pkt, uint32_t n) noexcept nogil:
     it.segs = 1
     it.first_rec = -1
     it.last_rec = -1
-    it.has_flow = tcp
-    it.open = payload > 0 and not (pkt[l2 + IPV4_MIN_HEADER + 13] & TCP_PSH)
+    it.proto = proto
+    it.open = payload > 0 and not (flags & TCP_PSH)
     if payload:
         it.mss = payload
         it.hdr_len = n - payload
         it.ip_len = n - l2
-        it.next_seq = rd32(pkt + l2 + IPV4_MIN_HEADER + 4) + payload
+        if proto == PROTO_TCP:
+            it.next_seq = rd32(pkt + l2 + IPV4_MIN_HEADER + 4) + payload
 
 
 cdef int gro_prepare(const gro_t *g, int32_t index, vnet_hdr_t *hdr, iovec *iov) noexcept nogil:
@@ -452,16 +588,22 @@ cdef int gro_prepare(const gro_t *g, int32_t index, vnet_hdr_t *hdr, iovec *iov)
     wr16(ip + 2, it.ip_len)
     wr16(ip + 10, 0)
     wr16(ip + 10, csum_fold(csum_partial(ip, IPV4_MIN_HEADER, 0)))
-    # CHECKSUM_PARTIAL: the folded pseudo-header sum, not inverted; the kernel adds the rest.
-    wr16(ip + IPV4_MIN_HEADER + 16,
-         (~csum_fold(csum_partial(ip + 12, 8, 0) + PROTO_TCP + it.ip_len - IPV4_MIN_HEADER))
-         & 0xFFFF)
     hdr.flags = VNET_F_NEEDS_CSUM_C
-    hdr.gso_type = VNET_GSO_TCPV4_C
     hdr.hdr_len = it.hdr_len
     hdr.gso_size = it.mss
     hdr.csum_start = g.l2 + IPV4_MIN_HEADER
-    hdr.csum_offset = 16
+    if it.proto == PROTO_UDP:
+        # The UDP length of the whole run; the kernel gives each datagram its own.
+        wr16(ip + IPV4_MIN_HEADER + 4, it.ip_len - IPV4_MIN_HEADER)
+        hdr.gso_type = VNET_GSO_UDP_L4_C
+        hdr.csum_offset = 6
+    else:
+        hdr.gso_type = VNET_GSO_TCPV4_C
+        hdr.csum_offset = 16
+    # CHECKSUM_PARTIAL: the folded pseudo-header sum, not inverted; the kernel adds the rest.
+    wr16(ip + IPV4_MIN_HEADER + hdr.csum_offset,
+         (~csum_fold(csum_partial(ip + 12, 8, 0) + it.proto + it.ip_len - IPV4_MIN_HEADER))
+         & 0xFFFF)
     r = it.first_rec
     while r >= 0:
         iov[k].iov_base = <void *>g.recs[r].data
@@ -512,9 +654,29 @@ def segment_tcp4(packet, l2, mss):
     return segments
 
 
-def coalesce(packets, l2):
+def segment_udp4(packet, l2, mss):
+    """The datagrams (without prefix) of a UDPv4 superpacket, or None if refused (7.)."""
+    cdef const unsigned char[::1] view = bytes(packet)
+    cdef tso_plan_t plan
+    cdef uint32_t i, offset
+    if view.shape[0] == 0 or not 0 <= mss <= 0xFFFF or l2 not in (0, TAP_L2):
+        return None
+    if uso_plan(&plan, &view[0], view.shape[0], l2, mss, 0) < 0:
+        return None
+    out = bytearray(plan.need)
+    cdef unsigned char[::1] out_view = out
+    uso_write(&plan, &view[0], &out_view[0])
+    segments = []
+    for i in range(plan.nseg):
+        offset = i * plan.stride
+        segments.append(bytes(out[offset:offset + tso_segment_len(&plan, i)]))
+    return segments
+
+
+def coalesce(packets, l2, uso=False):
     """The (virtio header, data) writes the coalescer makes of ``packets`` delivered in this
-    order (written early whenever its arrays fill, as in the forwarder)."""
+    order (written early whenever its arrays fill, as in the forwarder); ``uso``: UDP runs are
+    merged too."""
     cdef gro_t g
     cdef unsigned char[::1] view
     if l2 not in (0, TAP_L2):
@@ -522,7 +684,7 @@ def coalesce(packets, l2):
     # The coalescer edits heads in place; one spare byte keeps &view[0] valid for b"".
     buffers = [bytearray(p) + b"\0" for p in packets]
     writes = []
-    gro_init(&g, l2)
+    gro_init(&g, l2, uso)
     try:
         for buf in buffers:
             if gro_full(&g):

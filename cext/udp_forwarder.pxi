@@ -25,9 +25,9 @@ cdef class UdpForwarder(_RoutedBase):
     """
 
     def __cinit__(self, tun_fd, sock_fd, batch_size=64, icmp_burst=100, *, vnet_hdr=False,
-                  udp_gso=False, udp_gro=False):
+                  udp_gso=False, udp_gro=False, device_uso=False):
         self._setup_routed("UdpForwarder", tun_fd, sock_fd, (), batch_size, icmp_burst,
-                           (vnet_hdr, udp_gso, udp_gro), 0)
+                           (vnet_hdr, udp_gso, udp_gro, device_uso), 0)
 
     cdef void _inside_one(self, const fwd_tables_t *t, unsigned char *pkt,
                           uint32_t n) noexcept nogil:

@@ -23,7 +23,8 @@ cdef class VxlanRoutedForwarder(_RoutedBase):
     cdef uint32_t vni
 
     def __cinit__(self, tun_fd, sock_fd, mac, vni=1, tx_fds=(), batch_size=64,
-                  icmp_burst=100, *, vnet_hdr=False, udp_gso=False, udp_gro=False):
+                  icmp_burst=100, *, vnet_hdr=False, udp_gso=False, udp_gro=False,
+                  device_uso=False):
         cdef const unsigned char[::1] view
         mac = bytes(mac)
         if len(mac) != 6:
@@ -32,7 +33,7 @@ cdef class VxlanRoutedForwarder(_RoutedBase):
         view = mac
         memcpy(self.mac, &view[0], 6)
         self._setup_routed("VxlanRoutedForwarder", tun_fd, sock_fd, tx_fds, batch_size,
-                           icmp_burst, (vnet_hdr, udp_gso, udp_gro), ROUTED_ENCAP)
+                           icmp_burst, (vnet_hdr, udp_gso, udp_gro, device_uso), ROUTED_ENCAP)
 
     cdef int _check_generation(self, _TableGeneration gen) except -1:
         cdef int32_t i

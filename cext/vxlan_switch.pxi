@@ -36,7 +36,7 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
 
     def __cinit__(self, tap_fd, sock_fd, vni=1, tx_fds=(), batch_size=64,
                   fdb_max_entries=16384, *, vnet_hdr=False, udp_gso=False, udp_gro=False,
-                  fdb_port_max_entries=None, mac_move_hold=0.0, storm_rate=0.0,
+                  device_uso=False, fdb_port_max_entries=None, mac_move_hold=0.0, storm_rate=0.0,
                   storm_burst=1.0):
         self.fdb.slots = NULL
         self.fdb.port_macs = NULL
@@ -61,7 +61,7 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
             raise ValueError(f"storm_burst must be 1..1e9 frames, got {self.storm_burst}")
         self.now = 0.0
         self._setup("VxlanSwitchForwarder", tap_fd, sock_fd, tx_fds, batch_size,
-                    (vnet_hdr, udp_gso, udp_gro), VXLAN_HEADER, ETH_HEADER)
+                    (vnet_hdr, udp_gso, udp_gro, device_uso), VXLAN_HEADER, ETH_HEADER)
         fdb_init(&self.fdb, fdb_max_entries, port_max, hold)
         self.storm_tokens = <double *>malloc(sizeof(double))
         self.storm_stamp = <double *>malloc(sizeof(double))

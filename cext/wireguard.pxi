@@ -258,14 +258,14 @@ cdef class WireguardForwarder(_RoutedBase):
     cdef unsigned char pad_zero[16]
 
     def __cinit__(self, tun_fd, sock_fd, mac1_key, batch_size=64, icmp_burst=100, *,
-                  vnet_hdr=False, udp_gso=False, udp_gro=False):
+                  vnet_hdr=False, udp_gso=False, udp_gro=False, device_uso=False):
         cdef const unsigned char[::1] key = bytes(mac1_key)
         cdef size_t mac_size = WG_MAC_LEN
         cdef OSSL_PARAM params[2]
         if key.shape[0] != 32:
             raise ValueError(f"mac1_key must be 32 bytes, got {key.shape[0]}")
         self._setup_routed("WireguardForwarder", tun_fd, sock_fd, (), batch_size, icmp_burst,
-                           (vnet_hdr, udp_gso, udp_gro), WG_HEADER_LEN)
+                           (vnet_hdr, udp_gso, udp_gro, device_uso), WG_HEADER_LEN)
         self.any_source = True
         self.seal_tail = True
         self.mac_alg = EVP_MAC_fetch(NULL, b"BLAKE2SMAC", NULL)

@@ -32,8 +32,8 @@ def test_inlined_checksum_is_told_apart_by_its_caller() -> None:
                  ("__pyx_f_8overlayd_10_dataplane_14_ForwarderBase__inside_run", DP), *LOOP)
     samples = profile.parse_perf_script("\n\n".join([tso, gro, copy, chain(*LOOP)]))
     assert samples == {
-        ("inside", "checksum: TCP/IP of each segment (tso_write)"): 1,
-        ("outside", "checksum: TCP check before coalescing"): 1,
+        ("inside", "checksum: TCP/UDP/IP of each segment (tso/uso_write)"): 1,
+        ("outside", "checksum: TCP/UDP check before coalescing"): 1,
         ("inside", "copy: segmentation (superpacket -> segments)"): 1,
         ("loop", "Python / uvloop"): 1,
     }

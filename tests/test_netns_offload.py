@@ -37,7 +37,8 @@ def transfer_ok(lab: Lab, a: str, b: str) -> None:
 
 def assert_sender_offloaded(s: dict[str, Any]) -> None:
     t = s["traffic"]
-    assert s["offloads"] == {"vnet_hdr": True, "udp_gso": True, "udp_gro": True}, s["offloads"]
+    assert s["offloads"] == {"vnet_hdr": True, "udp_gso": True, "udp_gro": True,
+                             "device_uso": True}, s["offloads"]
     assert t["offload_superpackets"] > 0, t
     assert t["offload_segments"] > t["offload_superpackets"], t
     assert t["offload_gso_sends"] > 0, t
@@ -133,6 +134,7 @@ def test_offloads_off_means_none_used_and_traffic_flows(plain_lab: Lab) -> None:
     transfer_ok(plain_lab, "host1", "host2")
     for name in ("host1", "host2"):
         s = status(plain_lab, name)
-        assert s["offloads"] == {"vnet_hdr": False, "udp_gso": False, "udp_gro": False}
+        assert s["offloads"] == {"vnet_hdr": False, "udp_gso": False, "udp_gro": False,
+                                 "device_uso": False}
         assert not any(v for k, v in s["traffic"].items() if k.startswith("offload_")), s
         assert_no_drops(s)

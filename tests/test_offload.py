@@ -682,7 +682,8 @@ class OffloadRig:
 
     def __init__(self, kernels: ModuleType, path: str, *, vnet_hdr: bool = True,
                  udp_gso: bool = True, udp_gro: bool = False, peers: int = 2,
-                 mtu: int = 1500, batch_size: int = 64, static_peer0: bool = True) -> None:
+                 mtu: int = 1500, batch_size: int = 64, static_peer0: bool = True,
+                 device_uso: bool = False) -> None:
         self.path = path
         self.l2 = 14 if path == "switched" else 0
         self.app, self.dev = device_pair()
@@ -692,7 +693,8 @@ class OffloadRig:
         self.peers = [udp_socket(peer_ip(i)) for i in range(peers)]
         for s in self.peers:    # room for a few thousand small datagrams: none may be lost
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        kw = {"vnet_hdr": vnet_hdr, "udp_gso": udp_gso, "udp_gro": udp_gro}
+        kw = {"vnet_hdr": vnet_hdr, "udp_gso": udp_gso, "udp_gro": udp_gro,
+              "device_uso": device_uso}
         entries = tuple(PeerEntry(A(peer_ip(i)), s.getsockname()[1], mtu, f"peer{i}",
                                   bytes.fromhex(f"0200bb0000{i:02x}"))
                         for i, s in enumerate(self.peers))

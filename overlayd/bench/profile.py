@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from overlayd.bench.runner import check_host
 from overlayd.bench.subjects import Overlayd
@@ -165,23 +166,23 @@ def classify(frames: list[tuple[str, str]]) -> tuple[str, str]:
         caller = next((short(s) for s, d in frames if "_dataplane" in d and "csum" not in s
                        and "memcpy" not in s and "memmove" not in s), "?")
         if "memmove" in leaf or "memcpy" in leaf:
-            if "tso_write" in caller:
+            if "tso_write" in caller or "uso_write" in caller:
                 return direction, "copy: segmentation (superpacket -> segments)"
             if "stage_runs" in caller:
                 return direction, "copy: GSO staging of single datagrams"
             return direction, f"copy: other ({caller})"
         if "csum" in leaf:
-            if "tso_write" in caller:
-                return direction, "checksum: TCP/IP of each segment (tso_write)"
+            if "tso_write" in caller or "uso_write" in caller:
+                return direction, "checksum: TCP/UDP/IP of each segment (tso/uso_write)"
             if "gro_" in caller:
-                return direction, "checksum: TCP check before coalescing"
+                return direction, "checksum: TCP/UDP check before coalescing"
             return direction, f"checksum: other ({caller})"
         if "libc" in dso:
             if LIBC_SYSCALL_WRAPPER.search(leaf):
                 return direction, "libc syscall wrappers"
             return direction, f"libc {leaf}"
-        if "tso_" in leaf:
-            return direction, "segmentation: headers (tso_write)"
+        if "tso_" in leaf or "uso_" in leaf:
+            return direction, "segmentation: headers (tso/uso_write)"
         if "gro_" in leaf or "_pending_flush" in leaf:
             return direction, "coalescing: flow match, merge"
         if any(k in leaf for k in ("_queue", "_send", "_flush", "_stage_runs", "txq_")):
@@ -380,6 +381,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=4, help="seconds sampled per load")
     parser.add_argument("--freq", type=int, default=1999, help="perf samples per second")
     parser.add_argument("--out", type=Path, help="directory for perf data and profile.json")
+    parser.add_argument("--no-uso", action="store_true",
+                        help="[dataplane] device_uso = false (one write per small UDP packet)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,8 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         return refused
     out = args.out or Path(tempfile.mkdtemp(prefix="overlayd-profile-"))
     out.mkdir(parents=True, exist_ok=True)
-    subject = Overlayd(args.backend, args.dataplane, config_extra={
-        "metrics": {"enabled": True, "listen": METRICS_LISTEN}})
+    extra: dict[str, Any] = {"metrics": {"enabled": True, "listen": METRICS_LISTEN}}
+    if args.no_uso:
+        extra["dataplane"] = {"device_uso": False}
+    subject = Overlayd(args.backend, args.dataplane, config_extra=extra)
     results = []
     with Testbed.create() as bed:
         try:

@@ -147,7 +147,8 @@ def write_wireguard_key(path: Path) -> str:
 
 
 def engine_options(options: list[str]) -> dict[str, Any]:
-    """"+loop", "+t2" (threads engine, 2 threads), "+poll50" (busy-poll 50 µs) -> [dataplane]."""
+    """"+loop", "+t2" (threads engine, 2 threads), "+poll50" (busy-poll 50 µs), "+nouso" (no
+    UDP superpackets to and from the device: device_uso = false) -> [dataplane]."""
     out: dict[str, Any] = {}
     for option in options:
         if option == "loop":
@@ -156,8 +157,11 @@ def engine_options(options: list[str]) -> dict[str, Any]:
             out.update(engine="threads", threads=int(option[1:]))
         elif option.startswith("poll") and option[4:].isdigit():
             out["busy_poll_us"] = int(option[4:])
+        elif option == "nouso":
+            out["device_uso"] = False
         else:
-            raise ValueError(f"unknown subject option +{option} (known: +loop, +tN, +pollN)")
+            raise ValueError(f"unknown subject option +{option} (known: +loop, +tN, +pollN, "
+                             "+nouso)")
     return out
 
 

@@ -76,6 +76,7 @@ class DaemonConfig:
     storm_rate_per_second: float = 1000.0  # switched: floods per second per port (0 = off)
     storm_burst: float = 1000.0           # switched: ... and the bucket size, in frames
     offloads: bool = True                 # TSO/checksum from the device, UDP GSO/GRO, coalescing
+    device_uso: bool = True               # with offloads: UDP superpackets from/to the device
     engine: str = "auto"                  # threads (native data-plane threads) | loop | auto
     threads: int = 0                      # data-plane threads with engine threads; 0: fit the host
     busy_poll_us: int = 0                 # engine threads: poll this long after a busy wake-up
@@ -193,12 +194,13 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
 
     dp = p.table(data, "dataplane")
     p.unknown_keys(dp, {"implementation", "batch_size", "icmp_rate_per_second", "offloads",
-                        "engine", "threads", "busy_poll_us"}, "dataplane")
+                        "device_uso", "engine", "threads", "busy_poll_us"}, "dataplane")
     impl = p.string(dp, "implementation", "dataplane", default="auto", choices=DATAPLANES)
     batch = p.integer(dp, "batch_size", "dataplane", default=64, low=1, high=512)
     icmp_rate = p.integer(dp, "icmp_rate_per_second", "dataplane", default=1000, low=0,
                           high=1_000_000)
     offloads = p.boolean(dp, "offloads", "dataplane", default=True)
+    device_uso = p.boolean(dp, "device_uso", "dataplane", default=True)
     engine = p.string(dp, "engine", "dataplane", default="auto", choices=ENGINES)
     threads = p.integer(dp, "threads", "dataplane", default=0, low=0, high=64)
     busy_poll = p.integer(dp, "busy_poll_us", "dataplane", default=0, low=0, high=100_000)
@@ -260,7 +262,8 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         control_socket=Path(sock_text or "/run/overlayd/overlayd.sock"),
         tx_sockets=tx_sockets if tx_sockets is not None else 8,
         mac_ageing_seconds=ageing, fdb_max_entries=fdb_max or 16384,
-        static_macs=tuple(static_macs), offloads=bool(offloads), etcd=etcd,
+        static_macs=tuple(static_macs), offloads=bool(offloads),
+        device_uso=bool(device_uso), etcd=etcd,
         engine=engine or "auto", threads=threads or 0, busy_poll_us=busy_poll or 0,
         subnet_env=subnet_env, wait_for_address_seconds=address_wait, bridge=bridge,
         fdb_max_entries_per_port=port_max or 1, mac_move_hold_seconds=move_hold,

@@ -99,6 +99,10 @@ OFFLOAD = (
     "offload_coalesced_segments",  # segments inside them (each also in delivered_packets)
     "offload_checksums_finished",  # delivered TCP/UDP checksums a kernel VTEP left partial
                                    # (the pseudo-header sum only), finished before the write
+    "offload_udp_superpackets",    # UDP superpackets (USO) read from the device
+    "offload_udp_segments",        # datagrams cut from them (each also in inside_packets)
+    "offload_udp_coalesced_writes",    # UDP superpackets written to the device (USO writes)
+    "offload_udp_coalesced_segments",  # datagrams inside them (each also in delivered_packets)
 )
 
 # WireGuard (backend type "wireguard"): what went through, then why datagrams were dropped.

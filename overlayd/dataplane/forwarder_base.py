@@ -30,7 +30,9 @@
    previous entry of its queue ends in the arena (same peer, not longer) is merged into it
    and the entry goes out in one UDP_SEGMENT sendmsg. ``udp_gro`` - the caller enabled
    UDP_GRO on the receive socket; a receive that carries several datagrams is split and each
-   is handled as if received alone.
+   is handled as if received alone. ``device_uso`` (with vnet_hdr) - the device took USO: UDP
+   superpackets it hands over are cut into datagrams like TCP ones, and the coalescer merges
+   runs of one UDP flow into UDP GSO writes (offload.py, spec point 7).
 
 Invariants: the fds belong to the caller and are never closed here; a batch is not re-entrant;
 tables are swapped whole; every counter index comes from counters.COUNTER_INDEX.
@@ -238,7 +240,7 @@ class ForwarderBase:
 
     def __init__(self, dev_fd: int, sock_fd: int, tx_fds: Sequence[int],
                  batch_size: int, *, vnet_hdr: bool = False, udp_gso: bool = False,
-                 udp_gro: bool = False) -> None:
+                 udp_gro: bool = False, device_uso: bool = False) -> None:
         dev_fd, sock_fd = operator.index(dev_fd), operator.index(sock_fd)
         batch_size = operator.index(batch_size)
         if not 1 <= batch_size <= MAX_BATCH:
@@ -266,7 +268,10 @@ class ForwarderBase:
         self._vnet_hdr = bool(vnet_hdr)
         self._gso_on = bool(udp_gso)
         self._gro_cmsg_space = _GRO_CMSG_SPACE if udp_gro else 0
-        self._coalescer = offload.Coalescer(self._LINK_HEADER_LEN) if vnet_hdr else None
+        # USO (TUN_F_USO4/6): UDP superpackets come from the device, UDP runs go into it.
+        self._uso = bool(device_uso) and self._vnet_hdr
+        self._coalescer = (offload.Coalescer(self._LINK_HEADER_LEN, self._uso) if vnet_hdr
+                           else None)
         # Segments of the batch's superpackets, laid out as the Cython kernel's arena is: one
         # buffer, each superpacket's run at the next aligned offset, so that which datagrams
         # lie back to back (and UDP GSO merges) is the same in both kernels.
@@ -302,7 +307,7 @@ class ForwarderBase:
     def offloads(self) -> dict[str, bool]:
         """Which offloads are in use now (udp_gso turns off if the kernel refused it)."""
         return {"vnet_hdr": self._vnet_hdr, "udp_gso": self._gso_on,
-                "udp_gro": bool(self._gro_cmsg_space)}
+                "udp_gro": bool(self._gro_cmsg_space), "device_uso": self._uso}
 
     def batch_histogram(self) -> tuple[list[int], list[int]]:
         return list(self._hist_inside), list(self._hist_outside)
@@ -429,8 +434,11 @@ class ForwarderBase:
             self._inside_one(state, buf, start, length)
             return
         plan = None
+        udp = gso_type == offload.VNET_GSO_UDP_L4 and self._uso
         if gso_type == offload.VNET_GSO_TCPV4:
             plan = offload.tcp4_plan(buf[start:start + length], self._LINK_HEADER_LEN, gso_size)
+        elif udp:
+            plan = offload.udp4_plan(buf[start:start + length], self._LINK_HEADER_LEN, gso_size)
         # Each segment with the outer-header room in front, that room ending where the
         # previous segment ends: a run of encapsulated segments is one UDP GSO buffer.
         prefix = self._OUTER_PREFIX
@@ -444,12 +452,12 @@ class ForwarderBase:
         offset = self._arena_used
         align = offload.SEG_ARENA_ALIGN
         self._arena_used += (need + align - 1) // align * align
-        ctr[C["offload_superpackets"]] += 1
-        ctr[C["offload_segments"]] += plan.nseg
+        ctr[C["offload_udp_superpackets" if udp else "offload_superpackets"]] += 1
+        ctr[C["offload_udp_segments" if udp else "offload_segments"]] += plan.nseg
         arena = self._arena
         # Straight from the read slot into the arena: the payload is copied once.
-        offload.segment_tcp4_into(buf[start:start + length], self._LINK_HEADER_LEN, plan,
-                                  arena, offset, prefix)
+        cut = offload.segment_udp4_into if udp else offload.segment_tcp4_into
+        cut(buf[start:start + length], self._LINK_HEADER_LEN, plan, arena, offset, prefix)
         for i in range(plan.nseg):
             offset += prefix
             size = plan.segment_length(i)
@@ -617,7 +625,10 @@ class ForwarderBase:
                 ctr[C["device_write_error"]] += segments
                 continue
             ctr[C["delivered_packets"]] += segments
-            if segments > 1:
+            if segments > 1 and header[1] == offload.VNET_GSO_UDP_L4:
+                ctr[C["offload_udp_coalesced_writes"]] += 1
+                ctr[C["offload_udp_coalesced_segments"]] += segments
+            elif segments > 1:
                 ctr[C["offload_coalesced_writes"]] += 1
                 ctr[C["offload_coalesced_segments"]] += segments
 
@@ -738,12 +749,13 @@ class RoutedForwarderBase(ForwarderBase):
 
     def __init__(self, tun_fd: int, sock_fd: int, tx_fds: Sequence[int], batch_size: int,
                  icmp_burst: int, *, vnet_hdr: bool = False, udp_gso: bool = False,
-                 udp_gro: bool = False) -> None:
+                 udp_gro: bool = False, device_uso: bool = False) -> None:
         icmp_burst = operator.index(icmp_burst)
         if icmp_burst < 0:
             raise ValueError(f"icmp_burst must be >= 0, got {icmp_burst}")
         super().__init__(tun_fd, sock_fd, tx_fds, batch_size, vnet_hdr=vnet_hdr,
-                         udp_gso=udp_gso, udp_gro=udp_gro)
+                         udp_gso=udp_gso, udp_gro=udp_gro,
+                         device_uso=device_uso)
         self._tokens = icmp_burst
 
     def set_tables(self, tables: Any) -> None:

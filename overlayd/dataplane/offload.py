@@ -4,7 +4,10 @@ Why: a per-packet loop pays one read, one sendmsg, one recvmsg and one write per
 packet. With the device opened with IFF_VNET_HDR and TSO, the kernel hands us TCP superpackets
 of up to 64 kB, which ``segment_tcp4`` cuts into wire-sized segments; the ``Coalescer`` does
 the reverse for packets we write into the device, so the guest stack sees one superpacket per
-run of segments. The forwarders (forwarder_base.py) use UDP GSO/GRO around these.
+run of segments. The forwarders (forwarder_base.py) use UDP GSO/GRO around these. With USO
+(``uso``: the device took TUN_F_USO4 | TUN_F_USO6), the same for UDP: ``segment_udp4`` cuts a
+UDP superpacket an application sent with UDP_SEGMENT, and the Coalescer merges runs of one UDP
+flow as the kernel's UDP GRO would (spec point 7 in cext/offload.pxi).
 
 The virtio-net header (VNET_HDR_LEN bytes, host byte order - little-endian on the x86 hosts we
 run on - in front of every read and write of a device opened with IFF_VNET_HDR):
@@ -19,7 +22,7 @@ byte, ``l2`` is the length of the link header in front of the IPv4 header (0 on 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, NamedTuple
 
 from overlayd.wire.ipv4 import checksum, ones_sum
@@ -28,6 +31,7 @@ VNET_HDR_LEN: Final = 10
 VNET_F_NEEDS_CSUM: Final = 1
 VNET_GSO_NONE: Final = 0
 VNET_GSO_TCPV4: Final = 1
+VNET_GSO_UDP_L4: Final = 5       # UDP GSO (USO): kernel >= 6.2 with TUN_F_USO4 | TUN_F_USO6
 VNET_GSO_ECN: Final = 0x80
 GSO_MAX_SEGS: Final = 64         # datagrams in one UDP GSO send
 GSO_MAX_BYTES: Final = 65000     # bytes in one UDP GSO send (under the 65507 a UDP packet holds)
@@ -84,9 +88,11 @@ def fold_add(*sums: int) -> int:
     return total
 
 
-def _pseudo_header_sum(ip_header: bytes | bytearray | memoryview, tcp_length: int) -> int:
-    """Folded sum of the TCP pseudo-header: source, destination, zero, protocol, TCP length."""
-    return fold_add(ones_sum(ip_header[12:20]), _PROTO_TCP, tcp_length)
+def _pseudo_header_sum(ip_header: bytes | bytearray | memoryview, tcp_length: int,
+                       proto: int = _PROTO_TCP) -> int:
+    """Folded sum of the TCP (or UDP) pseudo-header: source, destination, zero, protocol,
+    TCP/UDP length."""
+    return fold_add(ones_sum(ip_header[12:20]), proto, tcp_length)
 
 
 def completed_checksum(packet: bytes | bytearray | memoryview, csum_start: int) -> int:
@@ -264,10 +270,15 @@ def segment_tcp4(packet: bytes | bytearray | memoryview, l2: int,
     """The segments a TCP/IPv4 superpacket stands for (spec point 2), or None when it is not
     one (see tcp4_plan)."""
     plan = tcp4_plan(packet, l2, mss)
-    if plan is None:
-        return None
+    return None if plan is None else _cut(packet, l2, plan, segment_tcp4_into)
+
+
+def _cut(packet: bytes | bytearray | memoryview, l2: int, plan: Tcp4Plan,
+         into: Callable[[bytes | bytearray | memoryview, int, Tcp4Plan, memoryview, int, int],
+                        None]) -> list[bytes]:
+    """The segments ``into`` (segment_tcp4_into or segment_udp4_into) lays out, apart."""
     out = memoryview(bytearray(plan.need(0)))
-    segment_tcp4_into(packet, l2, plan, out, 0, 0)
+    into(packet, l2, plan, out, 0, 0)
     segments, offset = [], 0
     for i in range(plan.nseg):
         size = plan.segment_length(i)
@@ -276,36 +287,126 @@ def segment_tcp4(packet: bytes | bytearray | memoryview, l2: int,
     return segments
 
 
+# --- 7. UDP segmentation of a USO superpacket --------------------------------------------------
+
+def udp4_plan(packet: bytes | bytearray | memoryview, l2: int, mss: int) -> Tcp4Plan | None:
+    """How a UDPv4 superpacket (USO) is cut, in a Tcp4Plan whose ``tcp`` is the UDP header's
+    offset, or None when it is not one (not UDP/IPv4 with a total length matching the
+    buffer, no payload, mss 0, more than MAX_TSO_SEGMENTS datagrams)."""
+    n = len(packet)
+    if not 0 < mss <= 0xFFFF or l2 not in (0, _ETH_HEADER_LEN) or n < l2 + _IPV4_MIN_HEADER:
+        return None
+    if l2 and packet[12:14] != _ETHERTYPE_IPV4:
+        return None
+    if packet[l2] >> 4 != 4 or packet[l2 + 9] != _PROTO_UDP:
+        return None
+    ihl = (packet[l2] & 0x0F) * 4
+    headers = l2 + ihl + _UDP_HEADER
+    if (ihl < _IPV4_MIN_HEADER or int.from_bytes(packet[l2 + 2:l2 + 4], "big") != n - l2
+            or headers >= n):
+        return None
+    count = -(-(n - headers) // mss)
+    if count > MAX_TSO_SEGMENTS:
+        return None
+    return Tcp4Plan(l2 + ihl, headers, count, mss, n)
+
+
+def segment_udp4_into(packet: bytes | bytearray | memoryview, l2: int, plan: Tcp4Plan,
+                      out: memoryview, offset: int, prefix: int) -> None:
+    """As segment_tcp4_into, for a USO superpacket: each datagram gets the headers with its
+    own IPv4 total length, id + i, header checksum, UDP length and a full UDP checksum (0 is
+    sent as 0xFFFF: 0 would mean "no checksum")."""
+    view = memoryview(packet)
+    udp, headers, count, mss = plan.tcp, plan.headers, plan.nseg, plan.mss
+    ihl = udp - l2
+    ident = int.from_bytes(view[l2 + 4:l2 + 6], "big")
+    template = bytearray(view[:headers])
+    template[udp + _UDP_CSUM_OFFSET:udp + _UDP_CSUM_OFFSET + 2] = b"\x00\x00"
+    for i in range(count):
+        payload = view[headers + i * mss:min(headers + (i + 1) * mss, plan.length)]
+        head = bytearray(template)
+        head[l2 + 2:l2 + 4] = (ihl + _UDP_HEADER + len(payload)).to_bytes(2, "big")
+        head[l2 + 4:l2 + 6] = ((ident + i) & 0xFFFF).to_bytes(2, "big")
+        _ipv4_header_checksum(head, l2, ihl)
+        head[udp + 4:udp + 6] = (_UDP_HEADER + len(payload)).to_bytes(2, "big")
+        total = fold_add(_pseudo_header_sum(head[l2:], _UDP_HEADER + len(payload), _PROTO_UDP),
+                         ones_sum(head[udp:]), ones_sum(payload))
+        head[udp + _UDP_CSUM_OFFSET:udp + _UDP_CSUM_OFFSET + 2] = (
+            (~total & 0xFFFF) or 0xFFFF).to_bytes(2, "big")
+        offset += prefix
+        out[offset:offset + headers] = head
+        out[offset + headers:offset + headers + len(payload)] = payload
+        offset += headers + len(payload)
+
+
+def segment_udp4(packet: bytes | bytearray | memoryview, l2: int,
+                 mss: int) -> list[bytes] | None:
+    """The datagrams a UDP/IPv4 superpacket stands for (spec point 7), or None (udp4_plan)."""
+    plan = udp4_plan(packet, l2, mss)
+    return None if plan is None else _cut(packet, l2, plan, segment_udp4_into)
+
+
 # --- 5. coalescing TCP segments written into the device ---------------------------------------
 
-def _tcp_flow(packet: bytes, l2: int) -> bytes | None:
+def _flow(packet: bytes, l2: int, uso: bool) -> bytes | None:
     """The flow of a *TCP packet* (IPv4, IHL >= 5, protocol TCP, its ports inside the packet;
-    coalescable or not) - link header, addresses, ports - or None for anything else, which is
-    written as it came and never merged with."""
+    coalescable or not) or, with ``uso``, of a *UDP packet* (the same with protocol UDP) -
+    link header, protocol, addresses, ports - or None for anything else, which is written as
+    it came and never merged with."""
     if len(packet) < l2 + _IPV4_MIN_HEADER:
         return None
     if l2 and packet[12:14] != _ETHERTYPE_IPV4:
         return None
     ihl = (packet[l2] & 0x0F) * 4
-    if (packet[l2] >> 4 != 4 or ihl < _IPV4_MIN_HEADER or packet[l2 + 9] != _PROTO_TCP
+    proto = packet[l2 + 9]
+    if (packet[l2] >> 4 != 4 or ihl < _IPV4_MIN_HEADER
+            or not (proto == _PROTO_TCP or (proto == _PROTO_UDP and uso))
             or l2 + ihl + 4 > len(packet)):
         return None
-    return packet[:l2] + packet[l2 + 12:l2 + 20] + packet[l2 + ihl:l2 + ihl + 4]
+    return (packet[:l2] + packet[l2 + 9:l2 + 10] + packet[l2 + 12:l2 + 20]
+            + packet[l2 + ihl:l2 + ihl + 4])
 
 
 class _Segment:
     """What a coalescable packet brings to an item."""
 
-    __slots__ = ("headers", "ident", "match", "payload_len", "psh", "seq")
+    __slots__ = ("headers", "ident", "match", "payload_len", "psh", "seq", "udp")
 
     def __init__(self, headers: int, match: bytes, ident: int, seq: int, payload_len: int,
-                 psh: bool) -> None:
-        self.headers = headers          # l2 + 20 + doff*4: where the payload starts
+                 psh: bool, udp: bool = False) -> None:
+        self.headers = headers          # l2 + 20 + doff*4 (UDP: + 8): where the payload starts
         self.match = match              # what must equal between merged segments
         self.ident = ident              # IPv4 id: must count up along a run
-        self.seq = seq
+        self.seq = seq                  # (UDP: 0, unused)
         self.payload_len = payload_len
         self.psh = psh
+        self.udp = udp
+
+
+def _udp_coalescable(packet: bytes, l2: int) -> _Segment | None:
+    """A UDP packet (see _flow) the kernel's UDP GRO would merge with its neighbours: IHL 5,
+    not a fragment, total length and UDP length right, payload, header checksum right, a
+    nonzero UDP checksum that verifies (udp_gro_receive_segment wants one)."""
+    n = len(packet)
+    ip = l2
+    udp = ip + _IPV4_MIN_HEADER
+    if packet[ip] != 0x45:
+        return None
+    if int.from_bytes(packet[ip + 6:ip + 8], "big") & _IP_MF_AND_OFFSET:
+        return None
+    length = n - udp
+    if (int.from_bytes(packet[ip + 2:ip + 4], "big") != n - l2 or length <= _UDP_HEADER
+            or int.from_bytes(packet[udp + 4:udp + 6], "big") != length
+            or packet[udp + 6:udp + 8] == b"\x00\x00"):
+        return None
+    if ones_sum(packet[ip:udp]) != 0xFFFF:
+        return None
+    if fold_add(_pseudo_header_sum(packet[ip:], length, _PROTO_UDP),
+                ones_sum(packet[udp:])) != 0xFFFF:
+        return None
+    match = packet[ip + 1:ip + 2] + packet[ip + 8:ip + 9] + packet[ip + 6:ip + 8]
+    return _Segment(udp + _UDP_HEADER, match, int.from_bytes(packet[ip + 4:ip + 6], "big"), 0,
+                    length - _UDP_HEADER, False, udp=True)
 
 
 def _coalescable(packet: bytes, l2: int) -> _Segment | None:
@@ -348,7 +449,7 @@ class _Item:
     """One pending write: a packet as it came, or a run of segments of one flow."""
 
     __slots__ = ("first", "first_ident", "flow", "headers", "match", "mss", "next_seq", "open",
-                 "payloads", "psh", "total_length")
+                 "payloads", "psh", "total_length", "udp")
 
     def __init__(self, packet: bytes, flow: bytes | None, segment: _Segment | None,
                  l2: int) -> None:
@@ -358,6 +459,7 @@ class _Item:
         self.open = segment is not None and not segment.psh
         self.payloads: list[bytes] = []
         self.psh = False
+        self.udp = segment is not None and segment.udp
         if segment is not None:
             self.headers = segment.headers
             self.match = segment.match
@@ -370,7 +472,8 @@ class _Item:
         """Append ``segment`` if it continues this open item; whether it did."""
         # IPv4 ids must count up from the head's, so the kernel re-cutting the superpacket
         # gives back exactly the segments that came.
-        if (segment.match != self.match or segment.seq != self.next_seq
+        if (segment.udp != self.udp or segment.match != self.match
+                or (not segment.udp and segment.seq != self.next_seq)
                 or segment.ident != (self.first_ident + 1 + len(self.payloads)) & 0xFFFF
                 or segment.payload_len > self.mss
                 or self.total_length + segment.payload_len > _MAX_IPV4_TOTAL
@@ -393,6 +496,16 @@ class _Item:
         tcp = l2 + _IPV4_MIN_HEADER
         head[l2 + 2:l2 + 4] = self.total_length.to_bytes(2, "big")
         _ipv4_header_checksum(head, l2, _IPV4_MIN_HEADER)
+        if self.udp:
+            # The UDP length of the whole run; the kernel gives each datagram its own.
+            udp_length = self.total_length - _IPV4_MIN_HEADER
+            head[tcp + 4:tcp + 6] = udp_length.to_bytes(2, "big")
+            partial = _pseudo_header_sum(head[l2:], udp_length, _PROTO_UDP)
+            head[tcp + _UDP_CSUM_OFFSET:tcp + _UDP_CSUM_OFFSET + 2] = partial.to_bytes(2, "big")
+            header = build_vnet_hdr(VNET_F_NEEDS_CSUM, VNET_GSO_UDP_L4, self.headers, self.mss,
+                                    tcp, _UDP_CSUM_OFFSET)
+            data = b"".join([bytes(head), self.first[self.headers:], *self.payloads])
+            return header, data, segments
         if self.psh:
             head[tcp + 13] |= _TCP_PSH
         # CHECKSUM_PARTIAL: the field holds the pseudo-header sum, folded and not inverted; the
@@ -409,12 +522,13 @@ class Coalescer:
     """Pending writes into a device opened with IFF_VNET_HDR (spec point 5): ``add`` each
     delivered packet, ``flush`` at the end of the batch for the writes, in order."""
 
-    __slots__ = ("_appended", "_items", "_l2")
+    __slots__ = ("_appended", "_items", "_l2", "_uso")
 
-    def __init__(self, l2: int) -> None:
+    def __init__(self, l2: int, uso: bool = False) -> None:
         if l2 not in (0, _ETH_HEADER_LEN):
             raise ValueError(f"l2 must be 0 (tun) or {_ETH_HEADER_LEN} (tap), got {l2!r}")
         self._l2 = l2
+        self._uso = uso         # the device takes UDP GSO writes: UDP runs are merged too
         self._items: list[_Item] = []
         self._appended = 0      # payloads merged into items, bounded like the Cython arrays
 
@@ -431,11 +545,12 @@ class Coalescer:
         only when not ``full``."""
         data = bytes(packet)
         l2 = self._l2
-        flow = _tcp_flow(data, l2)
+        flow = _flow(data, l2, self._uso)
         if flow is None:
             self._items.append(_Item(data, None, None, l2))
             return
-        segment = _coalescable(data, l2)
+        udp = data[l2 + 9] == _PROTO_UDP
+        segment = _udp_coalescable(data, l2) if udp else _coalescable(data, l2)
         for item in reversed(self._items[-GRO_SCAN:]):
             if item.flow == flow:
                 if item.open:
@@ -457,10 +572,11 @@ class Coalescer:
 
 
 def coalesce(packets: Iterable[bytes | bytearray | memoryview],
-             l2: int) -> list[tuple[bytes, bytes]]:
+             l2: int, uso: bool = False) -> list[tuple[bytes, bytes]]:
     """The (virtio-net header, data) writes that delivering ``packets`` in this order, then
-    flushing once, produces (plus the early flushes a full coalescer makes)."""
-    coalescer = Coalescer(l2)
+    flushing once, produces (plus the early flushes a full coalescer makes); ``uso``: UDP
+    runs are merged too."""
+    coalescer = Coalescer(l2, uso)
     writes: list[tuple[bytes, bytes, int]] = []
     for packet in packets:
         if coalescer.full:

@@ -45,9 +45,10 @@ class UdpForwarder(RoutedForwarderBase):
 
     def __init__(self, tun_fd: int, sock_fd: int, batch_size: int = 64,
                  icmp_burst: int = 100, *, vnet_hdr: bool = False, udp_gso: bool = False,
-                 udp_gro: bool = False) -> None:
+                 udp_gro: bool = False, device_uso: bool = False) -> None:
         super().__init__(tun_fd, sock_fd, (), batch_size, icmp_burst, vnet_hdr=vnet_hdr,
-                         udp_gso=udp_gso, udp_gro=udp_gro)
+                         udp_gso=udp_gso, udp_gro=udp_gro,
+                         device_uso=device_uso)
 
     def _inside_one(self, state: State, buf: memoryview, start: int, length: int) -> None:
         """Hot: route one packet and queue it, unchanged but for its TTL."""

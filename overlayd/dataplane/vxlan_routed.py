@@ -60,12 +60,13 @@ class VxlanRoutedForwarder(RoutedForwarderBase):
     def __init__(self, tun_fd: int, sock_fd: int, mac: bytes, vni: int = 1,
                  tx_fds: Sequence[int] = (), batch_size: int = 64,
                  icmp_burst: int = 100, *, vnet_hdr: bool = False, udp_gso: bool = False,
-                 udp_gro: bool = False) -> None:
+                 udp_gro: bool = False, device_uso: bool = False) -> None:
         self._mac = check_mac(mac, "mac")
         self._vni = check_vni(vni)
         self._vxlan_header = vxlan.build_header(self._vni)
         super().__init__(tun_fd, sock_fd, tx_fds, batch_size, icmp_burst, vnet_hdr=vnet_hdr,
-                         udp_gso=udp_gso, udp_gro=udp_gro)
+                         udp_gso=udp_gso, udp_gro=udp_gro,
+                         device_uso=device_uso)
 
     def _check_tables(self, state: State) -> State:
         for index, mac in enumerate(state.peer_mac):

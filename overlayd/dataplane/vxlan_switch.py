@@ -100,6 +100,7 @@ class VxlanSwitchForwarder(ForwarderBase):
     def __init__(self, tap_fd: int, sock_fd: int, vni: int = 1, tx_fds: Sequence[int] = (),
                  batch_size: int = 64, fdb_max_entries: int = 16384, *,
                  vnet_hdr: bool = False, udp_gso: bool = False, udp_gro: bool = False,
+                 device_uso: bool = False,
                  fdb_port_max_entries: int | None = None, mac_move_hold: float = 0.0,
                  storm_rate: float = 0.0, storm_burst: float = 1.0) -> None:
         self._vni = check_vni(vni)
@@ -112,7 +113,8 @@ class VxlanSwitchForwarder(ForwarderBase):
         self._storm_tokens = [self._storm_burst]   # per port: [tap, peer 0, peer 1, ...]
         self._storm_stamp = [0.0]
         super().__init__(tap_fd, sock_fd, tx_fds, batch_size, vnet_hdr=vnet_hdr,
-                         udp_gso=udp_gso, udp_gro=udp_gro)
+                         udp_gso=udp_gso, udp_gro=udp_gro,
+                         device_uso=device_uso)
 
     # --- control ---------------------------------------------------------------------------
 

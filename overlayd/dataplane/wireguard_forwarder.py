@@ -143,10 +143,11 @@ class WireguardForwarder(RoutedForwarderBase):
 
     def __init__(self, tun_fd: int, sock_fd: int, mac1_key: bytes, batch_size: int = 64,
                  icmp_burst: int = 100, *, vnet_hdr: bool = False, udp_gso: bool = False,
-                 udp_gro: bool = False) -> None:
+                 udp_gro: bool = False, device_uso: bool = False) -> None:
         self._mac1_key = check_key(mac1_key, "mac1_key")
         super().__init__(tun_fd, sock_fd, (), batch_size, icmp_burst, vnet_hdr=vnet_hdr,
-                         udp_gso=udp_gso, udp_gro=udp_gro)
+                         udp_gso=udp_gso, udp_gro=udp_gro,
+                         device_uso=device_uso)
         self._now = 0.0
         self._sessions: list[PeerSession] = []
         self._by_key: dict[bytes, PeerSession] = {}

@@ -7,7 +7,8 @@
    a named generator; the structured ones reach the deep paths: TCP superpackets with a TSO
    virtio header, checksums left to us, ICMP-triggering packets, valid VXLAN, runs of one TCP
    flow (coalesced on the way into the device) sent one by one or as one UDP GSO send that
-   the receive socket takes as a GRO run.
+   the receive socket takes as a GRO run; with a device that does USO (``uso_of``), some of
+   those runs are of one UDP flow instead, merged into UDP superpackets.
 2. ``FuzzRig`` runs a case on a fresh forwarder over long-lived fds: a datagram socketpair
    stands in for the device (one read = one packet, virtio header first), and real UDP sockets
    on 127.0.0.0/8 are the node and its peers, so the kernel really splits our GSO sends and
@@ -17,8 +18,9 @@
    writes, counters, per-peer counters, FDB), or when an output breaks a rule any correct
    forwarder keeps (a datagram to a peer that is not a valid encapsulation of an IPv4 packet
    routed to it, a device write that is not a checked packet for us or an ICMP error of ours,
-   a packet not accounted for exactly once per direction, a coalesced write holding a segment
-   the kernel's GRO would not have merged).
+   a packet not accounted for exactly once per direction, a coalesced write - TCP or UDP -
+   holding a segment the kernel's GRO would not have merged, or that the kernel would not
+   cut back into what the peers sent).
 4. A broken rule that KNOWN_OPEN names (a hole another branch is fixing) is returned as known,
    not raised, so the input's other checks and the comparison still run.
 """
@@ -33,11 +35,13 @@ import select
 import socket
 import struct
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Final, Self
 
+from overlayd.dataplane import offload
 from overlayd.dataplane.counters import DROP_REASONS
 from overlayd.dataplane.tables import LOCAL, ForwardingTables, PeerEntry, SwitchTables
 from overlayd.fuzz import packets as P
@@ -136,6 +140,7 @@ class Case:
     gateway: bool
     tx_sockets: int
     steps: list[Step]
+    device_uso: bool = False      # the device takes UDP superpackets (offload.pxi 5. and 7.)
 
     @property
     def l2(self) -> int:
@@ -330,10 +335,14 @@ def _encapsulate(src: ByteSource, case: Case, packet: bytes, sender: int) -> byt
 
 def _odd_segment(src: ByteSource, packet: bytes, headers: int) -> bytes:
     """One segment of a run made different in one header field a GRO engine must compare
-    (TCP reserved bits, flags, IPv4 TOS/TTL/ID, a broken IPv4 or TCP checksum) or in random
-    header bytes; mostly with its checksums redone, so that only the field differs."""
+    (TCP reserved bits, flags, IPv4 TOS/TTL/ID, a broken IPv4 or TCP checksum; a UDP
+    datagram's checksum) or in random header bytes; mostly with its checksums redone, so that
+    only the field differs."""
     out = bytearray(packet)
     kind = src.below(8)
+    if out[9] == P.PROTO_UDP and kind in (0, 1, 6):
+        out[26] ^= src.between(1, 255)                      # no TCP fields: a bad UDP checksum
+        return bytes(out)
     if kind == 0:
         out[32] = out[32] & 0xF0 | src.between(1, 15)       # TCP reserved bits / AE
     elif kind == 1:
@@ -365,11 +374,15 @@ def _odd_segment(src: ByteSource, packet: bytes, headers: int) -> bytes:
 def _flow_run(src: ByteSource, case: Case, sender: int) -> list[bytes]:
     """Consecutive segments of one TCP flow from ``sender`` to us, as a kernel's TSO would cut
     them: the coalescer's input. One segment now and then differs in a header byte (TCP flags,
-    options, reserved bits, IPv4 ID/TOS/TTL, a broken checksum): it must end the run."""
+    options, reserved bits, IPv4 ID/TOS/TTL, a broken checksum): it must end the run. With
+    device_uso, a run whose first sequence number is odd is one of UDP datagrams instead (same
+    draws, same payloads; the odd one's changed bytes then fall on its IPv4 header or its
+    payload, a broken UDP checksum among them)."""
     s = overlay(sender if src.flag(90) else src.below(NPEERS), src.between(2, 254))
     d = overlay(-1, src.between(2, 254))
     count, size = src.between(2, 16), src.choice((1, 100, 536, 1000, 1400, src.between(1, 1400)))
     seq, ident = src.uint(4), src.uint(2)
+    first_seq = seq
     options = src.choice((b"", b"\x01\x01\x08\x0a" + src.take(8)))
     odd = src.below(count + 4)   # which segment is unusual (>= count: none)
     last_short = src.flag(30)
@@ -380,8 +393,12 @@ def _flow_run(src: ByteSource, case: Case, sender: int) -> list[bytes]:
         length = size // 2 + 1 if last_short and i == count - 1 else size
         payload = bytes([(i * 7 + src.byte()) & 0xFF]) * length
         flags = P.ACK | (P.PSH if i == count - 1 and src.flag() else 0)
-        segment = P.tcp(s, d, payload, seq=seq, flags=flags, options=options)
-        packet = P.ipv4(s, d, P.PROTO_TCP, segment, df=True,
+        if case.device_uso and first_seq & 1:
+            proto, segment = P.PROTO_UDP, P.udp(s, d, payload)
+        else:
+            proto, segment = P.PROTO_TCP, P.tcp(s, d, payload, seq=seq, flags=flags,
+                                                options=options)
+        packet = P.ipv4(s, d, proto, segment, df=True,
                         ident=ident + i if src.flag(90) else src.uint(2))
         if i == odd:
             packet = _odd_segment(src, packet, 20 + 20 + len(options))
@@ -417,6 +434,12 @@ def outside_items(src: ByteSource, case: Case) -> list[Item]:
     return [Item("gro", b"".join(run), sender, gso_size=size)]
 
 
+def uso_of(data: bytes, vnet_hdr: bool) -> bool:
+    """Whether a case's device does USO: from the input's hash, not drawn from it, so that
+    every other draw (and what the seeds reach) stays as it was before USO existed."""
+    return vnet_hdr and zlib.crc32(data) % 3 != 0
+
+
 def draw_case(data: bytes, path: str) -> Case:
     src = ByteSource(data)
     vxlan = path != "udp"
@@ -426,6 +449,7 @@ def draw_case(data: bytes, path: str) -> Case:
                 mtus=tuple(src.choice((1400, 1500, 576, 9000, 68)) for _ in range(NPEERS)),
                 gateway=src.flag(20), tx_sockets=src.choice((0, 0, 2, 3)) if vxlan else 0,
                 steps=[])
+    case.device_uso = uso_of(data, case.vnet_hdr)
     for _ in range(src.between(1, MAX_STEPS)):
         kind = src.below(12)
         if kind >= 10:
@@ -532,7 +556,8 @@ class FuzzRig:
                      for i, s in enumerate(self.peers))
 
     def _forwarder(self, kernels: ModuleType, case: Case, local: socket.socket) -> Any:
-        kw = {"vnet_hdr": case.vnet_hdr, "udp_gso": case.udp_gso, "udp_gro": case.udp_gro}
+        kw = {"vnet_hdr": case.vnet_hdr, "udp_gso": case.udp_gso, "udp_gro": case.udp_gro,
+              "device_uso": case.device_uso}
         dev, sock = self.dev.fileno(), local.fileno()
         tx_fds = tuple(s.fileno() for s in self.tx[:case.tx_sockets])
         if case.path == "switched":
@@ -718,6 +743,8 @@ def _check_packets(case: Case, out: Outcome) -> None:
         _check_device_write(case, write[vnet:] if vnet else write)
         if vnet and write[1] & 0x7F == 1:
             check_coalesced(case, write, out.sent_inner)
+        elif vnet and write[1] == offload.VNET_GSO_UDP_L4:
+            check_udp_coalesced(case, write, out.sent_inner)
 
 
 def _check_accounting(ctr: dict[str, int], npeers: int) -> None:
@@ -788,6 +815,45 @@ def check_coalesced(case: Case, write: bytes, sent: list[bytes], *,
         if all(problems) or suspicious and any(problems):
             raise Finding(next(p for p in problems if p))
         cursor += candidates[problems.index(None)][1]
+
+
+def check_udp_coalesced(case: Case, write: bytes, sent: list[bytes]) -> None:
+    """A UDP superpacket written into the device (USO) may hold only what the kernel's UDP GRO
+    would have merged, and the kernel must cut it back into datagrams peers sent: cut at
+    gso_size (what __udp_gso_segment does), datagram i must be one a peer sent with the head's
+    flow, TOS, TTL and DF word, the head's IPv4 id + i, that payload, and a nonzero checksum
+    that verified (as sent, or once the kernel VTEP's partial one was finished)."""
+    l2 = case.l2
+    flags, _, hdr_len, gso_size, csum_start, csum_offset = struct.unpack_from("<BBHHHH", write)
+    data = write[10:]
+    head = data[l2:]
+    if (flags != 1 or hdr_len != l2 + 28 or csum_start != l2 + 20 or csum_offset != 6
+            or len(head) < 28 or head[0] != 0x45 or head[9] != P.PROTO_UDP or not gso_size
+            or len(data) - hdr_len <= gso_size or len(head) > 0xFFFF):
+        raise Finding(f"a UDP GSO write the kernel would refuse or misread: {write[:48].hex()}")
+    if struct.unpack_from("!H", head, 2)[0] != len(head) or not P.header_checksum_ok(head):
+        raise Finding("a UDP superpacket whose IPv4 total length or header checksum is wrong")
+    payload = data[hdr_len:]
+    pieces = [payload[at:at + gso_size] for at in range(0, len(payload), gso_size)]
+    if len(pieces) > 64:
+        raise Finding(f"a UDP superpacket of {len(pieces)} datagrams (at most 64)")
+    first_id = struct.unpack_from("!H", head, 4)[0]
+    for i, piece in enumerate(pieces):
+        ident = struct.pack("!H", (first_id + i) & 0xFFFF)
+        if not any(_gro_member(p, head, ident, piece) for p in sent):
+            raise Finding(f"a UDP superpacket holds, as datagram {i}, one no peer sent that GRO "
+                          "would merge (flow, TOS, TTL, DF, id, payload or checksum differ)")
+
+
+def _gro_member(packet: bytes, head: bytes, ident: bytes, piece: bytes) -> bool:
+    if (len(packet) != 28 + len(piece) or packet[:2] != head[:2] or packet[4:6] != ident
+            or packet[6:10] != head[6:10] or packet[12:24] != head[12:24]
+            or packet[28:] != piece or packet[26:28] == b"\0\0"
+            or not P.header_checksum_ok(packet)):
+        return False
+    finished, _ = offload.finish_partial_checksum(packet, 0)
+    pseudo = finished[12:20] + struct.pack("!BBH", 0, P.PROTO_UDP, len(finished) - 20)
+    return P.inet_sum(pseudo + finished[20:]) == 0
 
 
 def _known_cause(case: Case, *outcomes: Outcome) -> str | None:

@@ -77,6 +77,22 @@ def _kernels() -> tuple[ModuleType, ModuleType]:
             importlib.import_module("overlayd.dataplane.offload"))
 
 
+UDP_L4: Final = 5       # VIRTIO_NET_HDR_GSO_UDP_L4
+
+
+def _as_udp(packet: bytes, l2: int) -> bytes:
+    """A TCP superpacket's payload (its TCP header included) as one UDP superpacket, same
+    IPv4 header fields; what does not parse as IPv4 comes back as it was."""
+    ip = packet[l2:]
+    if len(ip) < 20 or ip[0] >> 4 != 4:
+        return packet
+    ihl = max(20, (ip[0] & 0x0F) * 4)
+    body = P.udp(ip[12:16], ip[16:20], ip[ihl:ihl + 65000])
+    udp = P.ipv4(ip[12:16], ip[16:20], P.PROTO_UDP, body, ttl=ip[8], ident=int.from_bytes(
+        ip[4:6], "big"), df=bool(ip[6] & 0x40))
+    return packet[:l2] + udp
+
+
 def offload_target(data: bytes) -> set[str]:
     cython, python = _kernels()
     src = ByteSource(data)
@@ -103,9 +119,19 @@ def offload_target(data: bytes) -> set[str]:
             raise Finding(f"segment_tcp4(l2={l2}, mss={mss}) differs on {packet[:80].hex()}: "
                           f"cython {None if a is None else len(a)} segments, python "
                           f"{None if b is None else len(b)}")
+        # The same superpacket as UDP (USO reads), and the TCP one, which both must refuse.
+        for candidate in (packet, _as_udp(packet, l2)):
+            a, b = cython.segment_udp4(candidate, l2, mss), python.segment_udp4(candidate, l2,
+                                                                                 mss)
+            labels.add("segment_udp4" if a is not None else "segment_udp4:refused")
+            if a != b:
+                raise Finding(f"segment_udp4(l2={l2}, mss={mss}) differs on "
+                              f"{candidate[:80].hex()}: cython "
+                              f"{None if a is None else len(a)} datagrams, python "
+                              f"{None if b is None else len(b)}")
     else:
         case = F.Case("switched" if l2 else "udp", True, True, True, 64, 100, (1500,) * 3,
-                      False, 0, [])
+                      False, 0, [], device_uso=F.uso_of(data, True))
         packets: list[bytes] = []
         while len(packets) < 40 and src.remaining:
             for item in F.outside_items(src, case):
@@ -117,8 +143,11 @@ def offload_target(data: bytes) -> set[str]:
                     # checksum they verified; the switched path checks nothing.
                     if l2 or P.header_checksum_ok(packet):
                         packets.append(packet)
-        a, b = cython.coalesce(packets, l2), python.coalesce(packets, l2)
+        uso = case.device_uso
+        a, b = cython.coalesce(packets, l2, uso), python.coalesce(packets, l2, uso)
         labels.add("coalesce:merged" if any(h[1] for h, _ in a) else "coalesce")
+        if any(h[1] == UDP_L4 for h, _ in a):
+            labels.add("coalesce:merged-udp")
         inner = [p[l2:] for p in packets if not l2 or p[12:14] == b"\x08\x00"]
         known: list[str] = []
         for writes in (a, b):       # what each merged must be mergeable (names a known issue)
@@ -126,6 +155,8 @@ def offload_target(data: bytes) -> set[str]:
                 if header[1] & 0x7F == 1:
                     with F.unless_known(known):
                         F.check_coalesced(case, bytes(header) + bytes(body), inner)
+                elif header[1] == UDP_L4:
+                    F.check_udp_coalesced(case, bytes(header) + bytes(body), inner)
         labels |= known_labels(known)
         if known and a != b:
             return labels       # the known merge is the difference

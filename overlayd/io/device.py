@@ -27,6 +27,13 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO_ECN = 0x08
 OFFLOAD_FLAGS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN
+# USO (kernel >= 6.2): UDP superpackets both ways - the kernel hands over runs an application
+# sent with UDP_SEGMENT (we cut them), and takes runs of one UDP flow we write as one. The
+# kernel accepts USO4 only together with USO6 (its one feature bit covers both); older kernels
+# refuse the flags with EINVAL, and the device then runs with OFFLOAD_FLAGS alone.
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+USO_FLAGS = TUN_F_USO4 | TUN_F_USO6
 
 
 class OverlayDevice:
@@ -40,14 +47,15 @@ class OverlayDevice:
     10-byte virtio-net header) and TUNSETOFFLOAD lets the kernel hand over TCP superpackets
     and unfinished checksums. ``vnet_hdr`` says whether reads carry the header; ``tso``
     whether the kernel accepted the offload flags (it may refuse on an old kernel, and then
-    sends plain packets, still behind a header).
+    sends plain packets, still behind a header). With ``uso`` too, USO_FLAGS are asked for
+    as well; ``uso`` afterwards says whether the kernel took them.
 
     With ``queues`` > 1 the device is multi-queue: ``fds`` holds one fd per queue (``fd`` is
     the first), and the kernel spreads flows over the queues by flow hash.
     """
 
     def __init__(self, name: str, kind: str = "tun", persist: bool = False,
-                 offload: bool = False, queues: int = 1) -> None:
+                 offload: bool = False, queues: int = 1, uso: bool = False) -> None:
         if kind not in ("tun", "tap"):
             raise ValueError(f"device kind {kind!r}: expected tun or tap")
         self.name = name
@@ -55,6 +63,8 @@ class OverlayDevice:
         self.persist = persist
         self.vnet_hdr = offload
         self.tso = False
+        self.want_uso = offload and uso
+        self.uso = False
         self.queues = queues
         self.fds: list[int] = []
         try:
@@ -77,11 +87,7 @@ class OverlayDevice:
             if self.persist:
                 dev.persist(True)
             if self.vnet_hdr:
-                try:
-                    fcntl.ioctl(dev.fileno(), TUNSETOFFLOAD, OFFLOAD_FLAGS)
-                    self.tso = True
-                except OSError:
-                    self.tso = False
+                self.tso, self.uso = _set_offload(dev.fileno(), self.want_uso)
             fd = os.dup(dev.fileno())
         finally:
             dev.close()   # our dup keeps the device attached
@@ -122,6 +128,21 @@ class OverlayDevice:
             os.close(fd)
         self.fds = []
         self.fd = -1
+
+
+def _set_offload(fd: int, uso: bool) -> tuple[bool, bool]:
+    """TUNSETOFFLOAD with USO if asked and taken, else without: (tso, uso) in effect."""
+    if uso:
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOAD_FLAGS | USO_FLAGS)
+            return True, True
+        except OSError:
+            pass                # before 6.2: no USO; the rest may still be taken
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOAD_FLAGS)
+        return True, False
+    except OSError:
+        return False, False
 
 
 def tune_device_sysctls(name: str) -> None:

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from overlayd.lab.hosts import HostSpec, LabHost
 from overlayd.lab.netns import LabError, add_netns, del_netns, ip, list_netns, run_prefix
 from overlayd.lab.overlay_lab import Lab
-from overlayd.lab.traffic import PingResult, TransferResult
+from overlayd.lab.traffic import PingResult, TransferResult, UdpTransferResult
 
 __all__ = ["HostSpec", "Lab", "LabError", "LabHost", "PingResult", "TransferResult",
+           "UdpTransferResult",
            "lab_unavailable", "list_netns", "run_prefix", "vxlan_unavailable"]
 
 

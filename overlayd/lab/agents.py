@@ -13,6 +13,13 @@ bounded by the TIMEOUT/SECONDS argument.
         IPv4/UDP packet IN_SRC -> IN_DST:IN_DPORT carrying MARKER (the flannel udp wire format)
   garp IFACE IP                                         broadcast one gratuitous ARP for IP from
         IFACE's MAC (what a VM does when it comes up on a new host)
+  udp-send SRC_IP DST_IP PORT FLOWS BURSTS SIZE SEED GSO TIMEOUT
+        BURSTS bursts over FLOWS connected UDP sockets: per flow 16 datagrams of SIZE bytes and
+        a shorter last one, the flows interleaved (GSO=1: each flow's burst in one UDP_SEGMENT
+        send); TOS and TTL change from burst to burst (without GSO, also mid-burst). Every datagram says what it is (flow,
+        seq, TOS, TTL) and carries bytes derived from SEED, flow and seq.
+  udp-recv BIND_IP PORT EXPECTED SEED TIMEOUT            receive udp-send's datagrams and check
+        each one's bytes, TOS and TTL, and each flow's order
 """
 
 from __future__ import annotations
@@ -155,8 +162,128 @@ def garp(iface: str, ip: str) -> int:
     return _result(sent=sent, mac=mac.hex(":"))
 
 
+UDP_BURST = 16                   # full-size datagrams per flow and burst, then a shorter one
+UDP_SHORT = 24                   # bytes the last datagram of a burst is shorter by
+UDP_HEAD = struct.Struct("!HIBBH")   # flow, seq, TOS, TTL, size
+SOL_UDP = 17
+UDP_SEGMENT = 103
+IP_RECVTOS = 13
+IP_RECVTTL = 12
+
+
+def udp_datagram(seed: int, flow: int, seq: int, tos: int, ttl: int, size: int) -> bytes:
+    head = UDP_HEAD.pack(flow, seq, tos, ttl, size)
+    fill = hashlib.sha256(f"{seed}:{flow}:{seq}".encode()).digest()
+    body = (fill * (size // len(fill) + 1))[:size - len(head)]
+    return head + body
+
+
+def udp_send(src_ip: str, dst_ip: str, port: str, flows: str, bursts: str, size: str,
+             seed: str, gso: str, timeout: str) -> int:
+    deadline = time.monotonic() + float(timeout)
+    n, full, use_gso = int(flows), int(size), gso == "1"
+    short = full - UDP_SHORT
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((src_ip, 0))
+        s.connect((dst_ip, int(port)))     # connected: IPv4 ids count up per socket
+        socks.append(s)
+    sent = shorts = 0
+    seq = [0] * n
+    def marks(phase: int) -> tuple[int, int]:
+        return (phase % 2) * 0x20, 64 - phase % 3        # TOS, TTL
+
+    def set_marks(phase: int) -> None:
+        tos, ttl = marks(phase)
+        for s in socks:
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+
+    for burst in range(int(bursts)):
+        if time.monotonic() > deadline:
+            return _result(error="timeout", sent=sent)
+        # Without GSO, TOS and TTL change in the middle of a burst too, between full-size
+        # datagrams of one flow: a run merged across the change would lose the later marks.
+        runs: list[list[bytes]] = [[] for _ in range(n)]
+        for i in range(UDP_BURST + 1):
+            phase = burst * 2 + (0 if use_gso or i < UDP_BURST // 2 else 1)
+            for flow in range(n):
+                runs[flow].append(udp_datagram(int(seed), flow, seq[flow], *marks(phase),
+                                               short if i == UDP_BURST else full))
+                seq[flow] += 1
+        set_marks(burst * 2)
+        if use_gso:
+            for flow, s in enumerate(socks):
+                s.sendmsg([b"".join(runs[flow])],
+                          [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", full))])
+        else:
+            for i in range(UDP_BURST + 1):
+                if i == UDP_BURST // 2:
+                    set_marks(burst * 2 + 1)
+                for flow, s in enumerate(socks):
+                    s.send(runs[flow][i])
+        sent += n * (UDP_BURST + 1)
+        shorts += n
+        time.sleep(0.001)      # bursts, not a flood: the receiving socket never overflows
+    for s in socks:
+        s.close()
+    return _result(sent=sent, shorts=shorts)
+
+
+def udp_recv(bind_ip: str, port: str, expected: str, seed: str, timeout: str) -> int:
+    deadline = time.monotonic() + float(timeout)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sock.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
+    sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+    sock.bind((bind_ip, int(port)))
+    _ready()
+    seen: set[tuple[int, int]] = set()
+    last: dict[int, int] = {}
+    bad_bytes = bad_tos = out_of_order = duplicates = shorts = 0
+    ttl_deltas: set[int] = set()
+    idle_until = deadline
+    while len(seen) < int(expected):
+        left = min(deadline, idle_until) - time.monotonic()
+        if left <= 0:
+            break
+        readable, _, _ = select.select([sock], [], [], left)
+        if not readable:
+            break
+        data, ancillary, _, _ = sock.recvmsg(65535, 256)
+        idle_until = time.monotonic() + 3.0
+        if len(data) < UDP_HEAD.size:
+            bad_bytes += 1
+            continue
+        flow, seq, tos, ttl, size = UDP_HEAD.unpack_from(data)
+        if len(data) != size or data != udp_datagram(int(seed), flow, seq, tos, ttl, size):
+            bad_bytes += 1
+            continue
+        got = {(level, kind): value for level, kind, value in ancillary}
+        got_tos = got.get((socket.IPPROTO_IP, socket.IP_TOS), b"\xff")[0]
+        got_ttl = int.from_bytes(got.get((socket.IPPROTO_IP, socket.IP_TTL), b"\0\0\0\0"),
+                                 sys.byteorder)
+        if got_tos != tos:
+            bad_tos += 1
+        ttl_deltas.add(ttl - got_ttl)
+        if (flow, seq) in seen:
+            duplicates += 1
+            continue
+        seen.add((flow, seq))
+        if seq < last.get(flow, -1):
+            out_of_order += 1
+        last[flow] = seq
+        if (seq + 1) % (UDP_BURST + 1) == 0:
+            shorts += 1
+    return _result(received=len(seen), bad_bytes=bad_bytes, bad_tos=bad_tos,
+                   ttl_deltas=sorted(ttl_deltas), out_of_order=out_of_order,
+                   duplicates=duplicates, shorts=shorts)
+
+
 COMMANDS: dict[str, Callable[..., int]] = {"tcp-recv": tcp_recv, "tcp-send": tcp_send,
-                                           "sniff": sniff, "inject": inject, "garp": garp}
+                                           "sniff": sniff, "inject": inject, "garp": garp,
+                                           "udp-send": udp_send, "udp-recv": udp_recv}
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from overlayd.lab.agents import UDP_BURST
 from overlayd.lab.hosts import HostRef, HostsView
 from overlayd.lab.netns import LabError
 from overlayd.lab.processes import Agent
@@ -35,6 +36,18 @@ class TransferResult(NamedTuple):
     sha256_ok: bool
     seconds: float           # receiver side: first byte to EOF
     gbit_per_s: float        # received bits / seconds
+
+
+class UdpTransferResult(NamedTuple):
+    sent: int                # datagrams the sender sent
+    received: int            # distinct datagrams that arrived with the right bytes
+    shorts_sent: int         # the shorter last datagram of each burst
+    shorts_received: int
+    bad_bytes: int           # arrived with bytes (or a length) other than sent
+    bad_tos: int             # arrived with a TOS other than the one sent
+    ttl_deltas: list[int]    # sent TTL - received TTL, every value seen (one hop: [1])
+    out_of_order: int        # behind a later datagram of its flow
+    duplicates: int
 
 
 class Traffic(HostsView):
@@ -91,6 +104,38 @@ class Traffic(HostsView):
         return TransferResult(got["bytes"] == nbytes == sent["bytes"],
                               got["sha256"] == sent["sha256"], seconds,
                               got["bytes"] * 8 / seconds / 1e9)
+
+    def udp_transfer(self, a: HostRef, b: HostRef, *, flows: int = 4, bursts: int = 200,
+                     size: int = 64, gso: bool = False, port: int = 5301, seed: int = 1,
+                     timeout_s: float = 60.0,
+                     beyond: tuple[str, str] | None = None) -> UdpTransferResult:
+        """Bursts of UDP datagrams from a's overlay address to b's over ``flows`` flows, each
+        burst of a flow ``size``-byte datagrams and a shorter last one, TOS and TTL changing
+        from burst to burst (``gso``: each flow's burst in one UDP_SEGMENT send); b checks
+        every datagram's bytes, TOS, TTL and order (agents.py udp-send / udp-recv). ``beyond``:
+        (namespace, address) of a receiver behind b instead, that b routes to."""
+        src, dst = self.host(a), self.host(b)
+        assert src.overlay_ip is not None and dst.overlay_ip is not None
+        expected = flows * bursts * (UDP_BURST + 1)
+        ns, dst_ip = beyond or (dst.netns, dst.overlay_ip)
+        recv = Agent(ns, [sys.executable, str(AGENTS), "udp-recv", dst_ip, str(port),
+                          str(expected), str(seed), f"{timeout_s:g}"])
+        self._agents.append(recv)
+        try:
+            recv.wait_ready()
+            send = self.agent(src, "udp-send", src.overlay_ip, dst_ip, str(port),
+                              str(flows), str(bursts), str(size), str(seed),
+                              "1" if gso else "0", f"{timeout_s:g}")
+            sent = _agent_json(send, timeout_s + 5.0)
+            got = _agent_json(recv, timeout_s + 5.0)
+        finally:
+            recv.kill()
+        if "error" in sent or "error" in got:
+            raise LabError(f"udp transfer {src.name} -> {dst.name} failed: "
+                           f"sender {sent}, receiver {got}")
+        return UdpTransferResult(sent["sent"], got["received"], sent["shorts"], got["shorts"],
+                                 got["bad_bytes"], got["bad_tos"], got["ttl_deltas"],
+                                 got["out_of_order"], got["duplicates"])
 
     def count_arrivals(self, ref: HostRef, marker: bytes,
                        action: Callable[[], object], seconds: float = 1.5,

@@ -104,6 +104,15 @@ TRAFFIC_METRICS: dict[str, tuple[str, str]] = {
     "offload_checksums_finished": ("overlayd_offload_checksums_finished",
                                    ("Delivered TCP/UDP checksums a kernel VTEP left unfinished "
                                     "(the pseudo-header sum only), finished before the write.")),
+    "offload_udp_superpackets": ("overlayd_offload_udp_superpackets",
+                                 "UDP superpackets (USO) read from the device."),
+    "offload_udp_segments": ("overlayd_offload_udp_segments",
+                             "Datagrams cut from UDP superpackets (each also an inside packet)."),
+    "offload_udp_coalesced_writes": ("overlayd_offload_udp_coalesced_writes",
+                                     ("UDP superpackets written to the device (coalesced "
+                                      "datagrams of one flow).")),
+    "offload_udp_coalesced_segments": ("overlayd_offload_udp_coalesced_segments",
+                                       "Datagrams written inside coalesced UDP superpackets."),
     "wg_handshake_messages": ("overlayd_wireguard_handshake_messages",
                               "WireGuard handshake messages (MAC1 valid) queued for Python."),
     "wg_keepalives_sent": ("overlayd_wireguard_keepalives_sent",

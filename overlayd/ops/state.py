@@ -207,9 +207,10 @@ def counters(d: DaemonLike) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def offloads(d: DaemonLike) -> dict[str, bool]:
-    """Offloads in use now: vnet_hdr (device TSO/checksum + coalescing), udp_gso, udp_gro."""
+    """Offloads in use now: vnet_hdr (device TSO/checksum + coalescing), udp_gso, udp_gro,
+    device_uso (UDP superpackets from and to the device)."""
     if d.forwarder is None:
-        return {"vnet_hdr": False, "udp_gso": False, "udp_gro": False}
+        return {"vnet_hdr": False, "udp_gso": False, "udp_gro": False, "device_uso": False}
     return {name: bool(on) for name, on in d.forwarder.offloads().items()}
 
 

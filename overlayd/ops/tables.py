@@ -197,7 +197,8 @@ def render_switch(traffic: dict[str, int], drops: dict[str, int]) -> str:
 def render_offloads(offloads: dict[str, bool], traffic: dict[str, int]) -> str:
     """Which offloads run and how much they merged, e.g. "tso+gso+gro; 1.2k superpackets ..."."""
     on = [name for key, name in (("vnet_hdr", "tso/csum+coalescing"), ("udp_gso", "udp-gso"),
-                                 ("udp_gro", "udp-gro")) if offloads.get(key)]
+                                 ("udp_gro", "udp-gro"), ("device_uso", "uso"))
+          if offloads.get(key)]
     # Checksums a kernel VTEP left unfinished are finished with offloads on or off.
     finished = traffic.get("offload_checksums_finished", 0)
     peer_csum = f", {human_count(finished)} peer checksums finished" if finished else ""
@@ -207,7 +208,15 @@ def render_offloads(offloads: dict[str, bool], traffic: dict[str, int]) -> str:
             f"superpackets cut, {human_count(traffic.get('offload_gso_sends', 0))} GSO sends, "
             f"{human_count(traffic.get('offload_gro_receives', 0))} GRO receives, "
             f"{human_count(traffic.get('offload_coalesced_writes', 0))} coalesced writes"
-            f"{peer_csum}")
+            f"{uso_part(offloads, traffic)}{peer_csum}")
+
+
+def uso_part(offloads: dict[str, bool], traffic: dict[str, int]) -> str:
+    """", 3.1k UDP superpackets written, 0 cut" while the device does USO, else nothing."""
+    if not offloads.get("device_uso"):
+        return ""
+    return (f", {human_count(traffic.get('offload_udp_coalesced_writes', 0))} UDP superpackets "
+            f"written, {human_count(traffic.get('offload_udp_superpackets', 0))} cut")
 
 
 def render_peers(peers: list[dict[str, Any]]) -> str:

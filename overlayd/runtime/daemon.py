@@ -94,7 +94,8 @@ class Daemon:
         self.tun: OverlayDevice | None = None
         self.sock: socket.socket | None = None
         self.tx_socks: list[socket.socket] = []   # vxlan: outer source ports by flow hash
-        self.offloads: dict[str, bool] = {"vnet_hdr": False, "udp_gso": False, "udp_gro": False}
+        self.offloads: dict[str, bool] = {"vnet_hdr": False, "udp_gso": False, "udp_gro": False,
+                                          "device_uso": False}
         self.forwarder: Any = None
         self.wireguard: WireguardRuntime | None = None    # backend "wireguard" only
         # [dataplane] engine: "loop" (readers on this event loop) or "threads" (runtime/engine.py:
@@ -164,7 +165,7 @@ class Daemon:
                              for _ in range(self.config.tx_sockets)]
         self.tun = OverlayDevice(self.config.device_name, "tap" if backend.switched else "tun",
                                  persist=self.config.keep_device, offload=self.config.offloads,
-                                 queues=self.engine_threads)
+                                 queues=self.engine_threads, uso=self.config.device_uso)
         self._configure_device()
         self.forwarder = self._make_forwarder(me.vtep_mac, wg_keys)
         if self.engine == "threads":
@@ -245,6 +246,7 @@ class Daemon:
             "vnet_hdr": self.tun.vnet_hdr,
             "udp_gso": config.offloads and udp_gso_supported(self.sock),
             "udp_gro": config.offloads and enable_udp_gro(self.rx_socks[queue]),
+            "device_uso": self.tun.uso,
         }
         if backend.type == "udp":
             return self.kernels.UdpForwarder(dev, sock, config.batch_size,
@@ -616,4 +618,5 @@ def describe_offloads(offloads: dict[str, bool], tso: bool) -> str:
     parts = ["device checksum" + (" + TSO" if tso else " (kernel refused TSO)")]
     parts.append("UDP GSO" if offloads.get("udp_gso") else "no UDP GSO")
     parts.append("UDP GRO" if offloads.get("udp_gro") else "no UDP GRO")
+    parts.append("device USO" if offloads.get("device_uso") else "no device USO")
     return ", ".join(parts)
