@@ -315,11 +315,6 @@ def test_choose_engine() -> None:
     with pytest.raises(StartupError, match="overlayd.toml: dataplane.engine: .*Cython") as e:
         choose_engine("threads", 0, "python", False, where="overlayd.toml")
     assert e.value.exit_code == EX_CONFIG
-    # wireguard: handshakes hand keypairs to the forwarder between batches, on the loop
-    assert choose_engine("auto", 0, "cython", False, cpus=2, wireguard=True) == ("loop", 1, None)
-    with pytest.raises(StartupError, match="dataplane.engine: the wireguard backend") as e:
-        choose_engine("threads", 2, "cython", False, wireguard=True)
-    assert e.value.exit_code == EX_CONFIG
 
 
 def test_engine_refuses_bad_arguments() -> None:
