@@ -384,6 +384,10 @@ cdef class NativeEngine:
             pthread_setname_np(th.tid, name)
         self.running = True
 
+    cdef void _notify(self) noexcept nogil:
+        cdef uint64_t one = 1
+        write(self.notify, &one, sizeof(one))
+
     cdef void _wake(self, engine_thread_t *th) noexcept nogil:
         cdef uint64_t one = 1
         write(th.wake_fd, &one, sizeof(one))
@@ -408,8 +412,12 @@ cdef class NativeEngine:
             return
         # The only place a thread's generation changes: while it is paused, after set_tables.
         th.tables = &(<_ForwarderBase>self.forwarders[i]).gen.t
-        if th.wg:   # what the runtime left queued (nothing, once it drained) is seen
+        if th.wg:
+            # Events queued while paused (a control call's seal may ask for a rekey) or left
+            # undrained: signal them now, as no batch might come to do it.
             th.events_seen = (<WireguardForwarder>self.forwarders[i]).nevents
+            if th.events_seen:
+                self._notify()
         (<_ForwarderBase>self.forwarders[i]).busy = True
         pthread_mutex_lock(&th.lock)
         ENGINE_STORE(&th.request, RUN_C)

@@ -18,6 +18,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
+from engine_helpers import drain
 
 from overlayd.dataplane.counters import COUNTER_NAMES, DROP_REASONS
 from overlayd.dataplane.tables import LOCAL, ForwardingTables, PeerEntry
@@ -97,15 +98,6 @@ class EngineRig:
                 return ctr
             time.sleep(0.005)
         raise AssertionError(f"engine did not take the traffic: {self.fwd.counters()}")
-
-
-def drain(sock: socket.socket) -> list[bytes]:
-    out = []
-    while True:
-        try:
-            out.append(sock.recv(65536))
-        except BlockingIOError:
-            return out
 
 
 def traffic() -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:

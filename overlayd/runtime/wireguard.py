@@ -110,10 +110,16 @@ class WireguardRuntime:
         now, unix_ns = time.monotonic(), time.time_ns()
         self.forwarder.set_now(now)
         actions: list[Action] = []
+        # With N threads, the reply to the packet that confirmed a responder's session on one
+        # thread may leave through another thread's queue before that thread heard of the
+        # confirmation: it is held there and asks for a handshake. The confirmation in the
+        # same drain makes the session current on every thread and sends what they held, so
+        # that request is answered already (no second handshake).
+        confirmed = {peer for kind, peer, _, _ in events if kind == EVENT_SESSION_CONFIRMED}
         for kind, peer_index, message, address in events:
             if kind == EVENT_HANDSHAKE:
                 actions += self.device.handle(message, address, now, unix_ns)
-            elif kind == EVENT_NEED_HANDSHAKE:
+            elif kind == EVENT_NEED_HANDSHAKE and peer_index not in confirmed:
                 actions += self.device.want_handshake(peer_index, now, unix_ns)
             elif kind == EVENT_ENDPOINT and address is not None:
                 peer = self.device.peer_at(peer_index)
