@@ -9,8 +9,9 @@ cipher contexts, staging ring, event queue); what must be one per key is one per
   rekey-after-messages count is the sum over threads by construction) and one replay window
   (a datagram accepted on one thread is a replay on all);
 - every control call runs on each forwarder in turn with its thread paused between two
-  batches, so from any batch's point of view a keypair install, an endpoint change or a
-  confirmed session is one step;
+  batches, so from any batch's point of view an endpoint change or a confirmed session is one
+  step; a keypair install pauses every thread at once, so no thread can receive under a
+  keypair the others already use before it has it too;
 - events: a thread whose batch queued some writes the engine's notify fd (the daemon watches
   it on the loop and calls WireguardRuntime.after_batch); drain_events drains every forwarder;
 - a roamed endpoint seen by one thread is set on all (the runtime calls set_endpoint on the
@@ -20,6 +21,8 @@ cipher contexts, staging ring, event queue); what must be one per key is one per
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from overlayd.runtime.engine import ThreadedForwarder
@@ -51,8 +54,25 @@ class ThreadedWireguardForwarder(ThreadedForwarder):
         from overlayd import _dataplane  # type: ignore[attr-defined]  # compiled only
 
         share = _dataplane.KeypairShare()
-        self._each_paused(lambda fwd: fwd.install_keypair(
-            peer, local_index, remote_index, send_key, recv_key, initiator, share))
+        # Every thread paused at once, not in turn: our install sends the packets held for the
+        # peer, and its answer may reach another thread's socket within microseconds - that
+        # thread must have the keypair before it runs its next batch.
+        with self._all_paused():
+            for fwd in self.forwarders:
+                fwd.install_keypair(peer, local_index, remote_index, send_key, recv_key,
+                                    initiator, share)
+
+    @contextmanager
+    def _all_paused(self) -> Iterator[None]:
+        paused = 0
+        try:
+            for i in range(len(self.forwarders)):
+                self.engine.pause(i)
+                paused += 1
+            yield
+        finally:
+            for i in range(paused):
+                self.engine.resume(i)
 
     def confirm_session(self, peer: int, local_index: int) -> bool:
         return any(self._each_paused(lambda fwd: fwd.confirm_session(peer, local_index)))
