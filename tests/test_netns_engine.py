@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import dpkt
 import pytest
 from engine_helpers import dataplane_threads
 from netns_helpers import NETNS_MARKS, logs, wait_for
 
 from overlayd.lab import HostSpec, Lab
+from overlayd.ops import capture
 from overlayd.ops.tables import render_status
 
 pytestmark = [*NETNS_MARKS,
@@ -74,6 +80,57 @@ def test_reload_and_device_recreation_during_traffic(lab: Lab) -> None:
     status = lab.control("host2", "status")
     assert all(t["device_attached"] for t in status["engine"]["threads"])
     assert lab.ping("host1", "host2", count=3, interval_s=0.05).ok
+
+
+def test_capture_during_two_thread_traffic_loses_nothing(lab: Lab, tmp_path: Path) -> None:
+    """`overlayd capture` switched on and off on a daemon whose two threads forward a 400 MB
+    transfer (on while it runs, off when it has its records): the transfer arrives whole, the capture holds the records it asked for, each a
+    well-formed packet of this overlay from either direction, and copying stops afterwards."""
+    host1, host2 = lab.host("host1"), lab.host("host2")
+    n = 3000
+    out_file = tmp_path / "threads.pcap"
+    out: list[Any] = []
+    sender = threading.Thread(target=lambda: out.append(
+        lab.tcp_transfer("host1", "host2", 400 << 20, timeout_s=120.0)))
+    sender.start()
+    proc = None
+    try:
+        assert wait_for(lambda: lab.control("host1", "status")["traffic"]["inside_packets"]
+                        > 1000, timeout_s=20.0), logs(lab)
+        proc = subprocess.Popen([sys.executable, "-m", "overlayd", "capture", "--socket",
+                                 str(host1.control_socket), "-w", str(out_file),
+                                 "--count", str(n), "--seconds", "30"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _, err = proc.communicate(timeout=40)
+        toggled_off_during_traffic = sender.is_alive()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        sender.join(timeout=150)
+    assert proc.returncode == 0, err
+    assert toggled_off_during_traffic, "the transfer ended before the capture had its records"
+    (result,) = out
+    assert result.bytes_ok and result.sha256_ok, (result, logs(lab))
+    with open(out_file, "rb") as f:
+        frames = [dpkt.sll.SLL(buf) for _, buf in dpkt.pcap.Reader(f)]
+    assert len(frames) == n, err
+    overlay = {host1.overlay_ip, host2.overlay_ip}
+    kinds = set()
+    for frame in frames:
+        ip = dpkt.ip.IP(bytes(frame.data))
+        assert {socket.inet_ntoa(ip.src), socket.inet_ntoa(ip.dst)} == overlay
+        assert isinstance(ip.data, dpkt.tcp.TCP)
+        kinds.add(frame.type)
+    # Data toward host2 (read from the device) and its ACKs back (received from the peer).
+    assert kinds == {capture.PACKET_OUTGOING, capture.PACKET_HOST}
+    assert wait_for(lambda: lab.control("host1", "status")["capture"]["sessions"] == 0,
+                    timeout_s=10.0)
+    status = lab.control("host1", "status")
+    assert len(status["engine"]["threads"]) == 2
+    assert all(t["device_attached"] for t in status["engine"]["threads"])
+    drops = {k: v for k, v in status["drops"].items() if v}
+    assert not drops, drops
 
 
 def test_stopped_daemon_joins_its_threads(lab: Lab) -> None:
