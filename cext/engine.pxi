@@ -25,6 +25,11 @@
 #    the same fd numbers, attach_device() puts it back. The thread never closes an fd.
 # 6. stop() asks every thread to end and joins it: no thread outlives the engine (nor the
 #    daemon, which stops the engine before it closes the fds).
+# 7. Events for the control plane (the wireguard forwarder's queue: handshake messages, "needs
+#    a session", roamed endpoints, confirmed sessions): after a batch that queued some, the
+#    thread writes the engine's notify eventfd (notify_fd), which the runtime watches on its
+#    loop; it then drains and answers them with that thread paused. Only a batch that added
+#    events writes, never a packet; a wireguard thread also reads the clock before each batch.
 
 from cpython.ref cimport PyObject
 from libc.errno cimport EEXIST
@@ -114,6 +119,9 @@ ctypedef struct engine_thread_t:
     PyObject *fwd              # borrowed: the NativeEngine holds the reference
     const fwd_tables_t *tables # the forwarder's generation, re-read by resume() after a swap
     bint switched              # VxlanSwitchForwarder: set its clock before each batch
+    bint wg                    # WireguardForwarder: its clock, and its events to notify_fd
+    int32_t events_seen        # the forwarder's queued events when notify_fd was last written
+    int notify_fd              # the engine's: "some thread queued control-plane events"
     int index
     int dev_fd
     int sock_fd
@@ -149,15 +157,34 @@ cdef inline double clock_seconds(int clk) noexcept nogil:
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
+cdef inline void engine_clock(engine_thread_t *th) noexcept nogil:
+    if th.switched:
+        (<VxlanSwitchForwarder>th.fwd).now = clock_seconds(CLOCK_MONOTONIC)
+    elif th.wg:
+        (<WireguardForwarder>th.fwd).now = clock_seconds(CLOCK_MONOTONIC)
+
+
+cdef inline void engine_notify(engine_thread_t *th) noexcept nogil:
+    """After a batch: wake the runtime if the batch queued events (once per batch at most)."""
+    cdef int32_t queued
+    cdef uint64_t one = 1
+    if not th.wg:
+        return
+    queued = (<WireguardForwarder>th.fwd).nevents
+    if queued > th.events_seen:
+        write(th.notify_fd, &one, sizeof(one))
+    th.events_seen = queued
+
+
 cdef int engine_inside(engine_thread_t *th) noexcept nogil:
     """One device batch of this thread's forwarder; the packets it read."""
     cdef int err = 0, n
     cdef epoll_event ev
-    if th.switched:
-        (<VxlanSwitchForwarder>th.fwd).now = clock_seconds(CLOCK_MONOTONIC)
+    engine_clock(th)
     if (<_ForwarderBase>th.fwd).capture_on:
         (<_ForwarderBase>th.fwd).cap_time = clock_seconds(CLOCK_REALTIME)
     n = (<_ForwarderBase>th.fwd)._inside_run(th.tables, &err)
+    engine_notify(th)
     if err:
         # The device is gone or failing: stop polling it (level-triggered, it would spin) and
         # let the runtime recreate it.
@@ -174,11 +201,11 @@ cdef int engine_inside(engine_thread_t *th) noexcept nogil:
 
 cdef int engine_outside(engine_thread_t *th) noexcept nogil:
     cdef int err = 0, n
-    if th.switched:
-        (<VxlanSwitchForwarder>th.fwd).now = clock_seconds(CLOCK_MONOTONIC)
+    engine_clock(th)
     if (<_ForwarderBase>th.fwd).capture_on:
         (<_ForwarderBase>th.fwd).cap_time = clock_seconds(CLOCK_REALTIME)
     n = (<_ForwarderBase>th.fwd)._outside_run(th.tables, &err)
+    engine_notify(th)
     if err:
         th.sock_errors += 1
         ENGINE_STORE(&th.sock_error, err)
@@ -249,6 +276,7 @@ cdef class NativeEngine:
     cdef int n
     cdef list forwarders
     cdef bint running
+    cdef int notify
 
     def __cinit__(self, forwarders, dev_fds, sock_fds, busy_poll_us=0):
         cdef int i
@@ -257,6 +285,7 @@ cdef class NativeEngine:
         self.threads = NULL
         self.n = 0
         self.running = False
+        self.notify = -1
         self.forwarders = list(forwarders)
         devs = [operator_index(fd) for fd in dev_fds]
         socks = [operator_index(fd) for fd in sock_fds]
@@ -274,6 +303,9 @@ cdef class NativeEngine:
         self.threads = <engine_thread_t *>calloc(count, sizeof(engine_thread_t))
         if self.threads == NULL:
             raise MemoryError()
+        self.notify = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.notify < 0:
+            raise OSError(errno, strerror(errno))
         for i in range(count):
             th = &self.threads[i]
             th.epfd = -1
@@ -283,6 +315,8 @@ cdef class NativeEngine:
             th = &self.threads[i]
             th.fwd = <PyObject *>self.forwarders[i]
             th.switched = isinstance(self.forwarders[i], VxlanSwitchForwarder)
+            th.wg = isinstance(self.forwarders[i], WireguardForwarder)
+            th.notify_fd = self.notify
             th.index = i
             th.dev_fd = devs[i]
             th.sock_fd = socks[i]
@@ -315,10 +349,18 @@ cdef class NativeEngine:
             pthread_mutex_destroy(&self.threads[i].lock)
             pthread_cond_destroy(&self.threads[i].cond)
         free(self.threads)
+        if self.notify >= 0:
+            close(self.notify)
 
     @property
     def count(self) -> int:
         return self.n
+
+    @property
+    def notify_fd(self) -> int:
+        """Readable (an eventfd counter) once some thread's forwarder queued events; the
+        reader reads it to re-arm, then drains each forwarder with its thread paused."""
+        return self.notify
 
     def start(self) -> None:
         cdef int i, rc
@@ -341,6 +383,10 @@ cdef class NativeEngine:
             name = f"overlayd-dp{i}".encode()[:15]
             pthread_setname_np(th.tid, name)
         self.running = True
+
+    cdef void _notify(self) noexcept nogil:
+        cdef uint64_t one = 1
+        write(self.notify, &one, sizeof(one))
 
     cdef void _wake(self, engine_thread_t *th) noexcept nogil:
         cdef uint64_t one = 1
@@ -366,6 +412,12 @@ cdef class NativeEngine:
             return
         # The only place a thread's generation changes: while it is paused, after set_tables.
         th.tables = &(<_ForwarderBase>self.forwarders[i]).gen.t
+        if th.wg:
+            # Events queued while paused (a control call's seal may ask for a rekey) or left
+            # undrained: signal them now, as no batch might come to do it.
+            th.events_seen = (<WireguardForwarder>self.forwarders[i]).nevents
+            if th.events_seen:
+                self._notify()
         (<_ForwarderBase>self.forwarders[i]).busy = True
         pthread_mutex_lock(&th.lock)
         ENGINE_STORE(&th.request, RUN_C)

@@ -22,6 +22,16 @@
 # Invariants: no allocation and no Python in the per-packet path; keypairs, sessions and the
 # index table change only between batches (install_keypair, set_tables, set_now); a session
 # follows its peer's public key across table swaps.
+#
+# Several forwarders, one keypair (the native engine's N threads, each with its own forwarder,
+# tun queue and SO_REUSEPORT socket): what must be one per key is shared, the rest is not.
+# A keypair's send counter and replay window live in a KeypairShare (wg_shared_t) that every
+# forwarder's keypair_t points to: a nonce is taken by an atomic fetch-add (never used twice
+# for one key, whichever thread seals) and the window is checked and updated under its
+# spinlock (a datagram replayed from another source port reaches another thread's socket and
+# is still refused). Cipher contexts are not thread-safe: each forwarder keys its own from the
+# same key. The share is reference-counted (the Python object holds one reference, each
+# forwarder's keypair one) and freed by whoever lets go last, in or outside a batch.
 
 from libc.stdlib cimport realloc
 from socket import inet_aton
@@ -97,6 +107,25 @@ cdef enum:
 
 cdef double WG_NEVER = -1e300
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef int pthread_spinlock_t
+    int pthread_spin_init(pthread_spinlock_t *lock, int pshared)
+    int pthread_spin_destroy(pthread_spinlock_t *lock)
+    int pthread_spin_lock(pthread_spinlock_t *lock)
+    int pthread_spin_unlock(pthread_spinlock_t *lock)
+
+cdef extern from *:
+    """
+    #define WG_FETCH_ADD64(p) __atomic_fetch_add((p), (uint64_t)1, __ATOMIC_RELAXED)
+    #define WG_LOAD64(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+    #define WG_REF(p) __atomic_add_fetch((p), 1, __ATOMIC_ACQ_REL)
+    #define WG_UNREF(p) __atomic_sub_fetch((p), 1, __ATOMIC_ACQ_REL)
+    """
+    uint64_t WG_FETCH_ADD64(uint64_t *p) nogil
+    uint64_t WG_LOAD64(uint64_t *p) nogil
+    int32_t WG_REF(int32_t *p) nogil
+    int32_t WG_UNREF(int32_t *p) nogil
+
 
 ctypedef struct replay_t:
     uint64_t bits[REPLAY_BLOCKS]
@@ -132,6 +161,60 @@ cdef inline bint replay_update(replay_t *w, uint64_t counter, uint64_t limit) no
     return True
 
 
+ctypedef struct wg_shared_t:
+    uint64_t send_counter          # atomic fetch-add: the next nonce, for every forwarder
+    int32_t refs                   # atomic
+    pthread_spinlock_t lock        # guards window
+    replay_t window
+
+
+cdef inline void wg_shared_release(wg_shared_t *sh) noexcept nogil:
+    if sh != NULL and WG_UNREF(&sh.refs) == 0:
+        pthread_spin_destroy(&sh.lock)
+        free(sh)
+
+
+cdef inline bint wg_window_check(wg_shared_t *sh, uint64_t counter,
+                                 uint64_t limit) noexcept nogil:
+    cdef bint ok
+    pthread_spin_lock(&sh.lock)
+    ok = replay_check(&sh.window, counter, limit)
+    pthread_spin_unlock(&sh.lock)
+    return ok
+
+
+cdef inline bint wg_window_update(wg_shared_t *sh, uint64_t counter,
+                                  uint64_t limit) noexcept nogil:
+    cdef bint ok
+    pthread_spin_lock(&sh.lock)
+    ok = replay_update(&sh.window, counter, limit)
+    pthread_spin_unlock(&sh.lock)
+    return ok
+
+
+@cython.final
+cdef class KeypairShare:
+    """What one keypair's copies in several forwarders share: the send counter and the replay
+    window (install_keypair(..., share=) with the same object in each forwarder)."""
+
+    cdef wg_shared_t *sh
+
+    def __cinit__(self):
+        self.sh = <wg_shared_t *>calloc(1, sizeof(wg_shared_t))
+        if self.sh == NULL:
+            raise MemoryError()
+        self.sh.refs = 1
+        pthread_spin_init(&self.sh.lock, 0)
+
+    def __dealloc__(self):
+        wg_shared_release(self.sh)
+
+    @property
+    def send_counter(self) -> int:
+        """Nonces taken so far (by every forwarder holding this keypair)."""
+        return WG_LOAD64(&self.sh.send_counter)
+
+
 ctypedef struct keypair_t:
     bint used
     uint32_t local_index
@@ -139,10 +222,9 @@ ctypedef struct keypair_t:
     int32_t session
     bint initiator
     double created
-    uint64_t send_counter
+    wg_shared_t *sh                # send counter and replay window (see KeypairShare)
     EVP_CIPHER_CTX *send_ctx       # keyed once at install; per packet only the nonce changes
-    EVP_CIPHER_CTX *recv_ctx
-    replay_t window
+    EVP_CIPHER_CTX *recv_ctx       # (this forwarder's own: contexts are not thread-safe)
 
 
 ctypedef struct session_t:
@@ -309,6 +391,8 @@ cdef class WireguardForwarder(_RoutedBase):
             EVP_CIPHER_CTX_free(k.recv_ctx)
         k.send_ctx = NULL
         k.recv_ctx = NULL
+        wg_shared_release(k.sh)
+        k.sh = NULL
         k.used = False
 
     cdef int _grow(self, int32_t sessions) except -1:
@@ -393,16 +477,28 @@ cdef class WireguardForwarder(_RoutedBase):
         self._rebuild_index()
 
     def set_tables(self, tables) -> None:
+        self.commit_tables(self.prepare_tables(tables))
+
+    def prepare_tables(self, tables) -> tuple:
+        """set_tables' first half, touching no session (the threads engine runs it while the
+        thread forwards): the generation and the peers' public keys, checked."""
         cdef _TableGeneration new = build_generation(tables)
-        cdef int32_t i, slot, free_slot
-        cdef session_t *s
-        cdef peer_t *p
         keys = []
         for i, peer in enumerate(tables.peers):
             key = bytes(getattr(peer, "public_key", b""))
             if len(key) != 32:
                 raise ValueError(f"peer {i}: public_key must be 32 bytes, got {len(key)}")
             keys.append(key)
+        return new, keys
+
+    def commit_tables(self, prepared) -> None:
+        """set_tables' second half, between batches: sessions follow their peer's key, then
+        the swap."""
+        cdef _TableGeneration new = prepared[0]
+        cdef list keys = prepared[1]
+        cdef int32_t i, slot, free_slot
+        cdef session_t *s
+        cdef peer_t *p
         wanted = set(keys)
         for key in [k for k in self.by_key if k not in wanted]:
             slot = self.by_key.pop(key)
@@ -451,7 +547,7 @@ cdef class WireguardForwarder(_RoutedBase):
         self._swap(new)
 
     def install_keypair(self, peer, local_index, remote_index, send_key, recv_key,
-                        initiator) -> None:
+                        initiator, KeypairShare share=None) -> None:
         cdef int32_t p = operator_index(peer), slot = 0
         cdef const unsigned char[::1] sk = bytes(send_key)
         cdef const unsigned char[::1] rk = bytes(recv_key)
@@ -472,6 +568,10 @@ cdef class WireguardForwarder(_RoutedBase):
         memset(k, 0, sizeof(keypair_t))
         k.send_ctx = keyed_ctx(&sk[0], True)
         k.recv_ctx = keyed_ctx(&rk[0], False)
+        if share is None:
+            share = KeypairShare()
+        WG_REF(&share.sh.refs)
+        k.sh = share.sh
         k.used = True
         k.local_index = operator_index(local_index)
         k.remote_index = operator_index(remote_index)
@@ -492,6 +592,23 @@ cdef class WireguardForwarder(_RoutedBase):
         if not 0 <= p < self.npeer_session:
             return 0
         return self._send_staged_now(&self.spool[self.peer_session[p]])
+
+    def confirm_session(self, peer, local_index) -> bool:
+        cdef int32_t p = operator_index(peer)
+        cdef uint32_t index = operator_index(local_index)
+        cdef session_t *s
+        if not 0 <= p < self.npeer_session:
+            return False
+        s = &self.spool[self.peer_session[p]]
+        if s.next < 0 or self.keypairs[s.next].local_index != index:
+            return False
+        self._promote_next(s)
+        return True
+
+    cdef inline void _promote_next(self, session_t *s) noexcept nogil:
+        if s.previous >= 0:
+            self._drop_nogil(s.previous)
+        s.previous, s.current, s.next = s.current, s.next, -1
 
     def drop_staged(self, peer) -> int:
         cdef int32_t p = operator_index(peer)
@@ -628,7 +745,7 @@ cdef class WireguardForwarder(_RoutedBase):
             return -1
         k = &self.keypairs[s.current]
         if (self.now - k.created >= self.reject_after_time
-                or k.send_counter >= self.reject_after_messages):
+                or WG_LOAD64(&k.sh.send_counter) >= self.reject_after_messages):
             return -1
         return s.current
 
@@ -658,8 +775,9 @@ cdef class WireguardForwarder(_RoutedBase):
         cdef unsigned char nonce[12]
         cdef int outl = 0
         cdef unsigned char *hdr = pkt - WG_HEADER_LEN
-        cdef uint64_t counter = k.send_counter
-        k.send_counter = counter + 1
+        cdef uint64_t counter = WG_FETCH_ADD64(&k.sh.send_counter)
+        if counter >= self.reject_after_messages:
+            return -1       # another thread took the last nonce since _sendable looked
         if padded > n:
             memset(pkt + n, 0, padded - n)
         wg_nonce(nonce, counter)
@@ -712,7 +830,7 @@ cdef class WireguardForwarder(_RoutedBase):
                               int32_t peer, unsigned char *pkt, uint32_t n) noexcept nogil:
         """Seal one routed packet in place (header room in front, room behind) and queue it."""
         cdef uint32_t padded
-        if (k.send_counter >= self.rekey_after_messages
+        if (WG_LOAD64(&k.sh.send_counter) >= self.rekey_after_messages
                 or (k.initiator and self.now - k.created >= self.rekey_after_time)):
             self._want_handshake(s)
         padded = wg_padded(n, t.peers[peer].path_mtu)
@@ -764,6 +882,7 @@ cdef class WireguardForwarder(_RoutedBase):
         cdef uint32_t length = n - WG_HEADER_LEN - WG_TAG_LEN, total
         cdef int outl = 0
         cdef peer_t *p
+        cdef unsigned char index_le[4]
         if slot < 0 or self.spool[self.keypairs[slot].session].peer < 0:
             ctr[CTR_WG_UNKNOWN_INDEX] += 1
             return
@@ -771,7 +890,7 @@ cdef class WireguardForwarder(_RoutedBase):
         if self.now - k.created >= self.reject_after_time:
             ctr[CTR_WG_STALE_KEYPAIR] += 1
             return
-        if not replay_check(&k.window, counter, self.reject_after_messages):
+        if not wg_window_check(k.sh, counter, self.reject_after_messages):
             ctr[CTR_WG_REPLAY] += 1
             return
         wg_nonce(nonce, counter)
@@ -782,16 +901,15 @@ cdef class WireguardForwarder(_RoutedBase):
                 or EVP_DecryptFinal_ex(k.recv_ctx, body + outl, &outl) != 1):
             ctr[CTR_WG_DECRYPT_FAILED] += 1
             return
-        if not replay_update(&k.window, counter, self.reject_after_messages):
+        if not wg_window_update(k.sh, counter, self.reject_after_messages):
             ctr[CTR_WG_REPLAY] += 1
             return
         s = &self.spool[k.session]
         peer = s.peer
         if s.next == slot:
-            if s.previous >= 0:
-                self._drop_nogil(s.previous)
-            s.previous, s.current, s.next = s.current, slot, -1
-            self._event(WG_EVENT_SESSION_CONFIRMED, peer, NULL, 0, NULL)
+            self._promote_next(s)
+            wr32le(index_le, k.local_index)   # which keypair (other forwarders confirm it too)
+            self._event(WG_EVENT_SESSION_CONFIRMED, peer, index_le, 4, NULL)
         p = &t.peers[peer]
         if self.rx_from != NULL and (p.addr.sin_addr.s_addr != self.rx_from.sin_addr.s_addr
                                      or p.addr.sin_port != self.rx_from.sin_port):
@@ -827,6 +945,8 @@ cdef class WireguardForwarder(_RoutedBase):
             EVP_CIPHER_CTX_free(k.recv_ctx)
         k.send_ctx = NULL
         k.recv_ctx = NULL
+        wg_shared_release(k.sh)
+        k.sh = NULL
         k.used = False
         # remove from the open-addressing table and re-place the run that follows it
         while self.index_table[h] != slot:

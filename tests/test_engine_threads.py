@@ -18,6 +18,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
+from engine_helpers import drain
 
 from overlayd.dataplane.counters import COUNTER_NAMES, DROP_REASONS
 from overlayd.dataplane.tables import LOCAL, ForwardingTables, PeerEntry
@@ -97,15 +98,6 @@ class EngineRig:
                 return ctr
             time.sleep(0.005)
         raise AssertionError(f"engine did not take the traffic: {self.fwd.counters()}")
-
-
-def drain(sock: socket.socket) -> list[bytes]:
-    out = []
-    while True:
-        try:
-            out.append(sock.recv(65536))
-        except BlockingIOError:
-            return out
 
 
 def traffic() -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
@@ -314,11 +306,6 @@ def test_choose_engine() -> None:
     assert (engine, count) == ("threads", 1) and note and "switched" in note
     with pytest.raises(StartupError, match="overlayd.toml: dataplane.engine: .*Cython") as e:
         choose_engine("threads", 0, "python", False, where="overlayd.toml")
-    assert e.value.exit_code == EX_CONFIG
-    # wireguard: handshakes hand keypairs to the forwarder between batches, on the loop
-    assert choose_engine("auto", 0, "cython", False, cpus=2, wireguard=True) == ("loop", 1, None)
-    with pytest.raises(StartupError, match="dataplane.engine: the wireguard backend") as e:
-        choose_engine("threads", 2, "cython", False, wireguard=True)
     assert e.value.exit_code == EX_CONFIG
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import dpkt
 import pytest
+from engine_helpers import dataplane_threads
 from netns_helpers import NETNS_MARKS, logs, wait_for
 
 from overlayd.lab import HostSpec, Lab
@@ -39,20 +40,9 @@ def lab(request: Any) -> Iterator[Lab]:
         yield lab
 
 
-def thread_names(pid: int) -> list[str]:
-    names = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/comm") as f:
-                names.append(f.read().strip())
-        except FileNotFoundError:
-            pass
-    return sorted(n for n in names if n.startswith("overlayd-dp"))
-
-
 def test_two_threads_forward_tcp_and_status_shows_their_share(lab: Lab) -> None:
     pid = lab.host("host1").daemon.pid
-    assert pid is not None and thread_names(pid) == ["overlayd-dp0", "overlayd-dp1"]
+    assert pid is not None and dataplane_threads(pid) == ["overlayd-dp0", "overlayd-dp1"]
     result = lab.tcp_transfer("host1", "host2", 20 << 20)
     assert result.bytes_ok and result.sha256_ok, result
     status = lab.control("host1", "status")

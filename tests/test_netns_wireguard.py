@@ -5,11 +5,14 @@ and `ip` only) - the independent implementation the interop claims are checked a
 host1..host3: overlayd, rekey timer shortened to REKEY_S (the whitepaper's 120 s otherwise);
 host4: wireguard-go, with host3's public key deliberately wrong (the "wrong key" case).
 Tests run in file order and share the lab; the order matters where a test needs a pair that
-has not talked yet (who initiates) and roaming comes late.
+has not talked yet (who initiates) and roaming comes late. The whole file runs once per
+engine: the asyncio loop, and two native data-plane threads per daemon (compiled data plane).
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Iterator
 from itertools import permutations
@@ -19,6 +22,8 @@ from netns_helpers import NETNS_MARKS, drop_counters_or_skip, logs, marker
 
 from overlayd.control.wg_noise import generate_private_key, public_key
 from overlayd.lab import HostSpec, Lab, netns
+from overlayd.lab.netns import ns_run
+from overlayd.lab.traffic import PingResult
 from overlayd.lab.wireguard_go import WireguardGoPeer, b64, wireguard_go_unavailable
 
 pytestmark = [*NETNS_MARKS, pytest.mark.skipif(
@@ -28,11 +33,20 @@ CIDR = "10.77.0.0/16"
 REKEY_S = 3.0
 OVERLAYD = ("host1", "host2", "host3")
 TIMERS = {"wireguard": {"rekey_after_seconds": REKEY_S, "rekey_timeout_seconds": 1.0}}
+ENGINES = {"loop": {"engine": "loop"}, "threads": {"engine": "threads", "threads": 2}}
+
+
+@pytest.fixture(scope="module", params=sorted(ENGINES))
+def engine(request: pytest.FixtureRequest) -> str:
+    if request.param == "threads" and os.environ.get("OVERLAYD_DATAPLANE") == "python":
+        pytest.skip("the threads engine drives the compiled data plane")
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    specs = [HostSpec(config_extra=TIMERS) for _ in OVERLAYD] + [HostSpec(start_daemon=False)]
+def lab(engine: str) -> Iterator[Lab]:
+    extra = {**TIMERS, "dataplane": ENGINES[engine]}
+    specs = [HostSpec(config_extra=extra) for _ in OVERLAYD] + [HostSpec(start_daemon=False)]
     with Lab(specs, backend="wireguard", cidr=CIDR) as lab:
         lab.add_bystander("stranger")
         yield lab
@@ -67,6 +81,41 @@ def host_key(lab: Lab, name: str) -> str:
 def peer_row(lab: Lab, host: str, peer: str) -> dict:
     rows = lab.control(host, "peers")
     return next(r for r in rows if r["name"] == peer)
+
+
+def test_first_ping_between_two_overlayd_hosts_is_held_and_answered(lab: Lab,
+                                                                    engine: str) -> None:
+    """host1 has no session to host2: its first packet waits for the handshake host1 starts
+    (initiator-side staging) and is sent sealed when it completes."""
+    assert lab.control("host1", "status")["engine"]["kind"] == engine
+    first = lab.ping("host1", "host2", count=1, wait_s=3.0)
+    assert first.received == 1, f"{first.output}\n{logs(lab)}"
+    held = lab.control("host1", "status")["traffic"]
+    assert held["wg_staged"] >= 1 and held["wg_staged_sent"] == held["wg_staged"]
+
+
+def test_responder_holds_its_packets_until_the_session_is_confirmed(lab: Lab) -> None:
+    """host1's underlay egress is throttled (a token bucket of 200 bytes at 125 bytes/s, no
+    netem here): its initiation leaves at once, but its next datagram - the first transport
+    message, which confirms the session at host3 - waits about 1.3 s. A ping from host3 sent
+    inside that time is held (its keypair is only "next") and delivered once confirmed."""
+    host1, host3 = lab.host("host1"), lab.host("host3")
+    ns_run(host1.netns, ["ping", "-c", "1", "-W", "2", str(host3.underlay_ip)])   # ARP first
+    ns_run(host1.netns, ["tc", "qdisc", "add", "dev", "ul0", "root", "tbf", "rate", "1kbit",
+                         "burst", "200", "latency", "20s"])
+    try:
+        outcome: list[PingResult] = []
+        initiator = threading.Thread(target=lambda: outcome.append(
+            lab.ping("host1", "host3", count=1, wait_s=8.0)))
+        initiator.start()
+        time.sleep(0.6)     # host3 answered at once; the confirmation arrives at about 1.3 s
+        reply = lab.ping("host3", "host1", count=1, wait_s=8.0)
+        initiator.join()
+    finally:
+        ns_run(host1.netns, ["tc", "qdisc", "del", "dev", "ul0", "root"])
+    assert outcome[0].received == 1 and reply.received == 1, f"{reply.output}\n{logs(lab)}"
+    held = lab.control("host3", "status")["traffic"]
+    assert held["wg_staged"] >= 1 and held["wg_staged_sent"] == held["wg_staged"]
 
 
 def test_three_overlayd_hosts_from_one_map(lab: Lab) -> None:

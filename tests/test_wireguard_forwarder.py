@@ -55,11 +55,21 @@ class Node:
         self.sock.setblocking(False)
         self.port = self.sock.getsockname()[1]
         self.key, self.peer_key = key, peer_key
+        self.kernels = kernels
         self.device = WgDevice(key, rng=random.Random(ip))
         mac1 = wg.mac_key(wg.LABEL_MAC1, public_key(key))
         self.fw = kernels.WireguardForwarder(self.dev.fileno(), self.sock.fileno(), mac1)
         self.fw.set_now(100.0)
         self.subnet, self.peer_subnet, self.peer_ip = subnet, peer_subnet, peer_ip
+        self.ip = ip
+
+    def twin(self, peer_port: int) -> Node:
+        """A second forwarder of this node (as a second data-plane thread has): its own device
+        and socket, the same key and tables."""
+        other = Node(self.kernels, self.ip, self.subnet, self.peer_ip, self.peer_subnet,
+                     self.key, self.peer_key)
+        other.connect(peer_port)
+        return other
 
     def connect(self, peer_port: int) -> None:
         me = ipv4.addr_to_int(self.subnet.split("/")[0])
@@ -97,8 +107,10 @@ def wait(sock: socket.socket, timeout: float = 2.0) -> None:
     assert select.select([sock], [], [], timeout)[0], "nothing arrived"
 
 
-def handshake(a: Node, b: Node) -> tuple[Any, Any]:
-    """A real handshake A -> B, through both data planes' handshake queues."""
+def handshake(a: Node, b: Node, a_twins: tuple[Node, ...] = (),
+              b_twins: tuple[Node, ...] = ()) -> tuple[Any, Any]:
+    """A real handshake A -> B, through both data planes' handshake queues; each side's keys
+    also go into its twins' forwarders with one KeypairShare (as the threads engine does)."""
     init = next(x for x in a.device.want_handshake(0, 100.0, UNIX_NS) if isinstance(x, Send))
     a.sock.sendto(init.datagram, (B_IP, b.port))
     wait(b.sock)
@@ -108,17 +120,22 @@ def handshake(a: Node, b: Node) -> tuple[Any, Any]:
     actions = b.device.handle(events[0][2], events[0][3], 100.0, UNIX_NS)
     b_keys = next(x for x in actions if isinstance(x, Install)).keys
     response = next(x for x in actions if isinstance(x, Send))
-    b.fw.install_keypair(0, b_keys.local_index, b_keys.remote_index, b_keys.send_key,
-                         b_keys.recv_key, b_keys.initiator)
+    install(b, b_twins, b_keys)
     b.sock.sendto(response.datagram, (A_IP, a.port))
     wait(a.sock)
     a.fw.outside_batch()
     events = a.fw.drain_events()
     actions = a.device.handle(events[0][2], events[0][3], 100.0, UNIX_NS)
     a_keys = next(x for x in actions if isinstance(x, Install)).keys
-    a.fw.install_keypair(0, a_keys.local_index, a_keys.remote_index, a_keys.send_key,
-                         a_keys.recv_key, a_keys.initiator)
+    install(a, a_twins, a_keys)
     return a_keys, b_keys
+
+
+def install(node: Node, twins: tuple[Node, ...], keys: Any) -> None:
+    share = node.kernels.KeypairShare() if twins else None
+    for n in (node, *twins):
+        n.fw.install_keypair(0, keys.local_index, keys.remote_index, keys.send_key,
+                             keys.recv_key, keys.initiator, share)
 
 
 def a_to_b(a: Node, b: Node, *packets: bytes) -> list[bytes]:
@@ -517,3 +534,73 @@ def test_cython_and_twin_hold_and_release_alike(
     held, after, dropped, _ = counters[0]
     assert held["wg_staged"] == 140 and held["wg_staged_overflow"] == 12
     assert after["wg_staged_sent"] == 128 and after["wg_staged_expired"] == 3 and dropped == 3
+
+
+def test_two_forwarders_of_one_keypair_never_use_a_nonce_twice(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    a2 = a.twin(b.port)
+    try:
+        a_keys, _ = handshake(a, b, a_twins=(a2,))
+        sent = 0
+        for round_ in range(3):         # interleaved, as two threads would seal
+            for node in (a, a2, a2, a):
+                for i in range(5):
+                    node.app.send(packet("10.0.1.5", "10.0.2.9", bytes([round_, i])))
+                    sent += 1
+                node.fw.inside_batch()
+        counters = []
+        while select.select([b.sock], [], [], 0.3)[0]:
+            _, counter, _ = open_transport(b.sock.recv(65536), a_keys.send_key)
+            counters.append(counter)
+        assert sorted(counters) == list(range(sent))      # each nonce once, none skipped
+    finally:
+        a2.close()
+
+
+def test_a_datagram_one_forwarder_accepted_is_a_replay_for_its_twin(
+        pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    b2 = b.twin(a.port)
+    try:
+        handshake(a, b, b_twins=(b2,))
+        a.app.send(packet("10.0.1.5", "10.0.2.9"))
+        a.fw.inside_batch()
+        wait(b.sock)
+        datagram = b.sock.recv(65536)
+        a.sock.sendto(datagram, (B_IP, b.port))
+        a.sock.sendto(datagram, (B_IP, b2.port))    # another source port: another socket
+        for node in (b, b2):
+            wait(node.sock)
+            node.fw.outside_batch()
+        assert b.counters()["delivered_packets"] == 1 and "wg_replay" not in b.counters()
+        assert b2.counters()["wg_replay"] == 1 and "delivered_packets" not in b2.counters()
+    finally:
+        b2.close()
+
+
+def test_a_session_confirmed_in_one_forwarder_is_confirmed_in_its_twin(
+        pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    b2 = b.twin(a.port)
+    try:
+        _, b_keys = handshake(a, b, b_twins=(b2,))
+        b2.app.send(packet("10.0.2.9", "10.0.1.5", b"held by the twin"))
+        b2.fw.inside_batch()
+        assert b2.counters()["wg_staged"] == 1          # only "next" there too
+        a.fw.send_keepalive(0)
+        wait(b.sock)
+        b.fw.outside_batch()
+        confirmed = [e for e in b.fw.drain_events() if e[0] == EVENT_SESSION_CONFIRMED]
+        index = int.from_bytes(confirmed[0][2], "little")
+        assert index == b_keys.local_index                  # which keypair, for the twins
+        assert not b2.fw.confirm_session(0, index ^ 1)      # not its next keypair
+        assert b2.fw.confirm_session(0, index)
+        assert not b2.fw.confirm_session(0, index)          # once
+        assert b2.fw.send_staged(0) == 1
+        wait(a.sock)
+        a.fw.outside_batch()
+        assert a.app.recv(65536) == packet_ttl(packet("10.0.2.9", "10.0.1.5",
+                                                      b"held by the twin"), 63)
+        assert b2.fw.drain_events() == [(EVENT_NEED_HANDSHAKE, 0, b"", None)]   # staging's
+    finally:
+        b2.close()

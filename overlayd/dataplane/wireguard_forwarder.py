@@ -37,7 +37,13 @@ not by address):
      outside_spoofed_source.
 
 Keys arrive from the control plane (``install_keypair``) and cipher contexts are built then,
-once per key; the per-packet path only seals and opens. Times are ``set_now``'s monotonic
+once per key; the per-packet path only seals and opens. A keypair installed into several
+forwarders (the native engine's threads, one forwarder each) with one ``KeypairShare`` shares
+its send counter and replay window: no nonce is used twice for a key, and a datagram accepted
+by one forwarder is a replay for all (the compiled share is atomic and locked; this twin runs
+on one thread and only keeps the same semantics). A responder's session confirmed in one
+forwarder is confirmed in the others by ``confirm_session`` (the event carries the keypair's
+local index). Times are ``set_now``'s monotonic
 seconds. Per peer the data plane keeps the activity times the handshake timers need
 (``activity``), so no timer work happens per packet.
 """
@@ -69,7 +75,8 @@ IMPLEMENTATION: Final = "python"
 EVENT_HANDSHAKE: Final = 1          # a handshake message (MAC1 checked) from an address
 EVENT_NEED_HANDSHAKE: Final = 2     # data for a peer without a usable session, or rekey due
 EVENT_ENDPOINT: Final = 3           # the peer's endpoint moved to where its data came from
-EVENT_SESSION_CONFIRMED: Final = 4  # a responder's new keypair got its first message
+EVENT_SESSION_CONFIRMED: Final = 4  # a responder's new keypair got its first message (the
+                                    # message: its local index, 4 bytes little-endian)
 MAX_EVENTS: Final = 1024            # handshake messages queued between two drains
 STAGED_MAX: Final = 128             # packets held per peer without a session (wireguard-go's)
 STAGED_PACKET_MAX: Final = 9216     # the largest held packet (a jumbo-frame MTU; 16-aligned)
@@ -81,15 +88,26 @@ _ZERO_PAD: Final = bytes(wg.PADDING)
 _NONCE: Final = struct.Struct("<4xQ")
 
 
+class KeypairShare:
+    """What the copies of one keypair in several forwarders share: the next send counter and
+    the replay window (built by the first forwarder that installs it, with its limit)."""
+
+    __slots__ = ("send_counter", "window")
+
+    def __init__(self) -> None:
+        self.send_counter = 0
+        self.window: ReplayWindow | None = None
+
+
 class Keypair:
     """One direction pair of transport keys, with its cipher contexts (built once here)."""
 
     __slots__ = ("created", "initiator", "local_index", "recv", "remote_index", "send",
-                 "send_counter", "session", "window")
+                 "session", "share", "window")
 
     def __init__(self, session: PeerSession, local_index: int, remote_index: int,
                  send_key: bytes, recv_key: bytes, initiator: bool, created: float,
-                 reject_after_messages: int) -> None:
+                 reject_after_messages: int, share: KeypairShare) -> None:
         self.session = session
         self.local_index = local_index
         self.remote_index = remote_index
@@ -97,8 +115,10 @@ class Keypair:
         self.recv = ChaCha20Poly1305(recv_key)
         self.initiator = initiator
         self.created = created
-        self.send_counter = 0
-        self.window = ReplayWindow(reject_after_messages)
+        if share.window is None:
+            share.window = ReplayWindow(reject_after_messages)
+        self.share = share
+        self.window = share.window
 
 
 class PeerSession:
@@ -181,9 +201,17 @@ class WireguardForwarder(RoutedForwarderBase):
     def set_tables(self, tables: Any) -> None:
         """Swap in new tables; sessions follow their peer's public key, endpoints roamed to
         stay unless the map moved the peer, removed peers' keypairs are forgotten."""
+        self.commit_tables(self.prepare_tables(tables))
+
+    def prepare_tables(self, tables: Any) -> tuple[State, list[bytes]]:  # type: ignore[override]
+        """set_tables' first half, touching no session: the new state and the peers' keys."""
         keys = [check_key(getattr(p, "public_key", b""), f"peer {i}: public_key")
                 for i, p in enumerate(tables.peers)]
-        state = State(tables)
+        return State(tables), keys
+
+    def commit_tables(self, prepared: tuple[State, list[bytes]]) -> None:  # type: ignore[override]
+        """set_tables' second half: sessions follow their peer's key, then the swap."""
+        state, keys = prepared
         state.inherit_counters(self._state)
         sessions: list[PeerSession] = []
         by_key: dict[bytes, PeerSession] = {}
@@ -207,13 +235,16 @@ class WireguardForwarder(RoutedForwarderBase):
         self._state = state
 
     def install_keypair(self, peer: int, local_index: int, remote_index: int,
-                        send_key: bytes, recv_key: bytes, initiator: bool) -> None:
+                        send_key: bytes, recv_key: bytes, initiator: bool,
+                        share: KeypairShare | None = None) -> None:
         """A completed handshake. Ours (initiator): the new keypair is current at once.
-        Theirs: it waits as "next" until the initiator's first message under it arrives."""
+        Theirs: it waits as "next" until the initiator's first message under it arrives.
+        ``share``: the same keypair's counter and window in other forwarders (None: its own)."""
         session = self._sessions[operator.index(peer)]
         keypair = Keypair(session, operator.index(local_index), operator.index(remote_index),
                           check_key(send_key, "send_key"), check_key(recv_key, "recv_key"),
-                          bool(initiator), self._now, self._reject_after_messages)
+                          bool(initiator), self._now, self._reject_after_messages,
+                          share if share is not None else KeypairShare())
         if session.next is not None:
             self._drop_keypair(session, session.next)
         if keypair.initiator:
@@ -234,6 +265,23 @@ class WireguardForwarder(RoutedForwarderBase):
         if not 0 <= peer < len(self._sessions):
             return 0
         return self._send_staged_now(self._sessions[peer])
+
+    def confirm_session(self, peer: int, local_index: int) -> bool:
+        """Another forwarder saw the initiator's first message under the keypair with
+        ``local_index``: make it current here too (False: it is not our "next" one)."""
+        peer = operator.index(peer)
+        if not 0 <= peer < len(self._sessions):
+            return False
+        session = self._sessions[peer]
+        if session.next is None or session.next.local_index != operator.index(local_index):
+            return False
+        self._promote_next(session)
+        return True
+
+    def _promote_next(self, session: PeerSession) -> None:
+        if session.previous is not None:
+            self._drop_keypair(session, session.previous)
+        session.previous, session.current, session.next = session.current, session.next, None
 
     def drop_staged(self, peer: int) -> int:
         """The handshake for ``peer`` gave up: drop what is held for it (wg_staged_expired)."""
@@ -344,14 +392,14 @@ class WireguardForwarder(RoutedForwarderBase):
         if keypair is None:
             return None
         if (self._now - keypair.created >= self._reject_after_time
-                or keypair.send_counter >= self._reject_after_messages):
+                or keypair.share.send_counter >= self._reject_after_messages):
             return None
         return keypair
 
     def _seal(self, keypair: Keypair, plaintext: bytes) -> bytes:
         """Hot: one transport message (header + sealed plaintext)."""
-        counter = keypair.send_counter
-        keypair.send_counter = counter + 1
+        counter = keypair.share.send_counter
+        keypair.share.send_counter = counter + 1
         return (wg.pack_transport_header(keypair.remote_index, counter)
                 + keypair.send.encrypt(_NONCE.pack(counter), plaintext, None))
 
@@ -385,7 +433,7 @@ class WireguardForwarder(RoutedForwarderBase):
                         pkt: memoryview, peer: int) -> None:
         """Hot: seal one routed packet with the peer's keypair and queue it."""
         length = len(pkt)
-        if (keypair.send_counter >= self._rekey_after_messages
+        if (keypair.share.send_counter >= self._rekey_after_messages
                 or (keypair.initiator and self._now - keypair.created >= self._rekey_after_time)):
             self._want_handshake(session)
         if self._capture_on:
@@ -449,10 +497,9 @@ class WireguardForwarder(RoutedForwarderBase):
         session = keypair.session
         peer = session.index
         if keypair is session.next:
-            if session.previous is not None:
-                self._drop_keypair(session, session.previous)
-            session.previous, session.current, session.next = session.current, keypair, None
-            self._event(EVENT_SESSION_CONFIRMED, peer, None)
+            self._promote_next(session)
+            self._event(EVENT_SESSION_CONFIRMED, peer, None,
+                        keypair.local_index.to_bytes(4, "little"))
         if isinstance(address, tuple) and address != state.peer_addr[peer]:
             source = (address[0], address[1])
             state.peer_addr[peer] = session.endpoint = source
@@ -474,7 +521,8 @@ class WireguardForwarder(RoutedForwarderBase):
                 inner = inner[:total]       # the padding
         self._deliver(state, inner, peer)
 
-    def _event(self, kind: int, peer: int, address: tuple[str, int] | None) -> None:
+    def _event(self, kind: int, peer: int, address: tuple[str, int] | None,
+               data: bytes = b"") -> None:
         if len(self._events) < MAX_EVENTS:
-            self._events.append((kind, peer, b"", address))
+            self._events.append((kind, peer, data, address))
 

@@ -44,6 +44,7 @@ from overlayd.io.tunnel_socket import (
 )
 from overlayd.rate_limited_log import RateLimitedLog
 from overlayd.runtime.engine import ThreadedForwarder, choose_engine
+from overlayd.runtime.wg_threads import ThreadedWireguardForwarder
 from overlayd.runtime.wireguard import (
     WG_TICK_SECONDS,
     WireguardRuntime,
@@ -148,7 +149,7 @@ class Daemon:
                                  public_key(wg_keys[0]))
         self.engine, self.engine_threads, note = choose_engine(
             self.config.engine, self.config.threads, self.implementation, backend.switched,
-            where=str(self.config.path), wireguard=backend.type == "wireguard")
+            where=str(self.config.path))
         if note:
             log.info("%s", note)
         multi = self.engine_threads > 1
@@ -171,9 +172,15 @@ class Daemon:
         if self.engine == "threads":
             extra = [self._make_forwarder(me.vtep_mac, wg_keys, queue)
                      for queue in range(1, self.engine_threads)]
-            self.forwarder = ThreadedForwarder(
+            threaded = (ThreadedWireguardForwarder if backend.type == "wireguard"
+                        else ThreadedForwarder)
+            self.forwarder = threaded(
                 [self.forwarder, *extra], self.tun.fds,
                 [s.fileno() for s in self.rx_socks], self.config.busy_poll_us)
+        if wg_keys is not None:
+            assert self.config.wireguard is not None
+            self.wireguard = WireguardRuntime(self.config.wireguard, *wg_keys, self.forwarder,
+                                              self.sock)
         if backend.switched:
             self._clocked = True
             self.forwarder.set_now(time.monotonic())
@@ -270,15 +277,11 @@ class Daemon:
         from overlayd.control.wg_noise import public_key
         from overlayd.wire import wireguard as wg
 
-        assert wg_keys is not None and self.config.wireguard is not None and self.sock
-        private, psk = wg_keys
-        mac1_key = wg.mac_key(wg.LABEL_MAC1, public_key(private))
-        forwarder = self.kernels.WireguardForwarder(
+        assert wg_keys is not None
+        mac1_key = wg.mac_key(wg.LABEL_MAC1, public_key(wg_keys[0]))
+        return self.kernels.WireguardForwarder(
             dev, sock, mac1_key, self.config.batch_size, self.config.icmp_rate_per_second,
             **self.offloads)
-        self.wireguard = WireguardRuntime(self.config.wireguard, private, psk, forwarder,
-                                          self.sock)
-        return forwarder
 
     def _tables(self, view: LocalView) -> Any:
         if self.smap.backend.switched:
@@ -332,6 +335,11 @@ class Daemon:
         assert self._loop is not None and self.tun is not None and self.sock is not None
         if isinstance(self.forwarder, ThreadedForwarder):
             self.forwarder.start()      # the threads read the fds: no reader on this loop
+            if isinstance(self.forwarder, ThreadedWireguardForwarder):
+                # ... but their handshake events come here (a write per batch that queued any)
+                notify = self.forwarder.notify_fd
+                self._loop.add_reader(notify, self._on_wireguard_events, notify)
+                self._readers = [notify]
             return
         self._loop.add_reader(self.tun.fileno(), self._on_device_readable)
         self._loop.add_reader(self.sock.fileno(), self._on_socket_readable)
@@ -366,6 +374,14 @@ class Daemon:
                                       exc.strerror or exc)
         if self.wireguard is not None:
             self.wireguard.after_batch()
+
+    def _on_wireguard_events(self, notify_fd: int) -> None:
+        try:
+            os.read(notify_fd, 8)       # re-arm the eventfd; the count does not matter
+        except BlockingIOError:
+            pass
+        assert self.wireguard is not None
+        self.wireguard.after_batch()
 
     def _every(self, seconds: float, callback: Callable[[], None]) -> None:
         assert self._loop is not None

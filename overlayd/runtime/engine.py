@@ -27,27 +27,19 @@ DEFAULT_MAX_THREADS = 4   # beyond this the device and socket queues, not the th
 
 
 def choose_engine(engine: str, threads: int, implementation: str, switched: bool,
-                  cpus: int | None = None, where: str = "config",
-                  wireguard: bool = False) -> tuple[str, int, str | None]:
+                  cpus: int | None = None, where: str = "config") -> tuple[str, int, str | None]:
     """(engine, thread count, note): "threads" or "loop"; note says why a choice was narrowed.
 
     The threads engine drives compiled forwarders only (the pure-Python twin keeps the asyncio
     loop). The switched path runs one thread: its MAC table and storm buckets are one state
     that every frame both reads and writes, which N unshared forwarders cannot share. The
-    wireguard backend keeps the loop for now: its handshakes (runtime/wireguard.py) install
-    keypairs into the forwarder and read its queued handshake messages between batches, which
-    the native threads do not yet hand over safely.
+    wireguard backend runs N threads like the other routed ones: what its forwarders must
+    share per key (the send counter and the replay window) they share (runtime/wg_threads.py).
     """
     if engine == "threads" and implementation != "cython":
         raise StartupError(f"{where}: dataplane.engine: \"threads\" needs the Cython data plane "
                            f"(this daemon runs the {implementation} one): use \"loop\"",
                            EX_CONFIG)
-    if wireguard:
-        if engine == "threads":
-            raise StartupError(f"{where}: dataplane.engine: the wireguard backend runs on the "
-                               f"\"loop\" engine (not yet on native threads): use \"loop\" or "
-                               f"\"auto\"", EX_CONFIG)
-        return "loop", 1, None
     if engine == "loop" or (engine == "auto" and implementation != "cython"):
         return "loop", 1, None
     fit = min(cpus or os.cpu_count() or 1, DEFAULT_MAX_THREADS)

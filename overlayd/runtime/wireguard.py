@@ -5,6 +5,12 @@ Per batch (only when the data plane queued something): drain its events once - h
 messages, "needs a session", roamed endpoints, confirmed sessions - and carry out what the
 WgDevice answers. Per tick (WG_TICK_SECONDS): give the data plane the time, poll its activity
 times and run the handshake timers. Nothing here runs per data packet.
+
+The forwarder is one WireguardForwarder (loop engine: after_batch runs after each batch) or
+runtime/wg_threads.ThreadedWireguardForwarder (threads engine: after_batch runs when a thread
+signals queued events), which carries each call to every thread's forwarder. So a roamed
+endpoint and a confirmed session, seen by one forwarder, are handed to all (for a single
+forwarder that is a no-op).
 """
 
 from __future__ import annotations
@@ -104,17 +110,25 @@ class WireguardRuntime:
         now, unix_ns = time.monotonic(), time.time_ns()
         self.forwarder.set_now(now)
         actions: list[Action] = []
+        # With N threads, the reply to the packet that confirmed a responder's session on one
+        # thread may leave through another thread's queue before that thread heard of the
+        # confirmation: it is held there and asks for a handshake. The confirmation in the
+        # same drain makes the session current on every thread and sends what they held, so
+        # that request is answered already (no second handshake).
+        confirmed = {peer for kind, peer, _, _ in events if kind == EVENT_SESSION_CONFIRMED}
         for kind, peer_index, message, address in events:
             if kind == EVENT_HANDSHAKE:
                 actions += self.device.handle(message, address, now, unix_ns)
-            elif kind == EVENT_NEED_HANDSHAKE:
+            elif kind == EVENT_NEED_HANDSHAKE and peer_index not in confirmed:
                 actions += self.device.want_handshake(peer_index, now, unix_ns)
-            elif kind == EVENT_ENDPOINT:
+            elif kind == EVENT_ENDPOINT and address is not None:
                 peer = self.device.peer_at(peer_index)
                 if peer is not None:
                     peer.endpoint = address
+                self.forwarder.set_endpoint(peer_index, *address)
             elif kind == EVENT_SESSION_CONFIRMED:
                 self.device.handshake_done(peer_index, unix_ns)
+                self.forwarder.confirm_session(peer_index, int.from_bytes(message, "little"))
                 self.forwarder.send_staged(peer_index)  # what it held while we responded
         self._apply(actions)
 
