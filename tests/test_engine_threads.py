@@ -18,7 +18,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
-from engine_helpers import drain
+from engine_helpers import drain, reuseport_sockets
 
 from overlayd.dataplane.counters import COUNTER_NAMES, DROP_REASONS
 from overlayd.dataplane.tables import LOCAL, ForwardingTables, PeerEntry
@@ -48,7 +48,7 @@ class EngineRig:
     def __init__(self, threads: int, busy_poll_us: int = 0) -> None:
         self.apps: list[socket.socket] = []
         self.devs: list[socket.socket] = []
-        self.socks: list[socket.socket] = []
+        self.socks = reuseport_sockets(NODE_IP, threads)
         for _ in range(threads):
             app, dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
             for s in (app, dev):
@@ -57,12 +57,6 @@ class EngineRig:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             self.apps.append(app)
             self.devs.append(dev)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            sock.bind((NODE_IP, self.socks[0].getsockname()[1] if self.socks else 0))
-            sock.setblocking(False)
-            self.socks.append(sock)
         self.peers = []
         for i in range(2):
             peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

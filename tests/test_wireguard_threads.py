@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import dataplane_threads, drain
+from engine_helpers import dataplane_threads, drain, reuseport_sockets
 from wg_helpers import open_transport, seal_transport
 
 from overlayd.control.config import WireguardConfig
@@ -96,17 +96,12 @@ class Rig:
         self.a_fw = RecordingForwarder(_dataplane.WireguardForwarder(
             self.a_dev.fileno(), self.a_sock.fileno(), wg.mac_key(wg.LABEL_MAC1, public_key(ka))))
         # B: N threads on N devices and N sockets sharing one port
-        self.b_apps, self.b_devs, self.b_socks = [], [], []
+        self.b_apps, self.b_devs = [], []
+        self.b_socks = reuseport_sockets(B_IP, threads)
         for _ in range(threads):
             app, dev = device_pair()
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            sock.bind((B_IP, self.b_socks[0].getsockname()[1] if self.b_socks else 0))
-            sock.setblocking(False)
             self.b_apps.append(app)
             self.b_devs.append(dev)
-            self.b_socks.append(sock)
         b_port = self.b_socks[0].getsockname()[1]
         mac1_b = wg.mac_key(wg.LABEL_MAC1, public_key(kb))
         self.b_fw = ThreadedWireguardForwarder(
