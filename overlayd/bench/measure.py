@@ -1,5 +1,6 @@
 """The measurements, each bounded in time: iperf3 TCP (1 and N streams), iperf3 UDP with small
-payloads, ping RTT, and the CPU time of the subject's own processes per GB moved."""
+payloads, ping RTT, the CPU time of the subject's own processes per GB moved, and the whole
+machine's busy CPU time per GB (what a CPU-bound transfer is limited by)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class Round:
     rtt_p50_us: float
     rtt_p99_us: float
     cpu_s_per_gb: float
+    machine_cpu_s_per_gb: float
+    machine_cpus_busy: float
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -40,6 +43,17 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])
     return total / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs of the machine spent not idle (user, nice, system, irq, softirq,
+    steal), from /proc/stat's first line: idle and iowait are the idle ones. Counts every
+    process on the machine, so it speaks for the subject only on an otherwise idle machine."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / CLK_TCK
 
 
 def iperf3(ns_a: str, ns_b: str, over_a: str, over_b: str, seconds: int,
@@ -83,9 +97,11 @@ def nearest_rank(values: list[float], pct: float) -> float:
 
 def one_round(ns_a: str, ns_b: str, over_a: str, over_b: str, pids: list[int], seconds: int,
               streams: int, udp_len: int, ping_count: int) -> Round:
-    before = cpu_seconds(pids)
+    before, machine_before, started = cpu_seconds(pids), machine_busy_seconds(), time.monotonic()
     tcp1 = iperf3(ns_a, ns_b, over_a, over_b, seconds, [])
     cpu = cpu_seconds(pids) - before
+    machine = machine_busy_seconds() - machine_before
+    elapsed = time.monotonic() - started
     received = tcp1["end"]["sum_received"]
     gb = received["bytes"] / 1e9
     tcpn = iperf3(ns_a, ns_b, over_a, over_b, seconds, ["-P", str(streams)])
@@ -103,4 +119,7 @@ def one_round(ns_a: str, ns_b: str, over_a: str, over_b: str, pids: list[int], s
         rtt_p50_us=statistics.median(rtts) if rtts else float("nan"),
         rtt_p99_us=nearest_rank(rtts, 99),
         cpu_s_per_gb=cpu / gb if gb else float("nan"),
+        machine_cpu_s_per_gb=machine / gb if gb else float("nan"),
+        # over the whole test, the server's start and the client's teardown included
+        machine_cpus_busy=machine / elapsed,
     )

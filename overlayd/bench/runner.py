@@ -30,7 +30,12 @@ DEFAULT_SUBJECTS = ["kernel-vxlan", "overlayd-udp", "overlayd-vxlan", "overlayd-
 FOREIGN = ["socat-tun", "tinc-router", "openvpn-tun", "wireguard-go"]
 COLUMNS = [("tcp1_gbps", "TCP 1 Gbit/s", "{:.2f}"), ("tcpn_gbps", "TCP N Gbit/s", "{:.2f}"),
            ("udp_kpps", "UDP 64B kpps", "{:.0f}"), ("rtt_p50_us", "RTT p50 µs", "{:.0f}"),
-           ("rtt_p99_us", "RTT p99 µs", "{:.0f}"), ("cpu_s_per_gb", "daemon CPU s/GB", "{:.2f}")]
+           ("rtt_p99_us", "RTT p99 µs", "{:.0f}"), ("cpu_s_per_gb", "daemon CPU s/GB", "{:.2f}"),
+           ("machine_cpu_s_per_gb", "machine CPU s/GB", "{:.2f}"),
+           ("machine_cpus_busy", "CPUs busy (TCP 1)", "{:.2f}")]
+# Columns with no ratio to the kernel's: the kernel has no daemon; the machine figures are
+# printed as they are (their ratio is the inverse of a throughput ratio on a saturated machine).
+NO_RATIO = {"cpu_s_per_gb", "machine_cpu_s_per_gb", "machine_cpus_busy"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,7 +198,7 @@ def table(results: list[dict]) -> str:
             cell = "n/a" if value is None else fmt.format(value)
             # ratios to the kernel from the same run; CPU has none (the kernel's is softirq)
             if (kernel and r is not kernel and value is not None and kernel.get(key)
-                    and key != "cpu_s_per_gb"):
+                    and key not in NO_RATIO):
                 cell += f" ({value / kernel[key]:.2f}×)"
             cells.append(cell)
         lines.append(f"| {r['subject']} | " + " | ".join(cells) + " |")
