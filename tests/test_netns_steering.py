@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from netns_helpers import NETNS_MARKS, logs, wait_for
+from test_ops_netns import scrape
 
 import overlayd
 from overlayd.io.steering import cpu_shares
@@ -31,7 +32,8 @@ pytestmark = [*NETNS_MARKS,
 
 CPUS = sorted(os.sched_getaffinity(0))[:2]
 CPU_STEERING = {"dataplane": {"engine": "threads", "threads": 2, "steering": "cpu"},
-                "map": {"poll_seconds": 0.2}}
+                "map": {"poll_seconds": 0.2},
+                "metrics": {"enabled": True, "listen": "127.0.0.1:9585"}}
 DATAGRAMS = 600
 SOURCE_PORT = 40123          # one flow: the same 5-tuple from either CPU
 
@@ -104,6 +106,11 @@ def test_a_flow_lands_on_the_thread_of_its_senders_cpu(lab: Lab) -> None:
         assert [t["cpus"] for t in engine["threads"]] == shares     # as the kernel has them
         text = render_status(status)
         assert "steering cpu" in text and f"thread 0 ({describe(shares[0])})" in text, text
+        metrics = scrape(lab, int(host[-1]))
+        assert metrics["overlayd_dataplane_steering_info{mode=cpu,requested=cpu}"] == 1
+        for i, share in enumerate(shares):
+            assert metrics[f"overlayd_dataplane_thread_info{{cpus={cpu_list(share)},"
+                           f"thread={i}}}"] == 1, metrics
     # The same flow (same 5-tuple) from one CPU, then from the other: flow steering would
     # keep it on one thread both times.
     assert_lands_on_the_thread_of(lab, CPUS[0])
@@ -172,6 +179,8 @@ def test_refused_bpf_leaves_flow_steering_and_says_why(tmp_path: Path) -> None:
             text = render_status(status)
             assert ("steering flow (cpu steering refused: bpf(BPF_PROG_LOAD): Operation not "
                     "permitted)") in text, text
+            metrics = scrape(lab, int(host[-1]))
+            assert metrics["overlayd_dataplane_steering_info{mode=flow,requested=cpu}"] == 1
             text = lab.host(host).log_path.read_text()
             assert text.count("running with flow steering") == 1, text
         result = lab.tcp_transfer("host1", "host2", 4 << 20)
