@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import struct
 import sys
@@ -163,6 +164,32 @@ def test_a_refused_program_falls_back_without_touching_the_fds(tmp_path: Path) -
         os.close(not_a_tun.fds[0])
         for s in socks:
             s.close()
+
+
+LOAD_PROBE = """
+from overlayd.io import steering
+try:
+    steering.load_tun_program(steering.tun_program({0: 0, 1: 1}))
+    print("loaded")
+except OSError as exc:
+    print(exc.strerror)
+"""
+
+
+@needs_compiled
+@needs_root
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@pytest.mark.parametrize("caps, expected", [
+    ("-all,+net_admin", "bpf(BPF_PROG_LOAD): Operation not permitted"),
+    ("-all,+net_admin,+bpf", "loaded")], ids=["unit-caps", "with-cap-bpf"])
+def test_the_tun_program_needs_cap_bpf(caps: str, expected: str) -> None:
+    """The systemd units' bounding set (CAP_NET_ADMIN alone) cannot load it: cpu steering
+    falls back there; README's drop-in adds CAP_BPF, which is enough (as root)."""
+    import subprocess
+    result = subprocess.run(["setpriv", "--bounding-set", caps, sys.executable, "-c",
+                             LOAD_PROBE], check=True, capture_output=True, text=True,
+                            timeout=30)
+    assert result.stdout.strip() == expected, result
 
 
 # -- the programs in the kernel -------------------------------------------------------------------
