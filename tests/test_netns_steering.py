@@ -1,6 +1,6 @@
-"""`[dataplane] steering = "cpu"` in real daemons: a packet sent from CPU c is read, sent and
-received by the threads pinned to CPU c on both hosts; the same flow moves with its sender's
-CPU (which flow steering never does: its hash ignores the CPU); a device recreation and a
+"""`[dataplane] steering = "cpu"` in real daemons (udp, vxlan routed, wireguard on threads): a
+packet sent from CPU c is read, sent and received by the threads pinned to CPU c on both
+hosts; the same flow moves with its sender's CPU (which flow steering never does: its hash ignores the CPU); a device recreation and a
 reload keep it; a kernel that refuses the programs (a seccomp filter on bpf()) leaves the
 daemon forwarding with flow steering and saying why."""
 
@@ -44,7 +44,8 @@ def make_lab(backend: str, extra: dict[str, Any], **kwargs: Any) -> Lab:
                underlay="192.168.81.0/24", **kwargs)
 
 
-@pytest.fixture(params=[("udp", {}), ("vxlan", {"mode": "routed"})], ids=["udp", "vxlan"])
+@pytest.fixture(params=[("udp", {}), ("vxlan", {"mode": "routed"}), ("wireguard", {})],
+                ids=["udp", "vxlan", "wireguard"])
 def lab(request: Any) -> Iterator[Lab]:
     backend, extra = request.param
     with make_lab(backend, extra) as lab:
