@@ -1,8 +1,8 @@
 """`[dataplane] steering = "cpu"` in real daemons (udp, vxlan routed, wireguard on threads): a
 packet sent from CPU c is read, sent and received by the threads pinned to CPU c on both
-hosts; the same flow moves with its sender's CPU (which flow steering never does: its hash ignores the CPU); a device recreation and a
-reload keep it; a kernel that refuses the programs (a seccomp filter on bpf()) leaves the
-daemon forwarding with flow steering and saying why."""
+hosts; the same flow moves with its sender's CPU (which flow steering never does: its hash
+ignores the CPU); a device recreation and a reload keep it; a kernel that refuses the programs
+(a seccomp filter on bpf()) leaves the daemon forwarding with flow steering and saying why."""
 
 from __future__ import annotations
 
