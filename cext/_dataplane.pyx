@@ -26,6 +26,7 @@ include "vxlan_routed.pxi"
 include "vxlan_switch.pxi"
 include "wireguard.pxi"
 include "engine.pxi"
+include "steering.pxi"
 
 IMPLEMENTATION = "cython"
 LOCAL = LOCAL_C

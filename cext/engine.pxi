@@ -27,7 +27,10 @@
 #    the same fd numbers, attach_device() puts it back. The thread never closes an fd.
 # 6. stop() asks every thread to end and joins it: no thread outlives the engine (nor the
 #    daemon, which stops the engine before it closes the fds).
-# 7. Events for the control plane (the wireguard forwarder's queue: handshake messages, "needs
+# 7. Affinity (`[dataplane] steering = "cpu"`, runtime/steering.py): pin(i, cpus) sets thread
+#    i's CPU set from the control thread, while it runs (the kernel moves it at its next
+#    scheduling point); affinity(i) reads the set back from the kernel for status.
+# 8. Events for the control plane (the wireguard forwarder's queue: handshake messages, "needs
 #    a session", roamed endpoints, confirmed sessions): after a batch that queued some, the
 #    thread writes the engine's notify eventfd (notify_fd), which the runtime watches on its
 #    loop; it then drains and answers them with that thread paused. Only a batch that added
@@ -80,6 +83,16 @@ cdef extern from "<sys/eventfd.h>" nogil:
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
+    ctypedef struct cpu_set_t:
+        pass
+    const int CPU_SETSIZE
+    void CPU_ZERO(cpu_set_t *s)
+    void CPU_SET(int cpu, cpu_set_t *s)
+    int CPU_ISSET(int cpu, cpu_set_t *s)
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_setaffinity_np(pthread_t thread, size_t size, const cpu_set_t *s)
+    int pthread_getaffinity_np(pthread_t thread, size_t size, cpu_set_t *s)
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
@@ -457,6 +470,36 @@ cdef class NativeEngine:
         if not 0 <= i < self.n:
             raise IndexError(f"thread {i} of {self.n}")
         return &self.threads[i]
+
+    def pin(self, int i, cpus) -> None:
+        """Let thread i run only on ``cpus`` (CPU numbers); OSError if the kernel refuses
+        (a CPU outside the process's cpuset, offline, or out of cpu_set_t's range)."""
+        cdef engine_thread_t *th = self._thread(i)
+        cdef cpu_set_t mask
+        cdef int rc, cpu
+        if not th.started:
+            raise RuntimeError(f"thread {i} is not running")
+        CPU_ZERO(&mask)
+        wanted = [operator_index(c) for c in cpus]
+        if not wanted:
+            raise ValueError("an empty CPU set")
+        for cpu in wanted:
+            if not 0 <= cpu < CPU_SETSIZE:
+                raise OSError(EINVAL, f"CPU {cpu} is beyond cpu_set_t ({CPU_SETSIZE} CPUs)")
+            CPU_SET(cpu, &mask)
+        rc = pthread_setaffinity_np(th.tid, sizeof(cpu_set_t), &mask)
+        if rc != 0:
+            raise OSError(rc, f"pthread_setaffinity_np(thread {i}, CPUs {wanted}): "
+                              f"{strerror(rc)}")
+
+    def affinity(self, int i) -> list:
+        """The CPUs thread i may run on, as the kernel has them ([] when it is not running)."""
+        cdef engine_thread_t *th = self._thread(i)
+        cdef cpu_set_t mask
+        cdef int cpu
+        if not th.started or pthread_getaffinity_np(th.tid, sizeof(cpu_set_t), &mask) != 0:
+            return []
+        return [cpu for cpu in range(CPU_SETSIZE) if CPU_ISSET(cpu, &mask)]
 
     def device_error(self) -> int:
         """errno of a device read that took some thread's device fd out, or 0."""

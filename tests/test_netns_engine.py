@@ -53,7 +53,7 @@ def test_two_threads_forward_tcp_and_status_shows_their_share(lab: Lab) -> None:
     assert sum(t["outside_packets"] for t in threads) == status["traffic"]["outside_packets"]
     assert abs(sum(t["share"] for t in threads) - 1.0) < 1e-6
     text = render_status(status)
-    assert "2 native threads" in text and "thread 1:" in text
+    assert "2 native threads, steering flow" in text and "thread 1 (CPU" in text
     drops = {k: v for k, v in status["drops"].items() if v}
     assert not drops, drops
 

@@ -148,7 +148,8 @@ def write_wireguard_key(path: Path) -> str:
 
 def engine_options(options: list[str]) -> dict[str, Any]:
     """"+loop", "+t2" (threads engine, 2 threads), "+poll50" (busy-poll 50 µs), "+nouso" (no
-    UDP superpackets to and from the device: device_uso = false) -> [dataplane]."""
+    UDP superpackets to and from the device: device_uso = false), "+cpu" / "+flow" (steering)
+    -> [dataplane]."""
     out: dict[str, Any] = {}
     for option in options:
         if option == "loop":
@@ -159,9 +160,11 @@ def engine_options(options: list[str]) -> dict[str, Any]:
             out["busy_poll_us"] = int(option[4:])
         elif option == "nouso":
             out["device_uso"] = False
+        elif option in ("cpu", "flow"):
+            out["steering"] = option
         else:
             raise ValueError(f"unknown subject option +{option} (known: +loop, +tN, +pollN, "
-                             "+nouso)")
+                             "+nouso, +cpu, +flow)")
     return out
 
 

@@ -20,6 +20,7 @@ DEVICE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/' or w
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DATAPLANES = ("auto", "cython", "python")
 ENGINES = ("auto", "threads", "loop")   # [dataplane] engine; auto: threads with the Cython kernel
+STEERINGS = ("flow", "cpu")   # [dataplane] steering: kernel flow hash, or the CPU a packet is on
 MAP_SOURCES = ("file", "etcd")
 ETCD_ENDPOINT = re.compile(r"^(https?://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
 DEFAULT_ETCD_PREFIX = "/coreos.com/network"    # flannel's default
@@ -80,6 +81,7 @@ class DaemonConfig:
     engine: str = "auto"                  # threads (native data-plane threads) | loop | auto
     threads: int = 0                      # data-plane threads with engine threads; 0: fit the host
     busy_poll_us: int = 0                 # engine threads: poll this long after a busy wake-up
+    steering: str = "flow"                # engine threads: flow (hash) | cpu (pinned threads)
     etcd: EtcdSettings | None = None      # map_source == "etcd"
     subnet_env: Path | None = Path(DEFAULT_SUBNET_ENV)   # flannel's subnet.env; None: not written
     # At boot the public IP may come later than the daemon: wait this long for it (0: no wait).
@@ -194,7 +196,8 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
 
     dp = p.table(data, "dataplane")
     p.unknown_keys(dp, {"implementation", "batch_size", "icmp_rate_per_second", "offloads",
-                        "device_uso", "engine", "threads", "busy_poll_us"}, "dataplane")
+                        "device_uso", "engine", "threads", "busy_poll_us", "steering"},
+                   "dataplane")
     impl = p.string(dp, "implementation", "dataplane", default="auto", choices=DATAPLANES)
     batch = p.integer(dp, "batch_size", "dataplane", default=64, low=1, high=512)
     icmp_rate = p.integer(dp, "icmp_rate_per_second", "dataplane", default=1000, low=0,
@@ -204,6 +207,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     engine = p.string(dp, "engine", "dataplane", default="auto", choices=ENGINES)
     threads = p.integer(dp, "threads", "dataplane", default=0, low=0, high=64)
     busy_poll = p.integer(dp, "busy_poll_us", "dataplane", default=0, low=0, high=100_000)
+    steering = p.string(dp, "steering", "dataplane", default="flow", choices=STEERINGS)
 
     rt = p.table(data, "runtime")
     p.unknown_keys(rt, {"keep_device"}, "runtime")
@@ -265,6 +269,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         static_macs=tuple(static_macs), offloads=bool(offloads),
         device_uso=bool(device_uso), etcd=etcd,
         engine=engine or "auto", threads=threads or 0, busy_poll_us=busy_poll or 0,
+        steering=steering or "flow",
         subnet_env=subnet_env, wait_for_address_seconds=address_wait, bridge=bridge,
         fdb_max_entries_per_port=port_max or 1, mac_move_hold_seconds=move_hold,
         storm_rate_per_second=storm_rate, storm_burst=storm_burst, wireguard=wireguard,

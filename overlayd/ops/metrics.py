@@ -37,6 +37,8 @@ the name (``_bytes``, ``_seconds``), one ``_info`` gauge per set of descriptive 
 | overlayd_capture_dropped_packets_total | counter | |
 | overlayd_dataplane_thread_packets_total | counter | thread, direction (engine threads) |
 | overlayd_dataplane_thread_wakeups_total, overlayd_dataplane_thread_busy_polls_total | counter | thread |
+| overlayd_dataplane_thread_info | gauge (1) | thread, cpus (engine threads: the CPUs it may run on) |
+| overlayd_dataplane_steering_info | gauge (1) | requested, mode ([dataplane] steering, and in force) |
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from overlayd import __version__
 from overlayd.ops import health, state
+from overlayd.ops.tables import cpu_list
 
 # Help text and metric name of each traffic counter the data plane keeps (counters.TRAFFIC).
 # A counter the data plane adds later without an entry here is still exported, as
@@ -289,15 +292,26 @@ class OverlaydCollector(Collector):
                                "Busy-poll rounds of each native data-plane thread.",
                                labels=["thread"])
 
+        thread_info = gauge("overlayd_dataplane_thread_info",
+                            "One series per native data-plane thread, labelled with the CPUs "
+                            "it may run on (value 1).", labels=["thread", "cpus"])
+        steering = gauge("overlayd_dataplane_steering_info",
+                         "[dataplane] steering as configured and as in force (cpu falls back "
+                         "to flow when the kernel refuses it; value 1).",
+                         labels=["requested", "mode"])
+
         if s is None:
             return fams
         build.add_metric([__version__, s["dataplane"]], 1)
+        steer = s["engine"].get("steering") or {"requested": "flow", "mode": "flow"}
+        steering.add_metric([steer["requested"], steer["mode"]], 1)
         for t in s["engine"]["threads"]:
             thread = str(t["thread"])
             thread_packets.add_metric([thread, "inside"], t["inside_packets"])
             thread_packets.add_metric([thread, "outside"], t["outside_packets"])
             thread_wakeups.add_metric([thread], t["wakeups"])
             thread_polls.add_metric([thread], t["busy_polls"])
+            thread_info.add_metric([thread, cpu_list(t.get("cpus") or [])], 1)
         for name, enabled in s["offloads"].items():
             offloads.add_metric([name], float(enabled))
         for peer in s["peers"]:

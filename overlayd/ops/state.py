@@ -223,12 +223,16 @@ def batches(d: DaemonLike) -> tuple[list[int], list[int]]:
 
 def engine(d: DaemonLike) -> dict[str, Any]:
     """Who drives the data plane: the event loop, or native threads (runtime/engine.py), each
-    with its share of the packets and its loop statistics."""
+    with its share of the packets, its loop statistics and its CPUs; and the steering in force
+    (runtime/steering.py: requested, mode, why cpu is not in force, the planned CPU shares)."""
+    steering = getattr(d, "steering", None)
+    described = steering.describe() if steering is not None else {
+        "requested": "flow", "mode": "flow", "reason": None, "cpus": []}
     reader = getattr(d.forwarder, "threads", None)
     if reader is None:
-        return {"kind": "loop", "threads": []}
+        return {"kind": "loop", "threads": [], "steering": described}
     return {"kind": "threads", "busy_poll_us": getattr(d.forwarder, "busy_poll_us", 0),
-            "threads": [dict(t) for t in reader()]}
+            "threads": [dict(t) for t in reader()], "steering": described}
 
 
 def status(d: DaemonLike, info: RuntimeInfo, now: float | None = None) -> dict[str, Any]:

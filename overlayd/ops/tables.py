@@ -102,19 +102,36 @@ def render_datastore(r: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def render_engine(e: dict[str, Any]) -> list[tuple[str, str]]:
-    """One line for the engine, one per native thread with its share of the packets."""
+    """One line for the engine and its steering, one per native thread with its CPUs and its
+    share of the packets."""
+    steer = e.get("steering") or {"mode": "flow", "reason": None}
+    steering = f"steering {steer['mode']}" + (f" ({steer['reason']})" if steer["reason"] else "")
     if e["kind"] != "threads":
-        return [("engine", "event loop")]
+        return [("engine", "event loop" + (f", {steering}" if steer["reason"] else ""))]
     threads = e["threads"]
     poll = f", busy-poll {e['busy_poll_us']} us" if e.get("busy_poll_us") else ""
-    lines = [("engine", f"{len(threads)} native thread{'s' if len(threads) != 1 else ''}{poll}")]
+    plural = "s" if len(threads) != 1 else ""
+    lines = [("engine", f"{len(threads)} native thread{plural}{poll}, {steering}")]
     for t in threads:
-        lines.append(("", (f"thread {t['thread']}: {t['share'] * 100:.0f}% of packets, "
+        cpus = t.get("cpus") or []
+        lines.append(("", (f"thread {t['thread']} (CPU{'s' if len(cpus) != 1 else ''} "
+                           f"{cpu_list(cpus)}): {t['share'] * 100:.0f}% of packets, "
                            f"{human_count(t['inside_packets'])} in, "
                            f"{human_count(t['outside_packets'])} out, "
                            f"{human_count(t['wakeups'])} wake-ups"
                            + ("" if t["device_attached"] else ", device detached"))))
     return lines
+
+
+def cpu_list(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (the kernel's cpulist format); "-" for none."""
+    runs: list[list[int]] = []          # [first, last] of each run of consecutive CPUs
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "-"
 
 
 def render_status(s: dict[str, Any], now: float | None = None) -> str:

@@ -44,6 +44,7 @@ from overlayd.io.tunnel_socket import (
 )
 from overlayd.rate_limited_log import RateLimitedLog
 from overlayd.runtime.engine import ThreadedForwarder, choose_engine
+from overlayd.runtime.steering import CpuSteering, plan_steering
 from overlayd.runtime.wg_threads import ThreadedWireguardForwarder
 from overlayd.runtime.wireguard import (
     WG_TICK_SECONDS,
@@ -105,6 +106,9 @@ class Daemon:
         self.engine = "loop"
         self.engine_threads = 1
         self.rx_socks: list[socket.socket] = []
+        # [dataplane] steering (runtime/steering.py): flow, or threads pinned to CPUs with the
+        # device's and the sockets' programs sending each packet to its CPU's thread
+        self.steering = CpuSteering("flow")
         self.routes: set[ipaddress.IPv4Network] = set()
         self.started_at = time.monotonic()
         self.map_applied_at = time.time()
@@ -152,6 +156,8 @@ class Daemon:
             where=str(self.config.path))
         if note:
             log.info("%s", note)
+        self.steering = plan_steering(self.config.steering, self.engine, self.engine_threads,
+                                      backend.switched)
         multi = self.engine_threads > 1
         self.sock = open_tunnel_socket(bind, backend.port, self.config.socket_buffer_bytes,
                                        reuse_port=multi)
@@ -168,6 +174,7 @@ class Daemon:
                                  persist=self.config.keep_device, offload=self.config.offloads,
                                  queues=self.engine_threads, uso=self.config.device_uso)
         self._configure_device()
+        self.steering.attach(self.tun, self.rx_socks)
         self.forwarder = self._make_forwarder(me.vtep_mac, wg_keys)
         if self.engine == "threads":
             extra = [self._make_forwarder(me.vtep_mac, wg_keys, queue)
@@ -195,7 +202,7 @@ class Daemon:
         log.info("offloads: %s", describe_offloads(self.offloads, self.tun.tso))
         log.info("engine: %s", self.engine if self.engine == "loop" else
                  f"{self.engine_threads} native data-plane thread(s), busy-poll "
-                 f"{self.config.busy_poll_us} us")
+                 f"{self.config.busy_poll_us} us, steering {self.steering.mode}")
         for hook in self.on_map_applied:
             hook(self.smap, self.view)
 
@@ -335,6 +342,7 @@ class Daemon:
         assert self._loop is not None and self.tun is not None and self.sock is not None
         if isinstance(self.forwarder, ThreadedForwarder):
             self.forwarder.start()      # the threads read the fds: no reader on this loop
+            self.steering.pin(self.forwarder)
             if isinstance(self.forwarder, ThreadedWireguardForwarder):
                 # ... but their handshake events come here (a write per batch that queued any)
                 notify = self.forwarder.notify_fd
@@ -555,6 +563,7 @@ class Daemon:
         self._device_broken = False
         self.device_recreations += 1
         if isinstance(self.forwarder, ThreadedForwarder):
+            self.steering.reattach_device(self.tun)
             self.forwarder.attach_device()
         else:
             self._loop.add_reader(self.tun.fileno(), self._on_device_readable)
@@ -601,6 +610,7 @@ class Daemon:
         if self.tun is not None:
             self.tun.close(keep=self.config.keep_device)
             self.tun = None
+        self.steering.close()
 
 
 def placement_problem(placement: host_network.Placement, device: str,

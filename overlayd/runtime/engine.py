@@ -172,7 +172,8 @@ class ThreadedForwarder:
         return ([sum(c) for c in zip(*inside)], [sum(c) for c in zip(*outside)])
 
     def threads(self) -> list[dict[str, Any]]:
-        """Per thread: its loop statistics, its packets and its share of all packets (0..1)."""
+        """Per thread: its loop statistics, its packets, its share of all packets (0..1) and
+        the CPUs it may run on (as the kernel has them)."""
         stats = self.engine.thread_stats()
         packets = []
         for fwd in self.forwarders:
@@ -182,7 +183,8 @@ class ThreadedForwarder:
         out = []
         for i, (stat, (inside, outside)) in enumerate(zip(stats, packets)):
             out.append({"thread": i, "inside_packets": inside, "outside_packets": outside,
-                        "share": (inside + outside) / total, **stat})
+                        "share": (inside + outside) / total, "cpus": self.engine.affinity(i),
+                        **stat})
         return out
 
     # -- faults ----------------------------------------------------------------------------------
