@@ -388,6 +388,54 @@ def test_the_control_tick_pauses_no_thread(rig2: Rig) -> None:
     assert counting.pauses == Counter({1: 1})
 
 
+class RaceOnInstall:
+    """Forwarder 0 of B, passed through, except that right after its keypair went in (its held
+    packet left) the peer's answer under that keypair is sent to thread 1's socket, and thread
+    1 is given the time to take it, as a fast peer's answer would be."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.fw = rig.b_fw.forwarders[0]
+        self.rig = rig
+        self.answered = False
+
+    def install_keypair(self, *args: Any) -> None:
+        self.fw.install_keypair(*args)
+        if self.answered:
+            return
+        self.answered = True
+        local_index, recv_key = args[1], args[4]
+        other = self.rig.b_fw.forwarders[1]
+        before = other.counters()["outside_packets"]
+        self.rig.b_senders[1].sendto(
+            seal_transport(local_index, 0, recv_key, packet("10.0.1.5", "10.0.2.9", b"answer")),
+            self.rig.b_socks[0].getsockname())
+        deadline = time.monotonic() + 0.3     # a running thread takes it within microseconds
+        while other.counters()["outside_packets"] == before and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fw, name)
+
+
+def test_an_answer_reaching_another_thread_during_the_install_is_delivered(rig2: Rig) -> None:
+    """The install race of issue 12, in process: B's thread 0 holds the first packet; its
+    keypair install sends it, and the peer's answer arrives on thread 1's socket before the
+    install returns. Installed into every thread at once, thread 1 is paused until it has the
+    keypair too and delivers the answer; installed thread by thread, thread 1 would take the
+    answer first and refuse it (wg_unknown_index): the first ping lost."""
+    race = RaceOnInstall(rig2)
+    rig2.b_fw.forwarders[0] = race
+    rig2.b_apps[0].send(packet("10.0.2.9", "10.0.1.5", b"first"))
+    assert [p[20:] for p in rig2.a_received(1)] == [b"first"]
+    assert race.answered
+    got: list[bytes] = []
+    rig2.pump(lambda: bool(got.extend(drain(rig2.b_apps[1]))) or bool(got)
+              or "wg_unknown_index" in rig2.b_counters())
+    assert "wg_unknown_index" not in rig2.b_counters(), rig2.b_counters()
+    assert [p[20:] for p in got] == [b"answer"]
+    assert rig2.b_fw.forwarders[1].counters()["delivered_packets"] == 1    # on thread 1
+
+
 class ThreadExpiryDriver:
     """The expiry scenario on N native threads: no set_now drives the clock, each thread steps
     its own (before each batch, and when a keypair falls due while it sleeps). set_now comes
