@@ -19,9 +19,15 @@
 #   check -> open in place -> window update -> next->current, roaming -> keepalive or deliver
 #   through _RoutedBase._deliver (allowed IPs = the sending peer's routes).
 #
+# Clock (_clock, before each batch on the threads engine, from set_now on the loop): the time
+# never goes back; a keypair 3 x REJECT_AFTER_TIME old is zeroed (contexts freed, its index
+# out of the table) by the first clock step past it. expiry_due, the earliest such moment, makes
+# that one comparison per step; the engine also sleeps no longer than it (cext/engine.pxi), so
+# an idle thread zeroes its keys on time without being paused.
+#
 # Invariants: no allocation and no Python in the per-packet path; keypairs, sessions and the
-# index table change only between batches (install_keypair, set_tables, set_now); a session
-# follows its peer's public key across table swaps.
+# index table change only between batches (install_keypair, set_tables, the clock step); a
+# session follows its peer's public key across table swaps.
 #
 # Several forwarders, one keypair (the native engine's N threads, each with its own forwarder,
 # tun queue and SO_REUSEPORT socket): what must be one per key is shared, the rest is not.
@@ -106,6 +112,7 @@ cdef enum:
     STAGED_STRIDE_C = WG_HEADER_LEN + STAGED_PACKET_MAX_C + WG_TAG_LEN + 16
 
 cdef double WG_NEVER = -1e300
+cdef double WG_FOREVER = 1e300     # expiry_due with no keypair held
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef int pthread_spinlock_t
@@ -118,11 +125,13 @@ cdef extern from *:
     """
     #define WG_FETCH_ADD64(p) __atomic_fetch_add((p), (uint64_t)1, __ATOMIC_RELAXED)
     #define WG_LOAD64(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+    #define WG_LOAD32(p) __atomic_load_n((p), __ATOMIC_RELAXED)
     #define WG_REF(p) __atomic_add_fetch((p), 1, __ATOMIC_ACQ_REL)
     #define WG_UNREF(p) __atomic_sub_fetch((p), 1, __ATOMIC_ACQ_REL)
     """
     uint64_t WG_FETCH_ADD64(uint64_t *p) nogil
     uint64_t WG_LOAD64(uint64_t *p) nogil
+    int32_t WG_LOAD32(int32_t *p) nogil
     int32_t WG_REF(int32_t *p) nogil
     int32_t WG_UNREF(int32_t *p) nogil
 
@@ -213,6 +222,11 @@ cdef class KeypairShare:
     def send_counter(self) -> int:
         """Nonces taken so far (by every forwarder holding this keypair)."""
         return WG_LOAD64(&self.sh.send_counter)
+
+    @property
+    def holders(self) -> int:
+        """Forwarders still holding this keypair (readable while their threads run)."""
+        return WG_LOAD32(&self.sh.refs) - 1     # less this object's own reference
 
 
 ctypedef struct keypair_t:
@@ -321,6 +335,7 @@ cdef class WireguardForwarder(_RoutedBase):
     cdef EVP_MAC *mac_alg
     cdef EVP_MAC_CTX *mac1_ctx     # keyed with HASH("mac1----" || our public key), once
     cdef double now
+    cdef double expiry_due         # the earliest created + 3 x reject_after_time held (see _clock)
     cdef double rekey_after_time
     cdef double reject_after_time
     cdef double rekey_on_receive_age
@@ -452,14 +467,47 @@ cdef class WireguardForwarder(_RoutedBase):
         self.rekey_after_messages = operator_index(rekey_after_messages)
         self.reject_after_messages = operator_index(reject_after_messages)
         self.rekey_on_receive_age = float(rekey_on_receive_age)
+        self.expiry_due = WG_NEVER          # the limit moved: the next clock step looks again
 
     def set_now(self, now) -> None:
+        """The clock between batches (the loop engine's; a thread's own clock step is the
+        same _clock): never set back, and zeroes keypairs 3 x REJECT_AFTER_TIME old."""
+        self._clock(float(now))
+
+    @property
+    def queued_events(self) -> int:
+        """Events waiting for drain_events (read while the thread runs: one writer)."""
+        return self.nevents
+
+    cdef inline void _clock(self, double now) noexcept nogil:
+        if now > self.now:
+            self.now = now
+        if self.now >= self.expiry_due:
+            self._expire()
+
+    cdef void _expire(self) noexcept nogil:
+        """Zero every keypair 3 x REJECT_AFTER_TIME old (the twin's set_now); expiry_due
+        becomes the next one's moment."""
+        cdef double limit = 3 * self.reject_after_time, due = WG_FOREVER
         cdef int32_t i
-        cdef double limit = 3 * self.reject_after_time
-        self.now = float(now)
+        cdef keypair_t *k
+        cdef session_t *s
         for i in range(self.nkeypairs):
-            if self.keypairs[i].used and self.now - self.keypairs[i].created >= limit:
-                self._drop(i)
+            k = &self.keypairs[i]
+            if not k.used:
+                continue
+            if self.now - k.created < limit:
+                due = min(due, k.created + limit)
+                continue
+            s = &self.spool[k.session]
+            if s.current == i:
+                s.current = -1
+            if s.previous == i:
+                s.previous = -1
+            if s.next == i:
+                s.next = -1
+            self._drop_nogil(i)
+        self.expiry_due = due
 
     cdef void _drop(self, int32_t slot) noexcept:
         cdef keypair_t *k = &self.keypairs[slot]
@@ -578,6 +626,7 @@ cdef class WireguardForwarder(_RoutedBase):
         k.session = self.peer_session[p]
         k.initiator = bool(initiator)
         k.created = self.now
+        self.expiry_due = min(self.expiry_due, k.created + 3 * self.reject_after_time)
         if k.initiator:
             s.previous, s.current = s.current, slot
         else:

@@ -19,7 +19,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from wg_helpers import open_transport, seal_transport
+from wg_helpers import (
+    LoopExpiryDriver,
+    check_expiry,
+    expiry_scenario,
+    open_transport,
+    seal_transport,
+)
 
 from overlayd.control.wg_noise import generate_private_key, public_key
 from overlayd.control.wg_peers import Install, PeerConfig, Send, WgDevice
@@ -389,6 +395,30 @@ def test_keypair_past_reject_after_time_is_refused_both_ways(pair: tuple[Node, N
     wait(b.sock)
     b.fw.outside_batch()
     assert b.counters()["wg_stale_keypair"] == 1
+
+
+def test_keypairs_are_zeroed_at_three_times_reject_after_time_alike(
+        kernel_pair: tuple[ModuleType, ModuleType]) -> None:
+    """Parity of expiry: past REJECT_AFTER_TIME a keypair is refused (stale) and its peer's
+    packets held; at 3 x REJECT_AFTER_TIME set_now zeroes it (unknown index, no holder left,
+    not in sessions()); the same counters and sessions on both kernels, step by step."""
+    results = []
+    for kernels in kernel_pair:
+        driver = LoopExpiryDriver(kernels)
+        try:
+            results.append(expiry_scenario(driver))
+        finally:
+            driver.close()
+    check_expiry(results[0])
+    assert results[0] == results[1]
+
+
+def test_the_clock_never_goes_back(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    handshake(a, b)
+    a.fw.set_now(100.0 + 50.0)
+    a.fw.set_now(100.0)                 # older than what the data plane already saw: ignored
+    assert a.fw.sessions() == [(1, 50.0)]
 
 
 def test_initiator_asks_for_rekey_after_rekey_after_time(pair: tuple[Node, Node]) -> None:

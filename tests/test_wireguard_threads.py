@@ -23,12 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import dataplane_threads, drain, reuseport_sockets
-from wg_helpers import open_transport, seal_transport
+from engine_helpers import dataplane_threads, drain, reuseport_sockets, senders_to_each
+from wg_helpers import (
+    EXPIRY_REJECT_S,
+    LoopExpiryDriver,
+    check_expiry,
+    expiry_packet,
+    expiry_scenario,
+    expiry_tables,
+    expiry_timings,
+    open_transport,
+    seal_transport,
+)
 
 from overlayd.control.config import WireguardConfig
 from overlayd.control.wg_noise import generate_private_key, public_key
-from overlayd.control.wg_peers import PeerConfig
+from overlayd.control.wg_peers import PeerConfig, Send
 from overlayd.dataplane.tables import LOCAL, ForwardingTables, PeerEntry
 from overlayd.runtime.wg_threads import ThreadedWireguardForwarder
 from overlayd.runtime.wireguard import WG_TICK_SECONDS, WireguardRuntime
@@ -98,6 +108,7 @@ class Rig:
         # B: N threads on N devices and N sockets sharing one port
         self.b_apps, self.b_devs = [], []
         self.b_socks = reuseport_sockets(B_IP, threads)
+        self.b_senders = senders_to_each(A_IP, self.b_socks)   # from "A", to thread i's socket
         for _ in range(threads):
             app, dev = device_pair()
             self.b_apps.append(app)
@@ -121,7 +132,7 @@ class Rig:
     def close(self) -> None:
         self.b_fw.stop()
         for s in [self.a_app, self.a_dev, self.a_sock, *self.b_apps, *self.b_devs,
-                  *self.b_socks]:
+                  *self.b_socks, *self.b_senders]:
             s.close()
 
     def pump(self, until: Callable[[], bool], timeout: float = DEADLINE,
@@ -337,3 +348,173 @@ def test_no_wireguard_thread_outlives_its_engine() -> None:
     finally:
         rig.close()
     assert dataplane_threads() == []
+
+
+class PauseCount:
+    """The engine as ThreadedForwarder uses it, counting the pauses it asks for per thread."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.pauses: Counter = Counter()
+
+    def pause(self, i: int) -> None:
+        self.pauses[i] += 1
+        self.engine.pause(i)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+
+def test_the_control_tick_pauses_no_thread(rig2: Rig) -> None:
+    """The 0.1 s tick (the clock, the activity times, the timers) and a drain with nothing
+    queued leave the threads running; before, each tick paused every thread once."""
+    rig2.session()
+    counting = PauseCount(rig2.b_fw.engine)
+    rig2.b_fw.engine = counting
+    for _ in range(20):
+        rig2.b_rt.tick()
+        rig2.b_rt.after_batch()
+    assert counting.pauses == Counter()
+    # a handshake message reaching thread 1 only: its drain pauses thread 1 alone
+    senders = rig2.b_senders
+    init = next(a for a in rig2.a_rt.device.want_handshake(0, time.monotonic(), time.time_ns())
+                if isinstance(a, Send))
+    senders[1].sendto(init.datagram, rig2.b_socks[0].getsockname())
+    deadline = time.monotonic() + DEADLINE
+    while not rig2.b_fw.forwarders[1].queued_events:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert len(rig2.b_fw.drain_events()) == 1
+    assert counting.pauses == Counter({1: 1})
+
+
+class RaceOnInstall:
+    """Forwarder 0 of B, passed through, except that right after its keypair went in (its held
+    packet left) the peer's answer under that keypair is sent to thread 1's socket, and thread
+    1 is given the time to take it, as a fast peer's answer would be."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.fw = rig.b_fw.forwarders[0]
+        self.rig = rig
+        self.answered = False
+
+    def install_keypair(self, *args: Any) -> None:
+        self.fw.install_keypair(*args)
+        if self.answered:
+            return
+        self.answered = True
+        local_index, recv_key = args[1], args[4]
+        other = self.rig.b_fw.forwarders[1]
+        before = other.counters()["outside_packets"]
+        self.rig.b_senders[1].sendto(
+            seal_transport(local_index, 0, recv_key, packet("10.0.1.5", "10.0.2.9", b"answer")),
+            self.rig.b_socks[0].getsockname())
+        deadline = time.monotonic() + 0.3     # a running thread takes it within microseconds
+        while other.counters()["outside_packets"] == before and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fw, name)
+
+
+def test_an_answer_reaching_another_thread_during_the_install_is_delivered(rig2: Rig) -> None:
+    """The install race of issue 12, in process: B's thread 0 holds the first packet; its
+    keypair install sends it, and the peer's answer arrives on thread 1's socket before the
+    install returns. Installed into every thread at once, thread 1 is paused until it has the
+    keypair too and delivers the answer; installed thread by thread, thread 1 would take the
+    answer first and refuse it (wg_unknown_index): the first ping lost."""
+    race = RaceOnInstall(rig2)
+    rig2.b_fw.forwarders[0] = race
+    rig2.b_apps[0].send(packet("10.0.2.9", "10.0.1.5", b"first"))
+    assert [p[20:] for p in rig2.a_received(1)] == [b"first"]
+    assert race.answered
+    got: list[bytes] = []
+    rig2.pump(lambda: bool(got.extend(drain(rig2.b_apps[1]))) or bool(got)
+              or "wg_unknown_index" in rig2.b_counters())
+    assert "wg_unknown_index" not in rig2.b_counters(), rig2.b_counters()
+    assert [p[20:] for p in got] == [b"answer"]
+    assert rig2.b_fw.forwarders[1].counters()["delivered_packets"] == 1    # on thread 1
+
+
+class ThreadExpiryDriver:
+    """The expiry scenario on N native threads: no set_now drives the clock, each thread steps
+    its own (before each batch, and when a keypair falls due while it sleeps). set_now comes
+    only where the runtime gives it: before an install (after_batch) and before sessions()
+    (the tick), with no pause of its own."""
+
+    def __init__(self, threads: int) -> None:
+        self.forwarders = threads
+        self.apps, self.devs = zip(*(device_pair() for _ in range(threads)), strict=True)
+        self.socks = reuseport_sockets(B_IP, threads)
+        self.senders = senders_to_each(A_IP, self.socks)
+        self.sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sink.bind((A_IP, 0))
+        mac1 = wg.mac_key(wg.LABEL_MAC1, bytes(32))
+        self.fw = ThreadedWireguardForwarder(
+            [_dataplane.WireguardForwarder(d.fileno(), s.fileno(), mac1)
+             for d, s in zip(self.devs, self.socks, strict=True)],
+            [d.fileno() for d in self.devs], [s.fileno() for s in self.socks], 0)
+        self.fw.set_timings(*expiry_timings())
+        self.fw.set_tables(expiry_tables(*self.sink.getsockname()))
+        self.fw.start()
+        self.t0 = time.monotonic()
+
+    def close(self) -> None:
+        self.fw.stop()
+        for s in (*self.apps, *self.devs, *self.socks, *self.senders, self.sink):
+            s.close()
+
+    def at(self, t: float) -> None:
+        time.sleep(max(0.0, self.t0 + t * EXPIRY_REJECT_S - time.monotonic()))
+
+    def install(self, local: int, remote: int, send_key: bytes, recv_key: bytes) -> Any:
+        self.fw.set_now(time.monotonic())
+        return self.fw.install_keypair(0, local, remote, send_key, recv_key, True)
+
+    def _wait(self, name: str, want: int) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while self.fw.counters()[name] < want:
+            assert time.monotonic() < deadline, f"{name} stays below {want}"
+            time.sleep(0.001)
+
+    def probe(self, local: int, counters: list[int], recv_key: bytes) -> None:
+        want = self.fw.counters()["outside_packets"] + len(counters)
+        for i, counter in enumerate(counters):
+            datagram = seal_transport(local, counter, recv_key, expiry_packet(
+                "10.0.1.5", "10.0.2.9", counter.to_bytes(2, "big")))
+            self.senders[i % len(self.senders)].sendto(datagram, self.socks[0].getsockname())
+        self._wait("outside_packets", want)
+
+    def inside(self) -> None:
+        want = self.fw.counters()["inside_packets"] + len(self.apps)
+        for i, app in enumerate(self.apps):
+            app.send(expiry_packet("10.0.2.9", "10.0.1.5", bytes([i])))
+        self._wait("inside_packets", want)
+
+    def counters(self) -> dict[str, int]:
+        return {k: v for k, v in self.fw.counters().items() if v}
+
+    def sessions(self) -> list[tuple[int, float]]:
+        self.fw.set_now(time.monotonic())
+        return self.fw.sessions()
+
+
+def test_thread_clocks_zero_keypairs_as_set_now_does() -> None:
+    """Parity of expiry between the engines: the scenario on 2 threads (their own clocks; an
+    idle thread zeroes a keypair on time, unpaused) gives what one forwarder driven by set_now
+    gives: the same refusals by reason, the same counters, the same sessions."""
+    loop = LoopExpiryDriver(_dataplane)
+    try:
+        by_set_now = expiry_scenario(loop)
+    finally:
+        loop.close()
+    threads = ThreadExpiryDriver(2)
+    try:
+        by_clock = expiry_scenario(threads)
+        assert all(t["running"] for t in threads.fw.threads())
+    finally:
+        threads.close()
+    check_expiry(by_set_now)
+    check_expiry(by_clock, age_slack=0.25)      # real time: ages read at some point of a step
+    for (held, counters, _), (held2, counters2, _) in zip(by_set_now, by_clock, strict=True):
+        assert held == held2 and counters == counters2

@@ -92,10 +92,11 @@ class KeypairShare:
     """What the copies of one keypair in several forwarders share: the next send counter and
     the replay window (built by the first forwarder that installs it, with its limit)."""
 
-    __slots__ = ("send_counter", "window")
+    __slots__ = ("holders", "send_counter", "window")
 
     def __init__(self) -> None:
         self.send_counter = 0
+        self.holders = 0            # forwarders holding the keypair (install +1, drop -1)
         self.window: ReplayWindow | None = None
 
 
@@ -119,6 +120,7 @@ class Keypair:
             share.window = ReplayWindow(reject_after_messages)
         self.share = share
         self.window = share.window
+        share.holders += 1
 
 
 class PeerSession:
@@ -187,8 +189,10 @@ class WireguardForwarder(RoutedForwarderBase):
         self._rekey_on_receive_age = float(rekey_on_receive_age)
 
     def set_now(self, now: float) -> None:
-        """The data plane's clock; also zeroes keypairs 3 x REJECT_AFTER_TIME old."""
-        self._now = float(now)
+        """The data plane's clock, never set back (a thread's own clock step, cext/engine.pxi,
+        may be ahead of the caller's); also zeroes keypairs 3 x REJECT_AFTER_TIME old. The
+        compiled kernel runs the same step before each batch on the threads engine."""
+        self._now = max(self._now, float(now))
         limit = 3 * self._reject_after_time
         for session in self._sessions:
             for keypair in session.keypairs():
@@ -317,7 +321,8 @@ class WireguardForwarder(RoutedForwarderBase):
             self._busy = False
 
     def _drop_keypair(self, session: PeerSession, keypair: Keypair) -> None:
-        self._by_index.pop(keypair.local_index, None)
+        if self._by_index.pop(keypair.local_index, None) is keypair:
+            keypair.share.holders -= 1
         if session.current is keypair:
             session.current = None
         if session.previous is keypair:
@@ -345,6 +350,11 @@ class WireguardForwarder(RoutedForwarderBase):
         """Per peer: (usable keypairs, age of the current one or -1), for status output."""
         return [(len(s.keypairs()), self._now - s.current.created if s.current else -1.0)
                 for s in self._sessions]
+
+    @property
+    def queued_events(self) -> int:
+        """Events waiting for drain_events."""
+        return len(self._events)
 
     def drain_events(self) -> list[tuple[int, int, bytes, tuple[str, int] | None]]:
         if not self._events:

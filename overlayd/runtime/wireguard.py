@@ -4,7 +4,9 @@ actions back into the data plane and the tunnel socket. Runs on the event loop t
 Per batch (only when the data plane queued something): drain its events once - handshake
 messages, "needs a session", roamed endpoints, confirmed sessions - and carry out what the
 WgDevice answers. Per tick (WG_TICK_SECONDS): give the data plane the time, poll its activity
-times and run the handshake timers. Nothing here runs per data packet.
+times and run the handshake timers. Nothing here runs per data packet. On the loop engine the
+tick's set_now is the batches' clock and zeroes old keypairs; the threads keep their own clocks
+and zero their own, so there it only records the time and pauses no thread (wg_threads.py).
 
 The forwarder is one WireguardForwarder (loop engine: after_batch runs after each batch) or
 runtime/wg_threads.ThreadedWireguardForwarder (threads engine: after_batch runs when a thread
