@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -288,6 +291,20 @@ def test_device_error_detaches_and_attach_restores() -> None:
         assert rig.fwd.counters()["forwarded_packets"] == 1
     finally:
         rig.close()
+
+
+def test_auto_threads_follow_the_daemons_cpu_affinity() -> None:
+    """Under taskset (or a cpuset, or systemd's CPUAffinity=) "auto" counts the CPUs the daemon
+    may use, not the host's: more threads would only take turns on the same CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs 2 usable CPUs to tell the affinity from the host's count")
+    probe = ("from overlayd.runtime.engine import choose_engine; "
+             "print(choose_engine('auto', 0, 'cython', False)[1])")
+    out = subprocess.run(["taskset", "-c", str(cpus[0]), sys.executable, "-c", probe],
+                         capture_output=True, text=True, timeout=30, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "1"
 
 
 def test_choose_engine() -> None:

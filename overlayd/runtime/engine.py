@@ -26,6 +26,15 @@ from overlayd.errors import EX_CONFIG, StartupError
 DEFAULT_MAX_THREADS = 4   # beyond this the device and socket queues, not the threads, limit
 
 
+def usable_cpus() -> int:
+    """The CPUs this daemon may run on (its affinity: taskset, a cgroup cpuset, systemd's
+    CPUAffinity=), not the host's count: threads beyond them only take turns on the same CPUs."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except OSError:
+        return os.cpu_count() or 1
+
+
 def choose_engine(engine: str, threads: int, implementation: str, switched: bool,
                   cpus: int | None = None, where: str = "config") -> tuple[str, int, str | None]:
     """(engine, thread count, note): "threads" or "loop"; note says why a choice was narrowed.
@@ -42,7 +51,7 @@ def choose_engine(engine: str, threads: int, implementation: str, switched: bool
                            EX_CONFIG)
     if engine == "loop" or (engine == "auto" and implementation != "cython"):
         return "loop", 1, None
-    fit = min(cpus or os.cpu_count() or 1, DEFAULT_MAX_THREADS)
+    fit = min(cpus or usable_cpus(), DEFAULT_MAX_THREADS)
     count = threads or fit
     if switched and count > 1:
         return "threads", 1, (f"switched backend: 1 data-plane thread, not {count} (one MAC "
