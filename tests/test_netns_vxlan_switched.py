@@ -72,6 +72,10 @@ def test_devices(lab: Lab) -> None:
         lab.host("host2").vtep_mac
     bridge = lab.exec("host2", ["ip", "-4", "-br", "addr", "show", "brvm"]).stdout
     assert "10.77.2.0/16" in bridge and info.get("master") == "brvm"
+    # the bridge keeps the node's VTEP MAC whatever its ports' MACs (test_ping_and_arp needs it:
+    # a VM port with a lower random MAC would otherwise lend the bridge its own)
+    link = lab.exec("host2", ["ip", "-br", "link", "show", "brvm"]).stdout
+    assert lab.host("host2").vtep_mac in link, link
     kernel = lab.exec("host3", ["ip", "-d", "link", "show", "vx0"]).stdout
     assert f"vxlan id {VNI} " in kernel and f"dstport {PORT}" in kernel
 

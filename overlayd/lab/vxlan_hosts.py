@@ -117,6 +117,10 @@ class VxlanHosts(HostsView):
         """brvm on ``host``, before its daemon starts, with the node's overlay address on it;
         the daemon's config names it (`[device] bridge`), so overlayd makes its tap a port."""
         netns.add_bridge(host.netns, VM_BRIDGE)
+        # A fixed MAC, as README tells operators: a bridge without one takes its lowest port's,
+        # so a VM port with a lower random MAC would answer ARP for the node's address.
+        if host.vtep_mac:
+            netns.ip("-n", host.netns, "link", "set", VM_BRIDGE, "address", host.vtep_mac)
         netns.add_address(host.netns, VM_BRIDGE, f"{host.overlay_ip}/{self.overlay_prefixlen()}")
 
     def _vm_bridge(self, host: LabHost) -> None:
