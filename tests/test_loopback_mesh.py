@@ -18,6 +18,7 @@ from types import ModuleType
 
 import dpkt
 import pytest
+from engine_helpers import drain
 
 from overlayd.control.local_node import LocalView, build_local_view
 from overlayd.control.subnet_map import SubnetMap, parse_subnet_map
@@ -112,15 +113,6 @@ def echo(src: str, dst: str, seq: int, ttl: int = 64, size: int = 32) -> bytes:
                     data=icmp)
     ip.len = len(bytes(ip))
     return bytes(ip)
-
-
-def drain(s: socket.socket) -> list[bytes]:
-    out = []
-    while True:
-        try:
-            out.append(s.recv(65536))
-        except BlockingIOError:
-            return out
 
 
 def pump(nodes: list[Node], rounds: int = 5) -> None:
