@@ -16,23 +16,14 @@ Which engine runs is decided by ``choose_engine`` from ``[dataplane] engine`` an
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from overlayd.errors import EX_CONFIG, StartupError
+from overlayd.io.steering import allowed_cpus
 
 DEFAULT_MAX_THREADS = 4   # beyond this the device and socket queues, not the threads, limit
-
-
-def usable_cpus() -> int:
-    """The CPUs this daemon may run on (its affinity: taskset, a cgroup cpuset, systemd's
-    CPUAffinity=), not the host's count: threads beyond them only take turns on the same CPUs."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except OSError:
-        return os.cpu_count() or 1
 
 
 def choose_engine(engine: str, threads: int, implementation: str, switched: bool,
@@ -51,7 +42,9 @@ def choose_engine(engine: str, threads: int, implementation: str, switched: bool
                            EX_CONFIG)
     if engine == "loop" or (engine == "auto" and implementation != "cython"):
         return "loop", 1, None
-    fit = min(cpus or usable_cpus(), DEFAULT_MAX_THREADS)
+    # the CPUs the daemon may run on (taskset, a cpuset, CPUAffinity=), not the host's: threads
+    # beyond them would only take turns on the same CPUs
+    fit = min(cpus or len(allowed_cpus()), DEFAULT_MAX_THREADS)
     count = threads or fit
     if switched and count > 1:
         return "threads", 1, (f"switched backend: 1 data-plane thread, not {count} (one MAC "
