@@ -35,7 +35,7 @@
 #    thread writes the engine's notify eventfd (notify_fd), which the runtime watches on its
 #    loop; it then drains and answers them with that thread paused. Only a batch that added
 #    events writes, never a packet; a wireguard thread also reads the clock before each batch.
-# 8. A wireguard thread's clock step (engine_clock) zeroes the keypairs 3 x REJECT_AFTER_TIME
+# 9. A wireguard thread's clock step (engine_clock) zeroes the keypairs 3 x REJECT_AFTER_TIME
 #    old itself, and its epoll_wait sleeps no longer than the next one is due (engine_wait_ms),
 #    so the runtime's 0.1 s tick pauses no thread.
 

@@ -13,7 +13,7 @@ cipher contexts, staging ring, event queue); what must be one per key is one per
   one step; a keypair install pauses every thread at once, so no thread can receive under a
   keypair the others already use before it has it too;
 - the clock: each thread steps its forwarder's clock before each batch and when a keypair is
-  due to be zeroed (3 x REJECT_AFTER_TIME; cext/engine.pxi item 8), so set_now - the 0.1 s
+  due to be zeroed (3 x REJECT_AFTER_TIME; cext/engine.pxi item 9), so set_now - the 0.1 s
   tick's and each drain's - pauses nothing: it only records the control plane's time, which a
   call that pauses a thread anyway gives its forwarder first (an idle thread's clock is its
   last batch's: an install must not date a keypair from then);
