@@ -135,6 +135,33 @@ cdef extern from *:
     int32_t WG_REF(int32_t *p) nogil
     int32_t WG_UNREF(int32_t *p) nogil
 
+# A session's sequence counter (session_t.seq), so that status reads (endpoints, sessions) need
+# no pause. Its one writer is the thread running the forwarder's batches: roaming (the peer's
+# 16-byte endpoint), a confirmation and an expiry (the three keypair slots, and a dropped
+# keypair's fields) happen between WG_SEQ_BEGIN (seq odd) and WG_SEQ_END (even again). A
+# reader on the control thread loads seq (acquire), copies what it needs, and keeps the copy
+# only if seq was even and is unchanged after an acquire fence: were any of the copied bytes
+# written after the writer's release fence, that fence pair makes the second load see the odd
+# value (or later) and the reader tries again. Writes are rare (a roam, a handshake, an
+# expiry) and short (a few stores), so a retry is rare and brief. Control calls that change a
+# session (install_keypair, set_endpoint, confirm_session, a table swap) run on the reader's
+# own thread with the writer paused, so they need no counter (they bump it where they share
+# code with the batch: _promote_next). The data are plain loads and stores as in the kernel's
+# seqcount; the fences keep the compiler (and the CPU) from moving them across.
+cdef extern from *:
+    """
+    #define WG_SEQ_BEGIN(p) do { __atomic_store_n((p), *(p) + 1, __ATOMIC_RELAXED); \
+                                 __atomic_thread_fence(__ATOMIC_RELEASE); } while (0)
+    #define WG_SEQ_END(p) __atomic_store_n((p), *(p) + 1, __ATOMIC_RELEASE)
+    #define WG_SEQ_READ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    #define WG_SEQ_CHANGED(p, v) (__atomic_thread_fence(__ATOMIC_ACQUIRE), \
+                                  __atomic_load_n((p), __ATOMIC_RELAXED) != (v))
+    """
+    void WG_SEQ_BEGIN(uint32_t *p) nogil
+    void WG_SEQ_END(uint32_t *p) nogil
+    uint32_t WG_SEQ_READ(uint32_t *p) nogil
+    bint WG_SEQ_CHANGED(uint32_t *p, uint32_t v) nogil
+
 
 ctypedef struct replay_t:
     uint64_t bits[REPLAY_BLOCKS]
@@ -242,6 +269,7 @@ ctypedef struct keypair_t:
 
 
 ctypedef struct session_t:
+    uint32_t seq                   # odd while its batch changes endpoint or slots (WG_SEQ_BEGIN)
     bint used
     int32_t peer                   # index in the tables in force, -1 once the peer left
     int32_t current
@@ -500,6 +528,7 @@ cdef class WireguardForwarder(_RoutedBase):
                 due = min(due, k.created + limit)
                 continue
             s = &self.spool[k.session]
+            WG_SEQ_BEGIN(&s.seq)
             if s.current == i:
                 s.current = -1
             if s.previous == i:
@@ -507,6 +536,7 @@ cdef class WireguardForwarder(_RoutedBase):
             if s.next == i:
                 s.next = -1
             self._drop_nogil(i)
+            WG_SEQ_END(&s.seq)
         self.expiry_due = due
 
     cdef void _drop(self, int32_t slot) noexcept:
@@ -655,9 +685,11 @@ cdef class WireguardForwarder(_RoutedBase):
         return True
 
     cdef inline void _promote_next(self, session_t *s) noexcept nogil:
+        WG_SEQ_BEGIN(&s.seq)
         if s.previous >= 0:
             self._drop_nogil(s.previous)
         s.previous, s.current, s.next = s.current, s.next, -1
+        WG_SEQ_END(&s.seq)
 
     def drop_staged(self, peer) -> int:
         cdef int32_t p = operator_index(peer)
@@ -711,13 +743,61 @@ cdef class WireguardForwarder(_RoutedBase):
         memcpy(&self.gen.t.peers[p].addr, &s.endpoint, sizeof(sockaddr_in))
 
     def endpoints(self) -> list:
+        """Per peer, where its packets go: safe while the forwarder's thread runs (seq)."""
         cdef int32_t i
-        cdef const sockaddr_in *a
+        cdef sockaddr_in a
         out = []
         for i in range(self.gen.t.npeers):
-            a = &self.gen.t.peers[i].addr
+            self._endpoint_of(i, &a)
             out.append((_format_addr(ntohl(a.sin_addr.s_addr)), ntohs(a.sin_port)))
         return out
+
+    def endpoint(self, peer) -> tuple:
+        """Where ``peer``'s packets go now (one row of endpoints(); safe while the thread runs)."""
+        cdef int32_t p = operator_index(peer)
+        cdef sockaddr_in a
+        if not 0 <= p < self.gen.t.npeers:
+            raise IndexError(f"peer {p} is not in the tables")
+        self._endpoint_of(p, &a)
+        return (_format_addr(ntohl(a.sin_addr.s_addr)), ntohs(a.sin_port))
+
+    def confirming(self, peer, local_index) -> bool:
+        """Whether confirm_session(peer, local_index) would make a keypair current here. Safe
+        while the thread runs (seq); once False it stays so until the next install: only an
+        install (paused) makes a keypair "next", only a batch or a confirm takes it away."""
+        cdef int32_t p = operator_index(peer), nxt
+        cdef uint32_t index = operator_index(local_index), found, v
+        cdef session_t *s
+        if not 0 <= p < self.npeer_session:
+            return False
+        s = &self.spool[self.peer_session[p]]
+        while True:
+            v = WG_SEQ_READ(&s.seq)
+            if not v & 1:
+                nxt = s.next
+                found = self.keypairs[nxt].local_index if nxt >= 0 else 0
+                if not WG_SEQ_CHANGED(&s.seq, v):
+                    return nxt >= 0 and found == index
+            sched_yield()
+
+    def staged_count(self, peer) -> int:
+        """Packets held for ``peer`` (what send_staged would try to send); one writer, the
+        thread, which holds packets only while the peer has no usable keypair."""
+        cdef int32_t p = operator_index(peer)
+        if not 0 <= p < self.npeer_session:
+            return 0
+        return WG_LOAD32(&self.spool[self.peer_session[p]].staged_count)
+
+    cdef void _endpoint_of(self, int32_t peer, sockaddr_in *out) noexcept nogil:
+        cdef uint32_t *seq = &self.spool[self.peer_session[peer]].seq
+        cdef uint32_t v
+        while True:
+            v = WG_SEQ_READ(seq)
+            if not v & 1:
+                memcpy(out, &self.gen.t.peers[peer].addr, sizeof(sockaddr_in))
+                if not WG_SEQ_CHANGED(seq, v):
+                    return
+            sched_yield()       # the writer is inside its few stores (or was preempted there)
 
     def activity(self) -> list:
         cdef int32_t i
@@ -729,15 +809,38 @@ cdef class WireguardForwarder(_RoutedBase):
                              (s.sent_any, s.received_any, s.sent_data, s.received_data)))
         return out
 
-    def sessions(self) -> list:
-        cdef int32_t i
+    def sessions(self, now=None) -> list:
+        """Per peer: (keypairs held, age of the current one or -1). With ``now``: as of the
+        later of it and the forwarder's clock, without moving the clock, a keypair that a
+        clock step then would zero not counted - readable while the forwarder's thread runs
+        (seq), and what set_now(now) and then sessions() would say."""
+        cdef int32_t i, slot, k
+        cdef int32_t held[3]
+        cdef double created[3]
+        cdef double at = self.now, limit = 3 * self.reject_after_time
         cdef session_t *s
+        cdef uint32_t v
+        if now is not None and float(now) > at:
+            at = float(now)
         out = []
         for i in range(self.npeer_session):
             s = &self.spool[self.peer_session[i]]
-            usable = (s.current >= 0) + (s.previous >= 0) + (s.next >= 0)
-            age = self.now - self.keypairs[s.current].created if s.current >= 0 else -1.0
-            out.append((usable, age))
+            while True:
+                v = WG_SEQ_READ(&s.seq)
+                if not v & 1:
+                    held[0], held[1], held[2] = s.current, s.previous, s.next
+                    for k in range(3):
+                        created[k] = self.keypairs[held[k]].created if held[k] >= 0 else 0.0
+                    if not WG_SEQ_CHANGED(&s.seq, v):
+                        break
+                sched_yield()
+            usable = 0
+            for k in range(3):
+                if held[k] >= 0 and (now is None or at - created[k] < limit):
+                    usable += 1
+                else:
+                    held[k] = -1
+            out.append((usable, at - created[0] if held[0] >= 0 else -1.0))
         return out
 
     def drain_events(self) -> list:
@@ -962,9 +1065,11 @@ cdef class WireguardForwarder(_RoutedBase):
         p = &t.peers[peer]
         if self.rx_from != NULL and (p.addr.sin_addr.s_addr != self.rx_from.sin_addr.s_addr
                                      or p.addr.sin_port != self.rx_from.sin_port):
+            WG_SEQ_BEGIN(&s.seq)
             memcpy(&p.addr, self.rx_from, sizeof(sockaddr_in))
             memcpy(&s.endpoint, self.rx_from, sizeof(sockaddr_in))
             s.roamed = True
+            WG_SEQ_END(&s.seq)
             self._event(WG_EVENT_ENDPOINT, peer, NULL, 0, self.rx_from)
         p.rx_packets += 1
         p.rx_bytes += n
