@@ -172,6 +172,7 @@ ctypedef struct engine_thread_t:
     uint64_t sock_errors
     uint64_t deadline_wakeups  # epoll_wait returns at the clock step's deadline, no event
     uint64_t pauses            # pause() requests acknowledged (a control call ran meanwhile)
+    int64_t step_max_ns        # the longest clock step that had work due (ageing, expiry)
     pthread_mutex_t lock
     pthread_cond_t cond
 
@@ -189,28 +190,47 @@ cdef inline double clock_seconds(int clk) noexcept nogil:
 
 
 cdef inline void engine_clock(engine_thread_t *th) noexcept nogil:
+    cdef double now
+    cdef int64_t began
+    if not (th.switched or th.wg):
+        return
+    now = clock_seconds(CLOCK_MONOTONIC)
+    if now < engine_due(th):
+        engine_set_clock(th, now)
+        return
+    # work is due (an ageing pass, keypairs to zero): the time it holds the thread is the
+    # stall it costs the data plane, kept as the longest seen (two clock reads, only then)
+    began = mono_ns()
+    engine_set_clock(th, now)
+    th.step_max_ns = max(th.step_max_ns, mono_ns() - began)
+
+
+cdef inline void engine_set_clock(engine_thread_t *th, double now) noexcept nogil:
     if th.switched:
         # its clock step also ages the MAC table when a pass is due: no pause needed for it
-        (<VxlanSwitchForwarder>th.fwd)._clock(clock_seconds(CLOCK_MONOTONIC))
-    elif th.wg:
+        (<VxlanSwitchForwarder>th.fwd)._clock(now)
+    else:
         # its clock step also zeroes keypairs 3 x REJECT_AFTER_TIME old: no pause needed for it
-        (<WireguardForwarder>th.fwd)._clock(clock_seconds(CLOCK_MONOTONIC))
+        (<WireguardForwarder>th.fwd)._clock(now)
+
+
+cdef inline double engine_due(engine_thread_t *th) noexcept nogil:
+    """When the forwarder's clock step next has work (>= WG_FOREVER: never)."""
+    cdef double due
+    if th.wg:
+        return (<WireguardForwarder>th.fwd).expiry_due
+    if th.switched:
+        due = (<VxlanSwitchForwarder>th.fwd)._age_due()
+        return WG_FOREVER if due >= AGE_NEVER else due
+    return WG_FOREVER
 
 
 cdef inline int engine_wait_ms(engine_thread_t *th) noexcept nogil:
     """How long epoll_wait may sleep: for ever, or until the forwarder's clock step has work
     due - the next keypair to zero (wireguard), the next ageing pass (switched) - so that an
     idle thread still does it on time."""
-    cdef double due, left
-    if th.wg:
-        due = (<WireguardForwarder>th.fwd).expiry_due
-        if due >= WG_FOREVER:
-            return -1
-    elif th.switched:
-        due = (<VxlanSwitchForwarder>th.fwd)._age_due()
-        if due >= AGE_NEVER:
-            return -1
-    else:
+    cdef double due = engine_due(th), left
+    if due >= WG_FOREVER:
         return -1
     left = due - clock_seconds(CLOCK_MONOTONIC)
     if left <= 0:
@@ -599,15 +619,18 @@ cdef class NativeEngine:
 
     def thread_stats(self) -> list:
         """Per thread: wakeups (epoll returns with events: packets, or a pause's wake), deadline
-        wake-ups (the clock step's, no event), pauses, inside/outside batches, busy-poll rounds
-        and hits, receive errors (each written by its thread only: read without stopping it)."""
+        wake-ups (the clock step's, no event), pauses, the longest clock step that had work
+        (an ageing pass, a keypair expiry: how long it held the thread), inside/outside
+        batches, busy-poll rounds and hits, receive errors (each written by its thread only:
+        read without stopping it)."""
         cdef int i
         cdef engine_thread_t *th
         out = []
         for i in range(self.n):
             th = &self.threads[i]
             out.append({"wakeups": th.wakeups, "deadline_wakeups": th.deadline_wakeups,
-                        "pauses": th.pauses, "inside_batches": th.inside_batches,
+                        "pauses": th.pauses, "clock_step_max_us": th.step_max_ns / 1000.0,
+                        "inside_batches": th.inside_batches,
                         "outside_batches": th.outside_batches, "busy_polls": th.polls,
                         "busy_poll_hits": th.poll_hits, "socket_errors": th.sock_errors,
                         "device_attached": bool(th.dev_attached), "running": bool(th.started)})
