@@ -10,8 +10,9 @@ cipher contexts, staging ring, event queue); what must be one per key is one per
   (a datagram accepted on one thread is a replay on all);
 - a control call that changes a forwarder runs on each in turn with its thread paused between
   two batches, so from any batch's point of view an endpoint change or a confirmed session is
-  one step; a keypair install pauses every thread at once, so no thread can receive under a
-  keypair the others already use before it has it too;
+  one step - and only on the forwarders it changes (a handshake's calls look first, unpaused;
+  see confirm_session); a keypair install pauses every thread at once, so no thread can
+  receive under a keypair the others already use before it has it too;
 - the clock: each thread steps its forwarder's clock before each batch and when a keypair is
   due to be zeroed (3 x REJECT_AFTER_TIME; cext/engine.pxi item 9), so set_now - the 0.1 s
   tick's and each drain's - pauses nothing: it only records the control plane's time, which a
