@@ -5,8 +5,8 @@ Two overlayd hosts, vxlan switched, mac_ageing_seconds = 2; a VM behind host1's 
 announces itself once (a gratuitous ARP, flooded): host1 learns it behind its tap, host2 at
 host1. Then the VM is silent: both tables must forget it once it is older than the ageing
 time (within a tick of 0.5 s, plus the polling here), not before. With the Cython data plane
-the daemons run the threads engine: its thread has acknowledged no pause in its whole life
-(main's FDB timer paused it twice a second).
+the daemons run the threads engine: its thread has acknowledged no pause in its whole life but
+one per `overlayd fdb` listing asked here (main's FDB timer paused it twice a second).
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ def lab(namespaces_before: set[str]) -> Iterator[Lab]:
         yield lab
 
 
+LISTINGS = {"host1": 0, "host2": 0}      # `overlayd fdb` requests made of each daemon
+
+
 def learned(lab: Lab, host: str) -> dict[str, float]:
     """MAC -> age in seconds of the daemon's learned (not static) entries."""
+    LISTINGS[host] += 1
     table = lab.control(host, "fdb")
     return {e["mac"]: e["age_seconds"] for e in table["entries"] if not e["static"]}
 
@@ -73,12 +77,13 @@ def test_a_silent_mac_ages_out_on_time(lab: Lab) -> None:
 
 
 @pytest.mark.skipif(not THREADS, reason="the threads engine runs the Cython data plane only")
-def test_the_switched_thread_was_never_paused(lab: Lab) -> None:
+def test_the_switched_thread_was_paused_only_for_listings(lab: Lab) -> None:
     for host in ("host1", "host2"):
         engine = lab.control(host, "status")["engine"]
         assert engine["kind"] == "threads", engine
         (thread,) = engine["threads"]
-        assert thread["running"] and thread["pauses"] == 0, thread
+        # its only pauses: the listings asked for above (the walk of the list it changes)
+        assert thread["running"] and thread["pauses"] == LISTINGS[host], (thread, LISTINGS)
         # it woke for the ageing pass itself (no frame came when the VM's entry fell due)
         assert thread["deadline_wakeups"] >= 1, thread
 

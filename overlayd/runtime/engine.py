@@ -69,7 +69,12 @@ class ThreadedForwarder:
         self.switched = hasattr(self.forwarders[0], "fdb_entries")
         if self.switched:
             # A switched forwarder also answers the FDB questions (one thread: see choose_engine).
-            self.fdb_entries = self.forwarders[0].fdb_entries
+            # Its size and per-port counts are aligned integers the thread alone writes: read
+            # as they are. The listing walks the learned list, which the running thread relinks
+            # (learning) and, ageing itself, deletes from by shifting entries between slots: a
+            # walk beside that could follow a stale link, so it pauses the thread (`overlayd
+            # fdb`: an operator's request, never a timer's).
+            self.fdb_entries = self._fdb_entries
             self.fdb_size = self.forwarders[0].fdb_size
             self.port_entries = self.forwarders[0].port_entries
 
@@ -142,6 +147,10 @@ class ThreadedForwarder:
             records.extend(part)
         records.sort(key=lambda record: record[3])   # stable: per-thread order is kept
         return records
+
+    def _fdb_entries(self) -> list[tuple[bytes, int, bool, float]]:
+        with self._paused(0) as fwd:
+            return list(fwd.fdb_entries())
 
     # -- reading (no pause) ----------------------------------------------------------------------
 
