@@ -35,8 +35,11 @@
 # 8. Events for the control plane (the wireguard forwarder's queue: handshake messages, "needs
 #    a session", roamed endpoints, confirmed sessions): after a batch that queued some, the
 #    thread writes the engine's notify eventfd (notify_fd), which the runtime watches on its
-#    loop; it then drains and answers them with that thread paused. Only a batch that added
-#    events writes, never a packet; a wireguard thread also reads the clock before each batch.
+#    loop; it then drains them without pausing the thread (the queue is a single-producer
+#    single-consumer ring: cext/wireguard.pxi _event) and answers them, pausing only what an
+#    answer changes. Only a batch that added events writes, never a packet (the engine keeps
+#    the ring's tail it last signalled); a wireguard thread also reads the clock before each
+#    batch.
 # 9. A wireguard thread's clock step (engine_clock) zeroes the keypairs 3 x REJECT_AFTER_TIME
 #    old itself, and its epoll_wait sleeps no longer than the next one is due (engine_wait_ms),
 #    so the runtime's 0.1 s tick pauses no thread.
@@ -151,7 +154,7 @@ ctypedef struct engine_thread_t:
     const fwd_tables_t *tables # the forwarder's generation, re-read by resume() after a swap
     bint switched              # VxlanSwitchForwarder: set its clock before each batch
     bint wg                    # WireguardForwarder: its clock, and its events to notify_fd
-    int32_t events_seen        # the forwarder's queued events when notify_fd was last written
+    uint64_t events_seen       # the forwarder's ev_tail when notify_fd was last written
     int notify_fd              # the engine's: "some thread queued control-plane events"
     int index
     int dev_fd
@@ -242,11 +245,11 @@ cdef inline int engine_wait_ms(engine_thread_t *th) noexcept nogil:
 
 cdef inline void engine_notify(engine_thread_t *th) noexcept nogil:
     """After a batch: wake the runtime if the batch queued events (once per batch at most)."""
-    cdef int32_t queued
+    cdef uint64_t queued
     cdef uint64_t one = 1
     if not th.wg:
         return
-    queued = (<WireguardForwarder>th.fwd).nevents
+    queued = (<WireguardForwarder>th.fwd).ev_tail      # the thread's own: events ever queued
     if queued > th.events_seen:
         write(th.notify_fd, &one, sizeof(one))
     th.events_seen = queued
@@ -498,8 +501,8 @@ cdef class NativeEngine:
         if th.wg:
             # Events queued while paused (a control call's seal may ask for a rekey) or left
             # undrained: signal them now, as no batch might come to do it.
-            th.events_seen = (<WireguardForwarder>self.forwarders[i]).nevents
-            if th.events_seen:
+            th.events_seen = (<WireguardForwarder>self.forwarders[i]).ev_tail
+            if (<WireguardForwarder>self.forwarders[i]).queued_events:
                 self._notify()
         (<_ForwarderBase>self.forwarders[i]).busy = True
         pthread_mutex_lock(&th.lock)

@@ -126,11 +126,15 @@ cdef extern from *:
     #define WG_FETCH_ADD64(p) __atomic_fetch_add((p), (uint64_t)1, __ATOMIC_RELAXED)
     #define WG_LOAD64(p) __atomic_load_n((p), __ATOMIC_RELAXED)
     #define WG_LOAD32(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+    #define WG_ACQ64(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    #define WG_REL64(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
     #define WG_REF(p) __atomic_add_fetch((p), 1, __ATOMIC_ACQ_REL)
     #define WG_UNREF(p) __atomic_sub_fetch((p), 1, __ATOMIC_ACQ_REL)
     """
     uint64_t WG_FETCH_ADD64(uint64_t *p) nogil
     uint64_t WG_LOAD64(uint64_t *p) nogil
+    uint64_t WG_ACQ64(uint64_t *p) nogil
+    void WG_REL64(uint64_t *p, uint64_t v) nogil
     int32_t WG_LOAD32(int32_t *p) nogil
     int32_t WG_REF(int32_t *p) nogil
     int32_t WG_UNREF(int32_t *p) nogil
@@ -279,7 +283,7 @@ ctypedef struct session_t:
     double received_any
     double sent_data
     double received_data
-    bint want_handshake
+    uint64_t asked_round           # drains + 1 when NEED_HANDSHAKE was queued (0: not since install)
     bint roamed
     sockaddr_in endpoint           # where it roamed to (valid while roamed)
     sockaddr_in map_addr           # what the map said when the endpoint was last reset
@@ -377,8 +381,10 @@ cdef class WireguardForwarder(_RoutedBase):
     cdef int32_t npeer_session
     cdef int32_t *index_table      # open addressing: local index -> keypair slot, -1 empty
     cdef uint32_t index_mask
-    cdef wg_event_t *events
-    cdef int32_t nevents
+    cdef wg_event_t *events        # a ring of WG_MAX_EVENTS: one producer (the batches), one
+    cdef uint64_t ev_tail          # consumer (drain_events): events queued so far (producer's)
+    cdef uint64_t ev_head          # ... and drained so far (consumer's); see _event
+    cdef uint64_t drains           # drain_events calls that took events (consumer's)
     cdef dict by_key               # public key -> session slot
     cdef unsigned char pad_zero[16]
 
@@ -504,8 +510,8 @@ cdef class WireguardForwarder(_RoutedBase):
 
     @property
     def queued_events(self) -> int:
-        """Events waiting for drain_events (read while the thread runs: one writer)."""
-        return self.nevents
+        """Events waiting for drain_events (read while the thread runs: see _event)."""
+        return WG_ACQ64(&self.ev_tail) - self.ev_head
 
     cdef inline void _clock(self, double now) noexcept nogil:
         if now > self.now:
@@ -661,7 +667,7 @@ cdef class WireguardForwarder(_RoutedBase):
             s.previous, s.current = s.current, slot
         else:
             s.next = slot
-        s.want_handshake = False
+        s.asked_round = 0
         self._rebuild_index()
         if k.initiator:
             self._send_staged_now(s)
@@ -844,23 +850,20 @@ cdef class WireguardForwarder(_RoutedBase):
         return out
 
     def drain_events(self) -> list:
-        cdef int32_t i
+        """The queued events, oldest first; the consumer's side of the ring, so it may run
+        beside a batch (the threads engine drains without pausing the thread)."""
+        cdef uint64_t head = self.ev_head, tail = WG_ACQ64(&self.ev_tail), j
         cdef wg_event_t *e
-        if self.nevents == 0:
+        if tail == head:
             return []
-        self._enter()
-        try:
-            out = []
-            for i in range(self.nevents):
-                e = &self.events[i]
-                addr = ((_format_addr(ntohl(e.addr.sin_addr.s_addr)), ntohs(e.addr.sin_port))
-                        if e.has_addr else None)
-                out.append((e.kind, e.peer, e.data[:e.length], addr))
-            self.nevents = 0
-            for i in range(self.nspool):
-                self.spool[i].want_handshake = False
-        finally:
-            self.busy = False
+        out = []
+        for j in range(head, tail):
+            e = &self.events[j % WG_MAX_EVENTS]
+            addr = ((_format_addr(ntohl(e.addr.sin_addr.s_addr)), ntohs(e.addr.sin_port))
+                    if e.has_addr else None)
+            out.append((e.kind, e.peer, e.data[:e.length], addr))
+        WG_REL64(&self.ev_head, tail)          # the slots are the producer's again
+        WG_REL64(&self.drains, self.drains + 1)  # a new round: a peer may ask again
         return out
 
     def send_keepalive(self, peer) -> bool:
@@ -901,23 +904,39 @@ cdef class WireguardForwarder(_RoutedBase):
             return -1
         return s.current
 
+    cdef inline bint _events_full(self) noexcept nogil:
+        return self.ev_tail - WG_ACQ64(&self.ev_head) >= WG_MAX_EVENTS
+
     cdef inline void _event(self, int32_t kind, int32_t peer, const unsigned char *data,
                             uint32_t length, const sockaddr_in *addr) noexcept nogil:
+        """Queue an event: a single-producer single-consumer ring, so that the control thread
+        drains it while the batches go on. The producer (the thread's batches; a control call
+        only while that thread is paused) fills slot tail, then publishes tail + 1 (release);
+        the consumer reads up to the tail it loaded (acquire), then hands the slots back by
+        publishing its head (release), which the producer loads (acquire) before reusing
+        one. Every write the batch made before queuing (a promoted keypair, a held packet) is
+        visible to whoever drained the event."""
+        cdef uint64_t tail = self.ev_tail
         cdef wg_event_t *e
-        if self.nevents >= WG_MAX_EVENTS:
+        if self._events_full():
             return
-        e = &self.events[self.nevents]
-        self.nevents += 1
+        e = &self.events[tail % WG_MAX_EVENTS]
         e.kind, e.peer, e.length = kind, peer, length
         if length:
             memcpy(e.data, data, length)
         e.has_addr = addr != NULL
         if addr != NULL:
             memcpy(&e.addr, addr, sizeof(sockaddr_in))
+        WG_REL64(&self.ev_tail, tail + 1)
 
     cdef inline void _want_handshake(self, session_t *s) noexcept nogil:
-        if not s.want_handshake and self.nevents < WG_MAX_EVENTS:
-            s.want_handshake = True
+        """One NEED_HANDSHAKE per peer per drain round (the drain's counter, not a flag it
+        would clear: the consumer writes nothing of the producer's). A drain that races with
+        the ask can let one more through; the handshake device answers a repeated ask with
+        the handshake already under way."""
+        cdef uint64_t round = WG_ACQ64(&self.drains) + 1
+        if s.asked_round != round and not self._events_full():
+            s.asked_round = round
             self._event(WG_EVENT_NEED_HANDSHAKE, s.peer, NULL, 0, NULL)
 
     cdef inline int _seal(self, keypair_t *k, unsigned char *pkt, uint32_t n,
@@ -1016,7 +1035,7 @@ cdef class WireguardForwarder(_RoutedBase):
                     or memcmp(mac, pkt + n - 2 * WG_MAC_LEN, WG_MAC_LEN) != 0):
                 self.ctr[CTR_WG_BAD_MAC1] += 1
                 return
-        if self.nevents >= WG_MAX_EVENTS:
+        if self._events_full():
             self.ctr[CTR_WG_HANDSHAKE_QUEUE_FULL] += 1
             return
         self.ctr[CTR_WG_HANDSHAKE_MESSAGES] += 1

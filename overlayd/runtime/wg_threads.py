@@ -19,8 +19,8 @@ cipher contexts, staging ring, event queue); what must be one per key is one per
   call that pauses a thread anyway gives its forwarder first (an idle thread's clock is its
   last batch's: an install must not date a keypair from then);
 - events: a thread whose batch queued some writes the engine's notify fd (the daemon watches
-  it on the loop and calls WireguardRuntime.after_batch); drain_events pauses only the threads
-  whose forwarder has events queued;
+  it on the loop and calls WireguardRuntime.after_batch); drain_events pauses nothing (each
+  forwarder's events are a single-producer single-consumer ring);
 - a roamed endpoint seen by one thread is set on all (the runtime calls set_endpoint on the
   EVENT_ENDPOINT it drains); a responder's session confirmed on one thread is confirmed on all
   (confirm_session); activity is the latest time over the threads;
@@ -63,14 +63,15 @@ class ThreadedWireguardForwarder(ThreadedForwarder):
         return fwd
 
     def drain_events(self) -> list[Event]:
-        # A thread with nothing queued is not paused: queued_events has one writer, and an
-        # event it queues after this read makes its batch write the notify fd again (the
-        # engine compares with what it last signalled), so nothing waits unseen.
+        # No pause: each forwarder's events are a single-producer ring its batches fill and
+        # this thread empties (cext/wireguard.pxi, _event), and what a batch wrote before it
+        # queued an event is visible to the drain that took it. An event queued after this
+        # read makes its batch write the notify fd again (the engine compares the ring's tail
+        # with what it last signalled), so nothing waits unseen.
         events: list[Event] = []
-        for i, fwd in enumerate(self.forwarders):
+        for fwd in self.forwarders:
             if fwd.queued_events:
-                with self._paused(i):
-                    events.extend(fwd.drain_events())
+                events.extend(fwd.drain_events())
         return events
 
     def install_keypair(self, peer: int, local_index: int, remote_index: int, send_key: bytes,
@@ -108,8 +109,9 @@ class ThreadedWireguardForwarder(ThreadedForwarder):
     #   same pause;
     # - send_staged skips a thread holding nothing for the peer: a thread holds packets only
     #   while the peer has no usable keypair here, and after a confirmation none is added;
-    #   the count it read was written before the batch whose event brought us here ended,
-    #   which the drain's pause ordered before this read;
+    #   the count it read was written before that thread queued the event that brought us
+    #   here, which the drain's acquire of the ring's tail ordered before this read (a paused
+    #   thread's, by the pause);
     # - set_endpoint skips a thread that already sends there (the one that saw the roam, or
     #   all of them when a handshake only repeats the known endpoint; a later roam on it
     #   queues its own event). Skipping leaves its "roamed" mark unset, which a table swap
