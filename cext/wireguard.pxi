@@ -29,6 +29,11 @@
 # index table change only between batches (install_keypair, set_tables, the clock step); a
 # session follows its peer's public key across table swaps.
 #
+# Read beside a running batch (the threads engine's control thread, no pause): the events, a
+# single-producer single-consumer ring (_event); a peer's endpoint and a session's keypair
+# slots, which a batch changes only inside the session's sequence counter (WG_SEQ_*: endpoints,
+# sessions(now), confirming); the activity times and counters (aligned, one writer).
+#
 # Several forwarders, one keypair (the native engine's N threads, each with its own forwarder,
 # tun queue and SO_REUSEPORT socket): what must be one per key is shared, the rest is not.
 # A keypair's send counter and replay window live in a KeypairShare (wg_shared_t) that every
