@@ -15,13 +15,15 @@
 #    yields the CPU (sched_yield): on a host with fewer idle cores than spinning threads, a
 #    poll that does not give way holds the CPU the other hop of the same round trip needs.
 # 4. Control stays with Python: everything that changes a forwarder's state outside its packet
-#    path (set_tables, age, set_capture, drain_capture) runs while that thread is *paused*:
+#    path (set_tables, set_capture, drain_capture) runs while that thread is *paused*:
 #    pause() asks through the wake eventfd, the thread finishes its batch, acknowledges and
 #    waits on a condition variable; the caller (GIL released while it waits) then calls the
 #    forwarder's ordinary methods, and resume() lets the thread go on. A table swap is thus
 #    still one assignment that no batch sees halfway, and the old generation can only be freed
 #    after the batch that pinned it ended. Reading counters needs no pause: each is an aligned
 #    uint64 written by one thread only, so a reader sees a recent value, never a torn one.
+#    Each thread counts the pauses it acknowledged (thread_stats "pauses"; overlayd status),
+#    so a test or an operator sees which control calls still stop it.
 # 5. A device read error (the device vanished) takes the device fd out of the thread's epoll
 #    set and is reported through device_error(); after the runtime recreated the device on
 #    the same fd numbers, attach_device() puts it back. The thread never closes an fd.
@@ -33,11 +35,22 @@
 # 8. Events for the control plane (the wireguard forwarder's queue: handshake messages, "needs
 #    a session", roamed endpoints, confirmed sessions): after a batch that queued some, the
 #    thread writes the engine's notify eventfd (notify_fd), which the runtime watches on its
-#    loop; it then drains and answers them with that thread paused. Only a batch that added
-#    events writes, never a packet; a wireguard thread also reads the clock before each batch.
+#    loop; it then drains them without pausing the thread (the queue is a single-producer
+#    single-consumer ring: cext/wireguard.pxi _event) and answers them, pausing only what an
+#    answer changes. Only a batch that added events writes, never a packet (the engine keeps
+#    the ring's tail it last signalled); a wireguard thread also reads the clock before each
+#    batch.
 # 9. A wireguard thread's clock step (engine_clock) zeroes the keypairs 3 x REJECT_AFTER_TIME
 #    old itself, and its epoll_wait sleeps no longer than the next one is due (engine_wait_ms),
 #    so the runtime's 0.1 s tick pauses no thread.
+# 10. A switched thread's clock step ages its own MAC table (set_ageing(max_age, period): one
+#    age() pass per period at most, and only once the oldest learned entry is older than
+#    max_age), and its epoll_wait sleeps no longer than that pass is due (_age_due: the
+#    learned list's head, one comparison). The daemon then runs no FDB timer: nothing pauses
+#    the switched data plane for ageing, and an idle one with nothing to age never wakes.
+#    An epoll_wait that returns at such a deadline counts as a deadline wake-up, and the
+#    longest clock step that had work due (an ageing pass, an expiry) is kept: that is the
+#    stall the step costs the data plane (thread_stats "clock_step_max_us").
 
 from cpython.ref cimport PyObject
 from libc.errno cimport EEXIST
@@ -141,7 +154,7 @@ ctypedef struct engine_thread_t:
     const fwd_tables_t *tables # the forwarder's generation, re-read by resume() after a swap
     bint switched              # VxlanSwitchForwarder: set its clock before each batch
     bint wg                    # WireguardForwarder: its clock, and its events to notify_fd
-    int32_t events_seen        # the forwarder's queued events when notify_fd was last written
+    uint64_t events_seen       # the forwarder's ev_tail when notify_fd was last written
     int notify_fd              # the engine's: "some thread queued control-plane events"
     int index
     int dev_fd
@@ -162,6 +175,9 @@ ctypedef struct engine_thread_t:
     uint64_t polls             # busy-poll rounds (each one read attempt per fd)
     uint64_t poll_hits         # ... that found packets
     uint64_t sock_errors
+    uint64_t deadline_wakeups  # epoll_wait returns at the clock step's deadline, no event
+    uint64_t pauses            # pause() requests acknowledged (a control call ran meanwhile)
+    int64_t step_max_ns        # the longest clock step that had work due (ageing, expiry)
     pthread_mutex_t lock
     pthread_cond_t cond
 
@@ -179,20 +195,46 @@ cdef inline double clock_seconds(int clk) noexcept nogil:
 
 
 cdef inline void engine_clock(engine_thread_t *th) noexcept nogil:
+    cdef double now
+    cdef int64_t began
+    if not (th.switched or th.wg):
+        return
+    now = clock_seconds(CLOCK_MONOTONIC)
+    if now < engine_due(th):
+        engine_set_clock(th, now)
+        return
+    # work is due (an ageing pass, keypairs to zero): the time it holds the thread is the
+    # stall it costs the data plane, kept as the longest seen (two clock reads, only then)
+    began = mono_ns()
+    engine_set_clock(th, now)
+    th.step_max_ns = max(th.step_max_ns, mono_ns() - began)
+
+
+cdef inline void engine_set_clock(engine_thread_t *th, double now) noexcept nogil:
     if th.switched:
-        (<VxlanSwitchForwarder>th.fwd).now = clock_seconds(CLOCK_MONOTONIC)
-    elif th.wg:
+        # its clock step also ages the MAC table when a pass is due: no pause needed for it
+        (<VxlanSwitchForwarder>th.fwd)._clock(now)
+    else:
         # its clock step also zeroes keypairs 3 x REJECT_AFTER_TIME old: no pause needed for it
-        (<WireguardForwarder>th.fwd)._clock(clock_seconds(CLOCK_MONOTONIC))
+        (<WireguardForwarder>th.fwd)._clock(now)
+
+
+cdef inline double engine_due(engine_thread_t *th) noexcept nogil:
+    """When the forwarder's clock step next has work (>= WG_FOREVER: never)."""
+    cdef double due
+    if th.wg:
+        return (<WireguardForwarder>th.fwd).expiry_due
+    if th.switched:
+        due = (<VxlanSwitchForwarder>th.fwd)._age_due()
+        return WG_FOREVER if due >= AGE_NEVER else due
+    return WG_FOREVER
 
 
 cdef inline int engine_wait_ms(engine_thread_t *th) noexcept nogil:
-    """How long epoll_wait may sleep: for ever, or (wireguard) until the forwarder's next
-    keypair is due to be zeroed, so that an idle thread still zeroes it on time."""
-    cdef double due, left
-    if not th.wg:
-        return -1
-    due = (<WireguardForwarder>th.fwd).expiry_due
+    """How long epoll_wait may sleep: for ever, or until the forwarder's clock step has work
+    due - the next keypair to zero (wireguard), the next ageing pass (switched) - so that an
+    idle thread still does it on time."""
+    cdef double due = engine_due(th), left
     if due >= WG_FOREVER:
         return -1
     left = due - clock_seconds(CLOCK_MONOTONIC)
@@ -203,11 +245,11 @@ cdef inline int engine_wait_ms(engine_thread_t *th) noexcept nogil:
 
 cdef inline void engine_notify(engine_thread_t *th) noexcept nogil:
     """After a batch: wake the runtime if the batch queued events (once per batch at most)."""
-    cdef int32_t queued
+    cdef uint64_t queued
     cdef uint64_t one = 1
     if not th.wg:
         return
-    queued = (<WireguardForwarder>th.fwd).nevents
+    queued = (<WireguardForwarder>th.fwd).ev_tail      # the thread's own: events ever queued
     if queued > th.events_seen:
         write(th.notify_fd, &one, sizeof(one))
     th.events_seen = queued
@@ -281,6 +323,7 @@ cdef void *engine_main(void *arg) noexcept nogil:
                 pthread_mutex_unlock(&th.lock)
                 break
             th.paused = True
+            th.pauses += 1
             pthread_cond_broadcast(&th.cond)
             while th.request == PAUSE_C:
                 pthread_cond_wait(&th.cond, &th.lock)
@@ -289,6 +332,7 @@ cdef void *engine_main(void *arg) noexcept nogil:
             continue
         n = epoll_wait(th.epfd, events, ENGINE_EVENTS_C, engine_wait_ms(th))
         if n == 0:
+            th.deadline_wakeups += 1
             engine_clock(th)    # the deadline came without a packet: the clock step alone
             continue
         if n < 0:
@@ -457,8 +501,8 @@ cdef class NativeEngine:
         if th.wg:
             # Events queued while paused (a control call's seal may ask for a rekey) or left
             # undrained: signal them now, as no batch might come to do it.
-            th.events_seen = (<WireguardForwarder>self.forwarders[i]).nevents
-            if th.events_seen:
+            th.events_seen = (<WireguardForwarder>self.forwarders[i]).ev_tail
+            if (<WireguardForwarder>self.forwarders[i]).queued_events:
                 self._notify()
         (<_ForwarderBase>self.forwarders[i]).busy = True
         pthread_mutex_lock(&th.lock)
@@ -579,14 +623,19 @@ cdef class NativeEngine:
         return got
 
     def thread_stats(self) -> list:
-        """Per thread: wakeups, inside/outside batches, busy-poll rounds and hits, receive
-        errors (each written by its thread only: read without stopping it)."""
+        """Per thread: wakeups (epoll returns with events: packets, or a pause's wake), deadline
+        wake-ups (the clock step's, no event), pauses, the longest clock step that had work
+        (an ageing pass, a keypair expiry: how long it held the thread), inside/outside
+        batches, busy-poll rounds and hits, receive errors (each written by its thread only:
+        read without stopping it)."""
         cdef int i
         cdef engine_thread_t *th
         out = []
         for i in range(self.n):
             th = &self.threads[i]
-            out.append({"wakeups": th.wakeups, "inside_batches": th.inside_batches,
+            out.append({"wakeups": th.wakeups, "deadline_wakeups": th.deadline_wakeups,
+                        "pauses": th.pauses, "clock_step_max_us": th.step_max_ns / 1000.0,
+                        "inside_batches": th.inside_batches,
                         "outside_batches": th.outside_batches, "busy_polls": th.polls,
                         "busy_poll_hits": th.poll_hits, "socket_errors": th.sock_errors,
                         "device_attached": bool(th.dev_attached), "running": bool(th.started)})

@@ -10,12 +10,19 @@
 #   bad source MAC?; learn source -> that peer (pinned elsewhere or dampened: drop); destination
 #   known at a peer -> not ours (split horizon); broadcast/multicast/unknown -> a token of the
 #   peer's storm bucket; write the frame into the tap.
-# The FDB (fdb.pxi) is touched only by batches and by set_tables/age, which refuse to run
-# while a batch does; learning stamps entries with the last set_now(), which also refills
-# the storm buckets (per port: storm_tokens[target + 1]).
+# The FDB (fdb.pxi) is touched only by batches, by the clock step and by set_tables/age,
+# which refuse to run while a batch does; learning stamps entries with the last set_now(),
+# which also refills the storm buckets (per port: storm_tokens[target + 1]).
+# Ageing: age(now, max_age) from the loop's timer; or, after set_ageing(max_age, period), by
+# the clock step itself (_clock: set_now, or the native engine's step before each batch and
+# when age_due comes), one age() pass per period at most and only once the oldest entry is
+# older than max_age - so a thread ages its own table unpaused (cext/engine.pxi item 10).
 
+cdef enum:
+    AGE_LIMIT_C = 16384     # entries one age() pass removes at most (a tick: ~10 ms at 1 Mi)
 
-AGE_LIMIT = 16384     # entries one age() call removes at most (a tick: ~10 ms at 1 Mi entries)
+AGE_LIMIT = AGE_LIMIT_C
+cdef double AGE_NEVER = 1e300      # _age_due with nothing to age
 
 
 @cython.final
@@ -33,6 +40,9 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
     cdef double storm_burst
     cdef double *storm_tokens  # per port (the tap, then each peer): the bucket
     cdef double *storm_stamp   # ... and the now it was last refilled at
+    cdef double age_max        # the clock step's ageing (set_ageing): 0, off
+    cdef double age_period     # ... one pass per period at most
+    cdef double age_last       # ... the now of its last pass
 
     def __cinit__(self, tap_fd, sock_fd, vni=1, tx_fds=(), batch_size=64,
                   fdb_max_entries=16384, *, vnet_hdr=False, udp_gso=False, udp_gro=False,
@@ -60,6 +70,9 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
         if not 1.0 <= self.storm_burst <= 1e9:
             raise ValueError(f"storm_burst must be 1..1e9 frames, got {self.storm_burst}")
         self.now = 0.0
+        self.age_max = 0.0
+        self.age_period = 0.0
+        self.age_last = -AGE_NEVER
         self._setup("VxlanSwitchForwarder", tap_fd, sock_fd, tx_fds, batch_size,
                     (vnet_hdr, udp_gso, udp_gro, device_uso), VXLAN_HEADER, ETH_HEADER)
         fdb_init(&self.fdb, fdb_max_entries, port_max, hold)
@@ -156,9 +169,43 @@ cdef class VxlanSwitchForwarder(_ForwarderBase):
         return list(out.items())
 
     def set_now(self, double now) -> None:
-        """The data plane's clock (monotonic seconds); a value below the last one is ignored."""
+        """The data plane's clock (monotonic seconds); a value below the last one is ignored.
+        After set_ageing, also the ageing pass when one is due (_clock)."""
+        self._clock(now)
+
+    def set_ageing(self, double max_age, double period) -> None:
+        """Let the clock step age the table: what age(now, max_age) every ``period`` seconds
+        does (entries not seen for more than max_age go, oldest first, AGE_LIMIT per pass),
+        in the step itself; max_age 0 turns it off (the loop engine's timer calls age())."""
+        if not (max_age == 0.0 or 0.0 < max_age <= 1e9) or not 0.0 < period <= 3600.0:
+            raise ValueError(f"set_ageing: max_age 0 or 0..1e9 s and period 0..3600 s, got "
+                             f"{max_age}, {period}")
+        self.age_max = max_age
+        self.age_period = period
+        self.age_last = -AGE_NEVER
+
+    @property
+    def age_due(self) -> float:
+        """When the clock step's next ageing pass is due (inf: none is)."""
+        due = self._age_due()
+        return float("inf") if due >= AGE_NEVER else due
+
+    cdef inline double _age_due(self) noexcept nogil:
+        """Nothing learned (or ageing off): never. Else when the oldest entry gets older than
+        age_max - the only moment an age() pass could remove anything - but not sooner than
+        a period after the last pass (what a timer of that period gives). One comparison per
+        step: the learned list is oldest first, so its head alone decides."""
+        if self.age_max <= 0.0 or self.fdb.learned.head == FDB_NIL:
+            return AGE_NEVER
+        return max(self.age_last + self.age_period,
+                   self.fdb.slots[self.fdb.learned.head].seen + self.age_max)
+
+    cdef inline void _clock(self, double now) noexcept nogil:
         if now > self.now:
             self.now = now
+        if self.now >= self._age_due():
+            self.age_last = self.now
+            fdb_age(&self.fdb, self.now, self.age_max, AGE_LIMIT_C)
 
     def age(self, double now, double max_age, limit=AGE_LIMIT) -> int:
         """Remove learned entries not seen for more than ``max_age`` seconds, oldest first and

@@ -29,6 +29,11 @@
 # index table change only between batches (install_keypair, set_tables, the clock step); a
 # session follows its peer's public key across table swaps.
 #
+# Read beside a running batch (the threads engine's control thread, no pause): the events, a
+# single-producer single-consumer ring (_event); a peer's endpoint and a session's keypair
+# slots, which a batch changes only inside the session's sequence counter (WG_SEQ_*: endpoints,
+# sessions(now), confirming); the activity times and counters (aligned, one writer).
+#
 # Several forwarders, one keypair (the native engine's N threads, each with its own forwarder,
 # tun queue and SO_REUSEPORT socket): what must be one per key is shared, the rest is not.
 # A keypair's send counter and replay window live in a KeypairShare (wg_shared_t) that every
@@ -126,14 +131,45 @@ cdef extern from *:
     #define WG_FETCH_ADD64(p) __atomic_fetch_add((p), (uint64_t)1, __ATOMIC_RELAXED)
     #define WG_LOAD64(p) __atomic_load_n((p), __ATOMIC_RELAXED)
     #define WG_LOAD32(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+    #define WG_ACQ64(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    #define WG_REL64(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
     #define WG_REF(p) __atomic_add_fetch((p), 1, __ATOMIC_ACQ_REL)
     #define WG_UNREF(p) __atomic_sub_fetch((p), 1, __ATOMIC_ACQ_REL)
     """
     uint64_t WG_FETCH_ADD64(uint64_t *p) nogil
     uint64_t WG_LOAD64(uint64_t *p) nogil
+    uint64_t WG_ACQ64(uint64_t *p) nogil
+    void WG_REL64(uint64_t *p, uint64_t v) nogil
     int32_t WG_LOAD32(int32_t *p) nogil
     int32_t WG_REF(int32_t *p) nogil
     int32_t WG_UNREF(int32_t *p) nogil
+
+# A session's sequence counter (session_t.seq), so that status reads (endpoints, sessions) need
+# no pause. Its one writer is the thread running the forwarder's batches: roaming (the peer's
+# 16-byte endpoint), a confirmation and an expiry (the three keypair slots, and a dropped
+# keypair's fields) happen between WG_SEQ_BEGIN (seq odd) and WG_SEQ_END (even again). A
+# reader on the control thread loads seq (acquire), copies what it needs, and keeps the copy
+# only if seq was even and is unchanged after an acquire fence: were any of the copied bytes
+# written after the writer's release fence, that fence pair makes the second load see the odd
+# value (or later) and the reader tries again. Writes are rare (a roam, a handshake, an
+# expiry) and short (a few stores), so a retry is rare and brief. Control calls that change a
+# session (install_keypair, set_endpoint, confirm_session, a table swap) run on the reader's
+# own thread with the writer paused, so they need no counter (they bump it where they share
+# code with the batch: _promote_next). The data are plain loads and stores as in the kernel's
+# seqcount; the fences keep the compiler (and the CPU) from moving them across.
+cdef extern from *:
+    """
+    #define WG_SEQ_BEGIN(p) do { __atomic_store_n((p), *(p) + 1, __ATOMIC_RELAXED); \
+                                 __atomic_thread_fence(__ATOMIC_RELEASE); } while (0)
+    #define WG_SEQ_END(p) __atomic_store_n((p), *(p) + 1, __ATOMIC_RELEASE)
+    #define WG_SEQ_READ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    #define WG_SEQ_CHANGED(p, v) (__atomic_thread_fence(__ATOMIC_ACQUIRE), \
+                                  __atomic_load_n((p), __ATOMIC_RELAXED) != (v))
+    """
+    void WG_SEQ_BEGIN(uint32_t *p) nogil
+    void WG_SEQ_END(uint32_t *p) nogil
+    uint32_t WG_SEQ_READ(uint32_t *p) nogil
+    bint WG_SEQ_CHANGED(uint32_t *p, uint32_t v) nogil
 
 
 ctypedef struct replay_t:
@@ -242,6 +278,7 @@ ctypedef struct keypair_t:
 
 
 ctypedef struct session_t:
+    uint32_t seq                   # odd while its batch changes endpoint or slots (WG_SEQ_BEGIN)
     bint used
     int32_t peer                   # index in the tables in force, -1 once the peer left
     int32_t current
@@ -251,7 +288,7 @@ ctypedef struct session_t:
     double received_any
     double sent_data
     double received_data
-    bint want_handshake
+    uint64_t asked_round           # drains + 1 when NEED_HANDSHAKE was queued (0: not since install)
     bint roamed
     sockaddr_in endpoint           # where it roamed to (valid while roamed)
     sockaddr_in map_addr           # what the map said when the endpoint was last reset
@@ -349,8 +386,10 @@ cdef class WireguardForwarder(_RoutedBase):
     cdef int32_t npeer_session
     cdef int32_t *index_table      # open addressing: local index -> keypair slot, -1 empty
     cdef uint32_t index_mask
-    cdef wg_event_t *events
-    cdef int32_t nevents
+    cdef wg_event_t *events        # a ring of WG_MAX_EVENTS: one producer (the batches), one
+    cdef uint64_t ev_tail          # consumer (drain_events): events queued so far (producer's)
+    cdef uint64_t ev_head          # ... and drained so far (consumer's); see _event
+    cdef uint64_t drains           # drain_events calls that took events (consumer's)
     cdef dict by_key               # public key -> session slot
     cdef unsigned char pad_zero[16]
 
@@ -476,8 +515,8 @@ cdef class WireguardForwarder(_RoutedBase):
 
     @property
     def queued_events(self) -> int:
-        """Events waiting for drain_events (read while the thread runs: one writer)."""
-        return self.nevents
+        """Events waiting for drain_events (read while the thread runs: see _event)."""
+        return WG_ACQ64(&self.ev_tail) - self.ev_head
 
     cdef inline void _clock(self, double now) noexcept nogil:
         if now > self.now:
@@ -500,6 +539,7 @@ cdef class WireguardForwarder(_RoutedBase):
                 due = min(due, k.created + limit)
                 continue
             s = &self.spool[k.session]
+            WG_SEQ_BEGIN(&s.seq)
             if s.current == i:
                 s.current = -1
             if s.previous == i:
@@ -507,6 +547,7 @@ cdef class WireguardForwarder(_RoutedBase):
             if s.next == i:
                 s.next = -1
             self._drop_nogil(i)
+            WG_SEQ_END(&s.seq)
         self.expiry_due = due
 
     cdef void _drop(self, int32_t slot) noexcept:
@@ -631,7 +672,7 @@ cdef class WireguardForwarder(_RoutedBase):
             s.previous, s.current = s.current, slot
         else:
             s.next = slot
-        s.want_handshake = False
+        s.asked_round = 0
         self._rebuild_index()
         if k.initiator:
             self._send_staged_now(s)
@@ -655,9 +696,11 @@ cdef class WireguardForwarder(_RoutedBase):
         return True
 
     cdef inline void _promote_next(self, session_t *s) noexcept nogil:
+        WG_SEQ_BEGIN(&s.seq)
         if s.previous >= 0:
             self._drop_nogil(s.previous)
         s.previous, s.current, s.next = s.current, s.next, -1
+        WG_SEQ_END(&s.seq)
 
     def drop_staged(self, peer) -> int:
         cdef int32_t p = operator_index(peer)
@@ -711,13 +754,61 @@ cdef class WireguardForwarder(_RoutedBase):
         memcpy(&self.gen.t.peers[p].addr, &s.endpoint, sizeof(sockaddr_in))
 
     def endpoints(self) -> list:
+        """Per peer, where its packets go: safe while the forwarder's thread runs (seq)."""
         cdef int32_t i
-        cdef const sockaddr_in *a
+        cdef sockaddr_in a
         out = []
         for i in range(self.gen.t.npeers):
-            a = &self.gen.t.peers[i].addr
+            self._endpoint_of(i, &a)
             out.append((_format_addr(ntohl(a.sin_addr.s_addr)), ntohs(a.sin_port)))
         return out
+
+    def endpoint(self, peer) -> tuple:
+        """Where ``peer``'s packets go now (one row of endpoints(); safe while the thread runs)."""
+        cdef int32_t p = operator_index(peer)
+        cdef sockaddr_in a
+        if not 0 <= p < self.gen.t.npeers:
+            raise IndexError(f"peer {p} is not in the tables")
+        self._endpoint_of(p, &a)
+        return (_format_addr(ntohl(a.sin_addr.s_addr)), ntohs(a.sin_port))
+
+    def confirming(self, peer, local_index) -> bool:
+        """Whether confirm_session(peer, local_index) would make a keypair current here. Safe
+        while the thread runs (seq); once False it stays so until the next install: only an
+        install (paused) makes a keypair "next", only a batch or a confirm takes it away."""
+        cdef int32_t p = operator_index(peer), nxt
+        cdef uint32_t index = operator_index(local_index), found, v
+        cdef session_t *s
+        if not 0 <= p < self.npeer_session:
+            return False
+        s = &self.spool[self.peer_session[p]]
+        while True:
+            v = WG_SEQ_READ(&s.seq)
+            if not v & 1:
+                nxt = s.next
+                found = self.keypairs[nxt].local_index if nxt >= 0 else 0
+                if not WG_SEQ_CHANGED(&s.seq, v):
+                    return nxt >= 0 and found == index
+            sched_yield()
+
+    def staged_count(self, peer) -> int:
+        """Packets held for ``peer`` (what send_staged would try to send); one writer, the
+        thread, which holds packets only while the peer has no usable keypair."""
+        cdef int32_t p = operator_index(peer)
+        if not 0 <= p < self.npeer_session:
+            return 0
+        return WG_LOAD32(&self.spool[self.peer_session[p]].staged_count)
+
+    cdef void _endpoint_of(self, int32_t peer, sockaddr_in *out) noexcept nogil:
+        cdef uint32_t *seq = &self.spool[self.peer_session[peer]].seq
+        cdef uint32_t v
+        while True:
+            v = WG_SEQ_READ(seq)
+            if not v & 1:
+                memcpy(out, &self.gen.t.peers[peer].addr, sizeof(sockaddr_in))
+                if not WG_SEQ_CHANGED(seq, v):
+                    return
+            sched_yield()       # the writer is inside its few stores (or was preempted there)
 
     def activity(self) -> list:
         cdef int32_t i
@@ -729,35 +820,55 @@ cdef class WireguardForwarder(_RoutedBase):
                              (s.sent_any, s.received_any, s.sent_data, s.received_data)))
         return out
 
-    def sessions(self) -> list:
-        cdef int32_t i
+    def sessions(self, now=None) -> list:
+        """Per peer: (keypairs held, age of the current one or -1). With ``now``: as of the
+        later of it and the forwarder's clock, without moving the clock, a keypair that a
+        clock step then would zero not counted - readable while the forwarder's thread runs
+        (seq), and what set_now(now) and then sessions() would say."""
+        cdef int32_t i, slot, k
+        cdef int32_t held[3]
+        cdef double created[3]
+        cdef double at = self.now, limit = 3 * self.reject_after_time
         cdef session_t *s
+        cdef uint32_t v
+        if now is not None and float(now) > at:
+            at = float(now)
         out = []
         for i in range(self.npeer_session):
             s = &self.spool[self.peer_session[i]]
-            usable = (s.current >= 0) + (s.previous >= 0) + (s.next >= 0)
-            age = self.now - self.keypairs[s.current].created if s.current >= 0 else -1.0
-            out.append((usable, age))
+            while True:
+                v = WG_SEQ_READ(&s.seq)
+                if not v & 1:
+                    held[0], held[1], held[2] = s.current, s.previous, s.next
+                    for k in range(3):
+                        created[k] = self.keypairs[held[k]].created if held[k] >= 0 else 0.0
+                    if not WG_SEQ_CHANGED(&s.seq, v):
+                        break
+                sched_yield()
+            usable = 0
+            for k in range(3):
+                if held[k] >= 0 and (now is None or at - created[k] < limit):
+                    usable += 1
+                else:
+                    held[k] = -1
+            out.append((usable, at - created[0] if held[0] >= 0 else -1.0))
         return out
 
     def drain_events(self) -> list:
-        cdef int32_t i
+        """The queued events, oldest first; the consumer's side of the ring, so it may run
+        beside a batch (the threads engine drains without pausing the thread)."""
+        cdef uint64_t head = self.ev_head, tail = WG_ACQ64(&self.ev_tail), j
         cdef wg_event_t *e
-        if self.nevents == 0:
+        if tail == head:
             return []
-        self._enter()
-        try:
-            out = []
-            for i in range(self.nevents):
-                e = &self.events[i]
-                addr = ((_format_addr(ntohl(e.addr.sin_addr.s_addr)), ntohs(e.addr.sin_port))
-                        if e.has_addr else None)
-                out.append((e.kind, e.peer, e.data[:e.length], addr))
-            self.nevents = 0
-            for i in range(self.nspool):
-                self.spool[i].want_handshake = False
-        finally:
-            self.busy = False
+        out = []
+        for j in range(head, tail):
+            e = &self.events[j % WG_MAX_EVENTS]
+            addr = ((_format_addr(ntohl(e.addr.sin_addr.s_addr)), ntohs(e.addr.sin_port))
+                    if e.has_addr else None)
+            out.append((e.kind, e.peer, e.data[:e.length], addr))
+        WG_REL64(&self.ev_head, tail)          # the slots are the producer's again
+        WG_REL64(&self.drains, self.drains + 1)  # a new round: a peer may ask again
         return out
 
     def send_keepalive(self, peer) -> bool:
@@ -798,23 +909,39 @@ cdef class WireguardForwarder(_RoutedBase):
             return -1
         return s.current
 
+    cdef inline bint _events_full(self) noexcept nogil:
+        return self.ev_tail - WG_ACQ64(&self.ev_head) >= WG_MAX_EVENTS
+
     cdef inline void _event(self, int32_t kind, int32_t peer, const unsigned char *data,
                             uint32_t length, const sockaddr_in *addr) noexcept nogil:
+        """Queue an event: a single-producer single-consumer ring, so that the control thread
+        drains it while the batches go on. The producer (the thread's batches; a control call
+        only while that thread is paused) fills slot tail, then publishes tail + 1 (release);
+        the consumer reads up to the tail it loaded (acquire), then hands the slots back by
+        publishing its head (release), which the producer loads (acquire) before reusing
+        one. Every write the batch made before queuing (a promoted keypair, a held packet) is
+        visible to whoever drained the event."""
+        cdef uint64_t tail = self.ev_tail
         cdef wg_event_t *e
-        if self.nevents >= WG_MAX_EVENTS:
+        if self._events_full():
             return
-        e = &self.events[self.nevents]
-        self.nevents += 1
+        e = &self.events[tail % WG_MAX_EVENTS]
         e.kind, e.peer, e.length = kind, peer, length
         if length:
             memcpy(e.data, data, length)
         e.has_addr = addr != NULL
         if addr != NULL:
             memcpy(&e.addr, addr, sizeof(sockaddr_in))
+        WG_REL64(&self.ev_tail, tail + 1)
 
     cdef inline void _want_handshake(self, session_t *s) noexcept nogil:
-        if not s.want_handshake and self.nevents < WG_MAX_EVENTS:
-            s.want_handshake = True
+        """One NEED_HANDSHAKE per peer per drain round (the drain's counter, not a flag it
+        would clear: the consumer writes nothing of the producer's). A drain that races with
+        the ask can let one more through; the handshake device answers a repeated ask with
+        the handshake already under way."""
+        cdef uint64_t round = WG_ACQ64(&self.drains) + 1
+        if s.asked_round != round and not self._events_full():
+            s.asked_round = round
             self._event(WG_EVENT_NEED_HANDSHAKE, s.peer, NULL, 0, NULL)
 
     cdef inline int _seal(self, keypair_t *k, unsigned char *pkt, uint32_t n,
@@ -913,7 +1040,7 @@ cdef class WireguardForwarder(_RoutedBase):
                     or memcmp(mac, pkt + n - 2 * WG_MAC_LEN, WG_MAC_LEN) != 0):
                 self.ctr[CTR_WG_BAD_MAC1] += 1
                 return
-        if self.nevents >= WG_MAX_EVENTS:
+        if self._events_full():
             self.ctr[CTR_WG_HANDSHAKE_QUEUE_FULL] += 1
             return
         self.ctr[CTR_WG_HANDSHAKE_MESSAGES] += 1
@@ -962,9 +1089,11 @@ cdef class WireguardForwarder(_RoutedBase):
         p = &t.peers[peer]
         if self.rx_from != NULL and (p.addr.sin_addr.s_addr != self.rx_from.sin_addr.s_addr
                                      or p.addr.sin_port != self.rx_from.sin_port):
+            WG_SEQ_BEGIN(&s.seq)
             memcpy(&p.addr, self.rx_from, sizeof(sockaddr_in))
             memcpy(&s.endpoint, self.rx_from, sizeof(sockaddr_in))
             s.roamed = True
+            WG_SEQ_END(&s.seq)
             self._event(WG_EVENT_ENDPOINT, peer, NULL, 0, self.rx_from)
         p.rx_packets += 1
         p.rx_bytes += n

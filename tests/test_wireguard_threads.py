@@ -40,6 +40,7 @@ from overlayd.control.config import WireguardConfig
 from overlayd.control.wg_noise import generate_private_key, public_key
 from overlayd.control.wg_peers import PeerConfig, Send
 from overlayd.dataplane.tables import LOCAL, ForwardingTables, PeerEntry
+from overlayd.dataplane.wireguard_forwarder import EVENT_HANDSHAKE
 from overlayd.runtime.wg_threads import ThreadedWireguardForwarder
 from overlayd.runtime.wireguard import WG_TICK_SECONDS, WireguardRuntime
 from overlayd.wire import ipv4
@@ -366,8 +367,9 @@ class PauseCount:
 
 
 def test_the_control_tick_pauses_no_thread(rig2: Rig) -> None:
-    """The 0.1 s tick (the clock, the activity times, the timers) and a drain with nothing
-    queued leave the threads running; before, each tick paused every thread once."""
+    """The 0.1 s tick (the clock, the activity times, the timers) and a drain leave the
+    threads running; before, each tick paused every thread once, and a drain each thread
+    with events queued."""
     rig2.session()
     counting = PauseCount(rig2.b_fw.engine)
     rig2.b_fw.engine = counting
@@ -375,7 +377,7 @@ def test_the_control_tick_pauses_no_thread(rig2: Rig) -> None:
         rig2.b_rt.tick()
         rig2.b_rt.after_batch()
     assert counting.pauses == Counter()
-    # a handshake message reaching thread 1 only: its drain pauses thread 1 alone
+    # a handshake message reaching thread 1 only: drained whole, with no pause (the ring)
     senders = rig2.b_senders
     init = next(a for a in rig2.a_rt.device.want_handshake(0, time.monotonic(), time.time_ns())
                 if isinstance(a, Send))
@@ -384,8 +386,11 @@ def test_the_control_tick_pauses_no_thread(rig2: Rig) -> None:
     while not rig2.b_fw.forwarders[1].queued_events:
         assert time.monotonic() < deadline
         time.sleep(0.001)
-    assert len(rig2.b_fw.drain_events()) == 1
-    assert counting.pauses == Counter({1: 1})
+    events = rig2.b_fw.drain_events()
+    assert [(kind, len(message)) for kind, _, message, _ in events] == [
+        (EVENT_HANDSHAKE, wg.INITIATION_LEN)]
+    assert rig2.b_fw.forwarders[1].queued_events == 0
+    assert counting.pauses == Counter()
 
 
 class RaceOnInstall:
@@ -518,3 +523,135 @@ def test_thread_clocks_zero_keypairs_as_set_now_does() -> None:
     check_expiry(by_clock, age_slack=0.25)      # real time: ages read at some point of a step
     for (held, counters, _), (held2, counters2, _) in zip(by_set_now, by_clock, strict=True):
         assert held == held2 and counters == counters2
+
+
+def engine_pauses(fw: Any) -> int:
+    """Pauses the threads acknowledged so far (the engine's own count)."""
+    return sum(t["pauses"] for t in fw.threads())
+
+
+def senders_to_thread(rig: Rig, thread: int, ip: str, key: Any, counter: list[int]) -> Any:
+    """A UDP socket on ``ip`` whose datagrams reach B's thread ``thread`` (found by sending
+    keepalives sealed under A's keypair and watching which thread counted it)."""
+    for _ in range(256):
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.bind((ip, 0))
+        before = [f.counters()["wg_keepalives_received"] for f in rig.b_fw.forwarders]
+        sender.sendto(seal_transport(key[2], counter[0], key[3], b""),
+                      rig.b_socks[0].getsockname())
+        counter[0] += 1
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            after = [f.counters()["wg_keepalives_received"] for f in rig.b_fw.forwarders]
+            if after != before:
+                break
+            assert time.monotonic() < deadline, "a keepalive was not taken"
+            time.sleep(0.001)
+        if after[thread] > before[thread]:
+            return sender
+        sender.close()
+    raise AssertionError(f"no source port of {ip} reaches thread {thread}")
+
+
+def test_status_reads_a_roaming_endpoint_whole_without_pausing(rig2: Rig) -> None:
+    """Thread 0 roams B's peer between two addresses (different IP and port) under a stream of
+    keepalives while status reads endpoints() in a tight loop: every value read is one of the
+    addresses whole (a torn read would mix one's IP with the other's port), roams are seen, and
+    no thread is paused (before, each read paused thread 0)."""
+    rig2.session()
+    key, counter = rig2.a_keys(), [1 << 20]
+    roamers = [senders_to_thread(rig2, 0, ip, key, counter) for ip in ("127.0.0.5", "127.0.0.6")]
+    whole = {(ip, s.getsockname()[1]) for s, ip in zip(roamers, ("127.0.0.5", "127.0.0.6"))}
+    counting = PauseCount(rig2.b_fw.engine)
+    rig2.b_fw.engine = counting
+    pauses_before = engine_pauses(rig2.b_fw)
+    seen: Counter = Counter()
+    deadline = time.monotonic() + 1.5
+    for k in range(4000):
+        roamers[k % 2].sendto(seal_transport(key[2], counter[0], key[3], b""),
+                              rig2.b_socks[0].getsockname())
+        counter[0] += 1
+        for _ in range(20):
+            seen[rig2.b_fw.endpoints()[0]] += 1
+            rig2.b_fw.sessions()
+        if time.monotonic() > deadline:
+            break
+    assert set(seen) <= whole | {(A_IP, rig2.a_sock.getsockname()[1])}, seen
+    assert len(set(seen) & whole) == 2, seen          # both addresses were read as current
+    assert counting.pauses == Counter()
+    assert engine_pauses(rig2.b_fw) == pauses_before
+    for s in roamers:
+        s.close()
+
+
+def test_status_reads_a_confirmation_whole_without_pausing(rig2: Rig) -> None:
+    """Rounds of: a responder keypair goes in as "next" (the install pauses), then a datagram
+    under it reaches thread 0, whose batch promotes it (drops the previous one, moves the
+    slots) while status reads sessions() in a tight loop. Each read is a whole state: the
+    older current's age with the new one still "next" (three keypairs held), or the new one's
+    age with two held - never a mix - and the reads pause no thread."""
+    fw = rig2.b_fw
+    gap = 0.2                                          # between two installs: ages differ
+    rng = random.Random(7)
+    states: Counter = Counter()
+    for r in range(6):
+        fw.set_now(time.monotonic())
+        recv_key = rng.randbytes(32)
+        fw.install_keypair(0, 5000 + r, 6000 + r, rng.randbytes(32), recv_key, r == 0)
+        before = engine_pauses(fw)
+        promoted = False
+        deadline = time.monotonic() + DEADLINE
+        reads = 0
+        while reads < 2000 or not promoted:
+            assert time.monotonic() < deadline, states
+            if reads == 200:                           # the promotion lands amid the reads
+                rig2.b_senders[0].sendto(seal_transport(5000 + r, 0, recv_key, b""),
+                                         rig2.b_socks[0].getsockname())
+            fw.set_now(time.monotonic())
+            ((usable, age),) = fw.sessions()
+            reads += 1
+            if r == 0:                                 # the initiator's: current at once
+                assert (usable, age < gap / 2) == (1, True), (usable, age)
+                promoted = True
+                continue
+            if usable == 2 and age < gap / 2:
+                promoted = True
+                states["after"] += 1
+            else:
+                # before: the current one and the new "next" (and from round 2 the previous)
+                assert not promoted and usable == min(r + 1, 3) and age >= gap * 0.9, \
+                    (r, usable, age)
+                states["before"] += 1
+        assert engine_pauses(fw) == before, r
+        time.sleep(gap)
+    assert states["before"] >= 5 * 200 and states["after"] > 0, states
+
+
+def handshake_pauses(threads: int, b_starts: bool) -> int:
+    rig = Rig(threads)
+    try:
+        counting = PauseCount(rig.b_fw.engine)
+        rig.b_fw.engine = counting
+        if b_starts:
+            rig.session()
+        else:
+            rig.a_app.send(packet("10.0.1.5", "10.0.2.9", b"first"))
+            got: list[bytes] = []
+            rig.pump(lambda: bool(got.extend(drain(rig.b_apps[0]) + drain(rig.b_apps[1])))
+                     or bool(got))
+        end = time.monotonic() + 0.5                   # the confirmation's drain included
+        rig.pump(lambda: time.monotonic() > end)
+        assert rig.b_fw.sessions()[0][0] >= 1
+        return sum(counting.pauses.values())
+    finally:
+        rig.close()
+
+
+def test_a_handshake_pauses_only_the_threads_it_changes() -> None:
+    """Two threads. B responding: the install (every thread at once) and the confirmation of
+    the thread that did not see the first message: 3 (10 before: the drains of the initiation
+    and of the confirmation paused their thread, the handshake's endpoint, already B's, was set
+    on both, both were confirmed, both asked for packets neither held). B initiating: the
+    install and the keepalive: 3 (7 before)."""
+    assert handshake_pauses(2, b_starts=False) == 2 + 1
+    assert handshake_pauses(2, b_starts=True) == 2 + 1

@@ -7,7 +7,9 @@ SO_REUSEPORT sockets on 127.0.0.1, one keypair installed, nothing sent.
 
 Each tick asks of the forwarder what WireguardRuntime.tick asks: set_now, then activity().
 Printed: the tick's duration (median, p99, worst over the run) and each thread's wake-ups per
-second. To measure another tree's code with this file, put that tree first on the path:
+second; then STATUS_CALLS status reads (what WireguardRuntime.peer_status asks: endpoints(),
+sessions(); overlayd status and peers, each metrics scrape) with their duration and the pauses
+they cost (counted by wrapping the engine, so any tree's code can be measured). To measure another tree's code with this file, put that tree first on the path:
 ``PYTHONPATH=/other/tree python3 overlayd/bench/wg_tick.py``.
 """
 
@@ -26,6 +28,22 @@ from overlayd.runtime.wireguard import WG_TICK_SECONDS
 from overlayd.wire import ipv4
 
 ME, PEER = ipv4.addr_to_int("10.0.2.0"), ipv4.addr_to_int("10.0.1.0")
+STATUS_CALLS = 200
+
+
+class PauseCount:
+    """The engine as ThreadedForwarder uses it, counting the pauses it asks for. (Each bench
+    file has its own: run against another tree, it can import only what that tree has.)"""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.pauses = engine, 0
+
+    def pause(self, i: int) -> None:
+        self.pauses += 1
+        self.engine.pause(i)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
 
 
 def tables(peer_port: int) -> ForwardingTables:
@@ -71,6 +89,15 @@ def measure(threads: int, seconds: float) -> dict[str, Any]:
             time.sleep(WG_TICK_SECONDS)
         elapsed = time.monotonic() - start
         after = [t["wakeups"] for t in fw.threads()]
+        counting = PauseCount(fw.engine)
+        fw.engine = counting
+        status: list[float] = []
+        for _ in range(STATUS_CALLS):
+            began = time.perf_counter()
+            fw.endpoints()
+            fw.sessions()
+            status.append((time.perf_counter() - began) * 1e6)
+        fw.engine = counting.engine
     finally:
         fw.stop()
         for pair in devices:
@@ -82,7 +109,9 @@ def measure(threads: int, seconds: float) -> dict[str, Any]:
     return {"ticks": len(spans), "tick_p50_us": statistics.median(spans),
             "tick_p99_us": spans[min(len(spans) - 1, int(0.99 * len(spans)))],
             "tick_max_us": spans[-1],
-            "wakeups_per_s": [(a - b) / elapsed for a, b in zip(after, before, strict=True)]}
+            "wakeups_per_s": [(a - b) / elapsed for a, b in zip(after, before, strict=True)],
+            "status_p50_us": statistics.median(status), "status_max_us": max(status),
+            "status_pauses": counting.pauses / STATUS_CALLS}
 
 
 def main() -> None:
@@ -94,7 +123,8 @@ def main() -> None:
     wakeups = ", ".join(f"{w:.1f}" for w in r["wakeups_per_s"])
     print(f"{args.threads} threads, {r['ticks']} ticks: tick {r['tick_p50_us']:.1f} us median, "
           f"{r['tick_p99_us']:.1f} p99, {r['tick_max_us']:.1f} worst; idle thread wake-ups "
-          f"per second: {wakeups}")
+          f"per second: {wakeups}; status read {r['status_p50_us']:.1f} us median, "
+          f"{r['status_max_us']:.1f} worst, {r['status_pauses']:.1f} pauses per read")
 
 
 if __name__ == "__main__":

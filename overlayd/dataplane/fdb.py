@@ -125,6 +125,10 @@ class Fdb:
             self._learned.move_to_end(mac)
         return LEARNED
 
+    def oldest_seen(self) -> float | None:
+        """The last_seen of the oldest learned entry (the next to age), None if none."""
+        return next(iter(self._learned.values()))[1] if self._learned else None
+
     def age(self, now: float, max_age: float, limit: int) -> int:
         """Remove up to ``limit`` learned entries with now - last_seen > max_age, oldest first."""
         learned, removed = self._learned, 0

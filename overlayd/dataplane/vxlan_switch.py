@@ -31,7 +31,11 @@ refilled at ``storm_rate`` frames per second (0: off), spent by every frame that
 
 Time: the data plane has no clock. ``set_now(now)`` (monotonic seconds; the runtime calls it
 before each batch) is what learning stamps entries with and what refills the storm buckets; a
-smaller ``now`` than the last is ignored. ``age(now, max_age, limit)`` expires entries.
+smaller ``now`` than the last is ignored. ``age(now, max_age, limit)`` expires entries (the
+loop engine calls it from a timer). ``set_ageing(max_age, period)`` makes the clock step
+(``set_now``; in C also the native engine's own step before each batch) run that age() pass
+itself, one per period at most and only once the oldest entry is older than max_age (due:
+``age_due``): a data-plane thread ages its own table with no pause (cext/engine.pxi item 10).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from overlayd.wire import ethernet, vxlan
 IMPLEMENTATION: Final = "python"
 _HDR: Final = vxlan.HEADER_LEN
 AGE_LIMIT: Final = 16384     # entries one age() call removes at most (bounds one tick)
+_AGE_NEVER: Final = 1e300    # age_due with nothing to age (the C float's value)
 
 
 def _valid_source(mac: int) -> bool:
@@ -110,6 +115,9 @@ class VxlanSwitchForwarder(ForwarderBase):
         self._fdb = Fdb(self._max_entries, port_max, float(mac_move_hold))
         self._storm_rate, self._storm_burst = check_storm(float(storm_rate), float(storm_burst))
         self._now = 0.0
+        self._age_max = 0.0              # the clock step's ageing (set_ageing): 0, off
+        self._age_period = 0.0
+        self._age_last = -_AGE_NEVER
         self._storm_tokens = [self._storm_burst]   # per port: [tap, peer 0, peer 1, ...]
         self._storm_stamp = [0.0]
         super().__init__(tap_fd, sock_fd, tx_fds, batch_size, vnet_hdr=vnet_hdr,
@@ -141,9 +149,36 @@ class VxlanSwitchForwarder(ForwarderBase):
             self._busy = False
 
     def set_now(self, now: float) -> None:
-        """The data plane's clock (monotonic seconds); a value below the last one is ignored."""
+        """The data plane's clock (monotonic seconds); a value below the last one is ignored.
+        After set_ageing, also the ageing pass when one is due."""
         now = float(now)
         self._now = max(self._now, now)
+        if self._now >= self._age_due():
+            self._age_last = self._now
+            self._fdb.age(self._now, self._age_max, AGE_LIMIT)
+
+    def set_ageing(self, max_age: float, period: float) -> None:
+        """Let the clock step age the table: what age(now, max_age) every ``period`` seconds
+        does, in the step itself; max_age 0 turns it off."""
+        max_age, period = float(max_age), float(period)
+        if not (max_age == 0.0 or 0.0 < max_age <= 1e9) or not 0.0 < period <= 3600.0:
+            raise ValueError(f"set_ageing: max_age 0 or 0..1e9 s and period 0..3600 s, got "
+                             f"{max_age}, {period}")
+        self._age_max, self._age_period, self._age_last = max_age, period, -_AGE_NEVER
+
+    @property
+    def age_due(self) -> float:
+        """When the clock step's next ageing pass is due (inf: none is)."""
+        due = self._age_due()
+        return float("inf") if due >= _AGE_NEVER else due
+
+    def _age_due(self) -> float:
+        # The only moment a pass could remove anything is when the oldest entry passes max_age;
+        # never sooner than a period after the last pass (what a timer of that period gives).
+        oldest = self._fdb.oldest_seen()
+        if self._age_max <= 0.0 or oldest is None:
+            return _AGE_NEVER
+        return max(self._age_last + self._age_period, oldest + self._age_max)
 
     def age(self, now: float, max_age: float, limit: int = AGE_LIMIT) -> int:
         """Remove learned entries not seen for more than ``max_age`` seconds, oldest first and

@@ -340,16 +340,44 @@ class WireguardForwarder(RoutedForwarderBase):
     def endpoints(self) -> list[tuple[str, int]]:
         return list(self._state.peer_addr)
 
+    def endpoint(self, peer: int) -> tuple[str, int]:
+        """Where ``peer``'s packets go now (one row of endpoints())."""
+        return self._state.peer_addr[operator.index(peer)]
+
+    def confirming(self, peer: int, local_index: int) -> bool:
+        """Whether confirm_session(peer, local_index) would make a keypair current here."""
+        peer = operator.index(peer)
+        if not 0 <= peer < len(self._sessions):
+            return False
+        upcoming = self._sessions[peer].next
+        return upcoming is not None and upcoming.local_index == operator.index(local_index)
+
+    def staged_count(self, peer: int) -> int:
+        """Packets held for ``peer`` (what send_staged would try to send)."""
+        peer = operator.index(peer)
+        return len(self._sessions[peer].staged) if 0 <= peer < len(self._sessions) else 0
+
     def activity(self) -> list[tuple[float, float, float, float]]:
         """Per peer: (sent anything, received anything authenticated, sent data, received
         data), monotonic seconds of set_now's clock, -inf for never."""
         return [(s.sent_any, s.received_any, s.sent_data, s.received_data)
                 for s in self._sessions]
 
-    def sessions(self) -> list[tuple[int, float]]:
-        """Per peer: (usable keypairs, age of the current one or -1), for status output."""
-        return [(len(s.keypairs()), self._now - s.current.created if s.current else -1.0)
-                for s in self._sessions]
+    def sessions(self, now: float | None = None) -> list[tuple[int, float]]:
+        """Per peer: (usable keypairs, age of the current one or -1), for status output. With
+        ``now``: as of the later of it and the clock, without moving the clock, a keypair that
+        set_now(now) would zero not counted (the compiled kernel's unpausing read for the
+        threads engine; the same answer as set_now(now) and then sessions())."""
+        if now is None:
+            return [(len(s.keypairs()), self._now - s.current.created if s.current else -1.0)
+                    for s in self._sessions]
+        at, limit = max(self._now, float(now)), 3 * self._reject_after_time
+        out = []
+        for s in self._sessions:
+            kept = [k for k in s.keypairs() if at - k.created < limit]
+            current = s.current if any(k is s.current for k in kept) else None
+            out.append((len(kept), at - current.created if current is not None else -1.0))
+        return out
 
     @property
     def queued_events(self) -> int:

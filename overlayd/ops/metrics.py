@@ -36,7 +36,7 @@ the name (``_bytes``, ``_seconds``), one ``_info`` gauge per set of descriptive 
 | overlayd_capture_sessions | gauge | |
 | overlayd_capture_dropped_packets_total | counter | |
 | overlayd_dataplane_thread_packets_total | counter | thread, direction (engine threads) |
-| overlayd_dataplane_thread_wakeups_total, overlayd_dataplane_thread_busy_polls_total | counter | thread |
+| overlayd_dataplane_thread_wakeups_total, overlayd_dataplane_thread_busy_polls_total, overlayd_dataplane_thread_pauses_total | counter | thread |
 | overlayd_dataplane_thread_info | gauge (1) | thread, cpus (engine threads: the CPUs it may run on) |
 | overlayd_dataplane_steering_info | gauge (1) | requested, mode ([dataplane] steering, and in force) |
 """
@@ -288,6 +288,10 @@ class OverlaydCollector(Collector):
         thread_wakeups = counter("overlayd_dataplane_thread_wakeups",
                                  "Wake-ups of each native data-plane thread (epoll returns).",
                                  labels=["thread"])
+        thread_pauses = counter("overlayd_dataplane_thread_pauses",
+                                "Times each native data-plane thread stopped between two "
+                                "batches for a control call (a table swap, a capture, a "
+                                "handshake's keypair).", labels=["thread"])
         thread_polls = counter("overlayd_dataplane_thread_busy_polls",
                                "Busy-poll rounds of each native data-plane thread.",
                                labels=["thread"])
@@ -311,6 +315,7 @@ class OverlaydCollector(Collector):
             thread_packets.add_metric([thread, "outside"], t["outside_packets"])
             thread_wakeups.add_metric([thread], t["wakeups"])
             thread_polls.add_metric([thread], t["busy_polls"])
+            thread_pauses.add_metric([thread], t.get("pauses", 0))
             thread_info.add_metric([thread, cpu_list(t.get("cpus") or [])], 1)
         for name, enabled in s["offloads"].items():
             offloads.add_metric([name], float(enabled))

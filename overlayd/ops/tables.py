@@ -118,7 +118,8 @@ def render_engine(e: dict[str, Any]) -> list[tuple[str, str]]:
                            f"{cpu_list(cpus)}): {t['share'] * 100:.0f}% of packets, "
                            f"{human_count(t['inside_packets'])} in, "
                            f"{human_count(t['outside_packets'])} out, "
-                           f"{human_count(t['wakeups'])} wake-ups"
+                           f"{human_count(t['wakeups'])} wake-ups, "
+                           f"{human_count(t.get('pauses', 0))} pauses"
                            + ("" if t["device_attached"] else ", device detached"))))
     return lines
 

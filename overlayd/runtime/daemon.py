@@ -58,7 +58,8 @@ log = logging.getLogger("overlayd")
 
 ICMP_REFILL_SECONDS = 0.1     # token bucket granularity for ICMP errors
 HEALTH_CHECK_SECONDS = 1.0    # how often the device's existence is checked
-FDB_TICK_SECONDS = 0.5        # switched: MAC ageing (the clock is also set before each batch)
+FDB_TICK_SECONDS = 0.5        # switched: MAC ageing (the clock is also set before each batch;
+                              # on the threads engine the thread ages on this period itself)
 ADDRESS_WAIT_SLICE_SECONDS = 5.0   # while waiting for the public IP: STATUS= refreshed this often
 HOST_ADDRESSES_SECONDS = 5.0  # routed: how often this host's own addresses are re-read
 
@@ -191,6 +192,9 @@ class Daemon:
         if backend.switched:
             self._clocked = True
             self.forwarder.set_now(time.monotonic())
+            if isinstance(self.forwarder, ThreadedForwarder):
+                # the thread ages its own table (no timer, no pause: runtime/engine.py)
+                self.forwarder.set_ageing(self.config.mac_ageing_seconds, FDB_TICK_SECONDS)
         self.forwarder.set_tables(self._tables(self.view))
         if self.wireguard is not None:
             self.wireguard.set_peers(self.smap, self.view)
@@ -325,7 +329,8 @@ class Daemon:
                              (signal.SIGHUP, lambda: self.reload("SIGHUP"))):
             loop.add_signal_handler(sig, handler)
         if self.smap.backend.switched:
-            self._every(FDB_TICK_SECONDS, self._fdb_tick)
+            if not isinstance(self.forwarder, ThreadedForwarder):
+                self._every(FDB_TICK_SECONDS, self._fdb_tick)
         else:
             self._every(ICMP_REFILL_SECONDS, self._refill_icmp)
             self._every(HOST_ADDRESSES_SECONDS, self._refresh_host_addresses)

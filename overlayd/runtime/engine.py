@@ -5,9 +5,12 @@ N forwarders to the rest of the daemon as one forwarder (the interface ops/ and 
 
 - counters, per-peer counters, batch histograms: summed over the forwarders at read time,
   without stopping a thread (each counter has one writer);
-- set_tables, age, set_capture, drain_capture: each forwarder in turn, while its thread is
+- set_tables, set_capture, drain_capture: each forwarder in turn, while its thread is
   paused between two batches (the others keep forwarding), so a table swap stays one
   assignment no batch sees halfway and no generation is freed under a batch;
+- MAC ageing (switched): set_ageing once, and the thread ages its own table in its clock step
+  (cext/engine.pxi item 10); the daemon's FDB timer does not run, so nothing pauses for it
+  (age() still works, paused, for a caller that wants a pass now);
 - threads(): per thread, its share of the traffic and its loop statistics (overlayd status and
   the metrics show them).
 
@@ -66,7 +69,12 @@ class ThreadedForwarder:
         self.switched = hasattr(self.forwarders[0], "fdb_entries")
         if self.switched:
             # A switched forwarder also answers the FDB questions (one thread: see choose_engine).
-            self.fdb_entries = self.forwarders[0].fdb_entries
+            # Its size and per-port counts are aligned integers the thread alone writes: read
+            # as they are. The listing walks the learned list, which the running thread relinks
+            # (learning) and, ageing itself, deletes from by shifting entries between slots: a
+            # walk beside that could follow a stale link, so it pauses the thread (`overlayd
+            # fdb`: an operator's request, never a timer's).
+            self.fdb_entries = self._fdb_entries
             self.fdb_size = self.forwarders[0].fdb_size
             self.port_entries = self.forwarders[0].port_entries
 
@@ -123,6 +131,12 @@ class ThreadedForwarder:
     def age(self, now: float, max_age: float) -> int:
         return sum(self._each_paused(lambda fwd: fwd.age(now, max_age)))
 
+    def set_ageing(self, max_age: float, period: float) -> None:
+        """From now on the switched thread ages its MAC table itself, as age(now, max_age)
+        every ``period`` seconds would (its clock step; it sleeps no longer than the next pass
+        is due): the caller's timer stops calling age(), and no pause remains for ageing."""
+        self._each_paused(lambda fwd: fwd.set_ageing(max_age, period))
+
     def set_capture(self, enabled: bool) -> None:
         self._each_paused(lambda fwd: fwd.set_capture(enabled))
 
@@ -133,6 +147,10 @@ class ThreadedForwarder:
             records.extend(part)
         records.sort(key=lambda record: record[3])   # stable: per-thread order is kept
         return records
+
+    def _fdb_entries(self) -> list[tuple[bytes, int, bool, float]]:
+        with self._paused(0) as fwd:
+            return list(fwd.fdb_entries())
 
     # -- reading (no pause) ----------------------------------------------------------------------
 

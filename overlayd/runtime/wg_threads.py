@@ -10,19 +10,22 @@ cipher contexts, staging ring, event queue); what must be one per key is one per
   (a datagram accepted on one thread is a replay on all);
 - a control call that changes a forwarder runs on each in turn with its thread paused between
   two batches, so from any batch's point of view an endpoint change or a confirmed session is
-  one step; a keypair install pauses every thread at once, so no thread can receive under a
-  keypair the others already use before it has it too;
+  one step - and only on the forwarders it changes (a handshake's calls look first, unpaused;
+  see confirm_session); a keypair install pauses every thread at once, so no thread can
+  receive under a keypair the others already use before it has it too;
 - the clock: each thread steps its forwarder's clock before each batch and when a keypair is
   due to be zeroed (3 x REJECT_AFTER_TIME; cext/engine.pxi item 9), so set_now - the 0.1 s
   tick's and each drain's - pauses nothing: it only records the control plane's time, which a
   call that pauses a thread anyway gives its forwarder first (an idle thread's clock is its
   last batch's: an install must not date a keypair from then);
 - events: a thread whose batch queued some writes the engine's notify fd (the daemon watches
-  it on the loop and calls WireguardRuntime.after_batch); drain_events pauses only the threads
-  whose forwarder has events queued;
+  it on the loop and calls WireguardRuntime.after_batch); drain_events pauses nothing (each
+  forwarder's events are a single-producer single-consumer ring);
 - a roamed endpoint seen by one thread is set on all (the runtime calls set_endpoint on the
   EVENT_ENDPOINT it drains); a responder's session confirmed on one thread is confirmed on all
-  (confirm_session); activity is the latest time over the threads.
+  (confirm_session); activity is the latest time over the threads;
+- status reads (endpoints, sessions: overlayd status / peers, a metrics scrape) pause nothing:
+  a per-session sequence counter lets them take a consistent copy while the thread runs.
 """
 
 from __future__ import annotations
@@ -60,14 +63,15 @@ class ThreadedWireguardForwarder(ThreadedForwarder):
         return fwd
 
     def drain_events(self) -> list[Event]:
-        # A thread with nothing queued is not paused: queued_events has one writer, and an
-        # event it queues after this read makes its batch write the notify fd again (the
-        # engine compares with what it last signalled), so nothing waits unseen.
+        # No pause: each forwarder's events are a single-producer ring its batches fill and
+        # this thread empties (cext/wireguard.pxi, _event), and what a batch wrote before it
+        # queued an event is visible to the drain that took it. An event queued after this
+        # read makes its batch write the notify fd again (the engine compares the ring's tail
+        # with what it last signalled), so nothing waits unseen.
         events: list[Event] = []
-        for i, fwd in enumerate(self.forwarders):
+        for fwd in self.forwarders:
             if fwd.queued_events:
-                with self._paused(i):
-                    events.extend(fwd.drain_events())
+                events.extend(fwd.drain_events())
         return events
 
     def install_keypair(self, peer: int, local_index: int, remote_index: int, send_key: bytes,
@@ -97,14 +101,48 @@ class ThreadedWireguardForwarder(ThreadedForwarder):
             for i in range(paused):
                 self.engine.resume(i)
 
+    # A handshake's calls pause only the threads they change (each test reads the forwarder
+    # without pausing it: seq-read slots and endpoint, the thread's held-packet count):
+    # - confirm_session skips a thread that has no such "next" keypair (the one whose batch
+    #   saw the first message promoted it itself; once not pending, it stays so until an
+    #   install, which runs on this thread), and sends what a confirmed thread held in the
+    #   same pause;
+    # - send_staged skips a thread holding nothing for the peer: a thread holds packets only
+    #   while the peer has no usable keypair here, and after a confirmation none is added;
+    #   the count it read was written before that thread queued the event that brought us
+    #   here, which the drain's acquire of the ring's tail ordered before this read (a paused
+    #   thread's, by the pause);
+    # - set_endpoint skips a thread that already sends there (the one that saw the roam, or
+    #   all of them when a handshake only repeats the known endpoint; a later roam on it
+    #   queues its own event). Skipping leaves its "roamed" mark unset, which a table swap
+    #   resolves to the same address (the map's, which it already is).
+    # Two calls keep their pauses: the install pauses every thread at once (above), and a
+    # confirmation pauses the thread it promotes on - promoting drops the previous keypair,
+    # whose cipher contexts a running batch of that thread may be using.
+
     def confirm_session(self, peer: int, local_index: int) -> bool:
-        return any(self._each_paused(lambda fwd: fwd.confirm_session(peer, local_index)))
+        confirmed = False
+        for i, fwd in enumerate(self.forwarders):
+            if fwd.confirming(peer, local_index):
+                with self._paused(i):
+                    confirmed = fwd.confirm_session(peer, local_index) or confirmed
+                    if fwd.staged_count(peer):
+                        self._clocked(fwd).send_staged(peer)
+        return confirmed
 
     def set_endpoint(self, peer: int, ip: str, port: int) -> None:
-        self._each_paused(lambda fwd: fwd.set_endpoint(peer, ip, port))
+        for i, fwd in enumerate(self.forwarders):
+            if fwd.endpoint(peer) != (ip, port):
+                with self._paused(i):
+                    fwd.set_endpoint(peer, ip, port)
 
     def send_staged(self, peer: int) -> int:
-        return sum(self._each_paused(lambda fwd: self._clocked(fwd).send_staged(peer)))
+        sent = 0
+        for i, fwd in enumerate(self.forwarders):
+            if fwd.staged_count(peer):
+                with self._paused(i):
+                    sent += self._clocked(fwd).send_staged(peer)
+        return sent
 
     def drop_staged(self, peer: int) -> int:
         return sum(self._each_paused(lambda fwd: fwd.drop_staged(peer)))
@@ -122,14 +160,15 @@ class ThreadedWireguardForwarder(ThreadedForwarder):
         rows = [fwd.activity() for fwd in self.forwarders]
         return [tuple(max(column) for column in zip(*per_peer)) for per_peer in zip(*rows)]
 
-    # endpoints and sessions (overlayd status / peers, a metrics scrape: rare) pause thread 0:
-    # its batches write an endpoint's 16 bytes when the peer roams and move a session's three
-    # keypair slots on a confirmation or an expiry, which an unpaused read could see halfway.
+    # endpoints and sessions (overlayd status / peers, every metrics scrape) read thread 0's
+    # forwarder without pausing it: its batches change an endpoint (roaming) or a session's
+    # keypair slots (a confirmation, an expiry) inside the session's sequence counter, and
+    # the reader keeps only a copy no such write overlapped (cext/wireguard.pxi, WG_SEQ_*).
+    # The forwarder's clock is not touched: sessions(now) answers as of the control plane's
+    # time, as set_now(now) and then sessions() did with the thread paused.
 
     def endpoints(self) -> list[tuple[str, int]]:
-        with self._paused(0) as fwd:
-            return list(fwd.endpoints())
+        return list(self.forwarders[0].endpoints())
 
     def sessions(self) -> list[tuple[int, float]]:
-        with self._paused(0) as fwd:
-            return list(self._clocked(fwd).sessions())
+        return list(self.forwarders[0].sessions(self._now))
