@@ -3,8 +3,10 @@
 - ``flow``: the kernel's own choice (tun automq flow hash, the SO_REUSEPORT 4-tuple hash),
   threads unpinned: one flow stays on one thread, wherever its packets were sent from.
 - ``cpu``: thread i is pinned to its share of the daemon's CPUs and the device's and the
-  sockets' BPF programs (io/steering.py) hand each packet to the thread of the CPU it is on,
-  so every hop of a round trip wakes a thread on the CPU that is already awake.
+  sockets' eBPF programs (io/steering.py) hand each flowlet - a flow's packets until it falls
+  silent for ``[dataplane] flowlet_gap_us`` (1 ms) - to the thread of the CPU its first
+  packet is on, so every hop of a round trip wakes a thread on the CPU that is already awake,
+  and no flow is reordered.
 
 ``plan_steering`` says whether ``cpu`` can apply at all (N > 1 native threads, each with a
 CPU of its own); ``CpuSteering`` then loads and attaches the programs (``attach``, at start,
@@ -31,8 +33,11 @@ class CpuSteering:
     """The steering in force and what it took; ``mode`` is "flow" or "cpu"."""
 
     def __init__(self, requested: str, shares: Sequence[Sequence[int]] = (),
-                 reason: str | None = None) -> None:
+                 reason: str | None = None, backend: str = "udp",
+                 flowlet_gap_us: int = io_steering.FLOWLET_GAP_NS // 1000) -> None:
         self.requested = requested
+        self.backend = backend                # what the sockets' program parses
+        self.flowlet_gap_us = flowlet_gap_us
         self.mode = "cpu" if requested == "cpu" and shares else "flow"
         self.reason = reason                  # why "cpu" was asked for but is not in force
         self.shares = [list(s) for s in shares] if self.mode == "cpu" else []
@@ -45,7 +50,8 @@ class CpuSteering:
     # -- life ------------------------------------------------------------------------------------
 
     def attach(self, tun: Any, rx_socks: Sequence[socket.socket]) -> None:
-        """Load the tun program and attach both programs (the threads are pinned by pin())."""
+        """Load both programs, each with its flowlet map, and attach them (the threads are
+        pinned by pin())."""
         if self.mode != "cpu":
             # A device kept from an earlier run (keep_device) keeps that run's program.
             try:
@@ -55,13 +61,21 @@ class CpuSteering:
             return
         self._tun, self._socks = tun, list(rx_socks)
         thread_of = io_steering.thread_of_cpu(self.shares)
+        gap_ns = self.flowlet_gap_us * 1000
         try:
-            self._program_fd = io_steering.load_tun_program(io_steering.tun_program(thread_of))
+            self._program_fd = io_steering.load_program(
+                lambda flows: io_steering.tun_program(thread_of, flows, gap_ns))
             io_steering.set_tun_steering(tun.fds[0], self._program_fd)
             # The group's program; its return value indexes the sockets in the order they
-            # were bound, which is rx_socks' order (the daemon never rebinds one).
-            io_steering.attach_reuseport(self._socks[0],
-                                         io_steering.reuseport_program(thread_of))
+            # were bound, which is rx_socks' order (the daemon never rebinds one). The group
+            # holds it from here on: nothing re-attaches it.
+            sockets_fd = io_steering.load_program(
+                lambda flows: io_steering.reuseport_program(thread_of, flows, self.backend,
+                                                             gap_ns))
+            try:
+                io_steering.attach_reuseport(self._socks[0], sockets_fd)
+            finally:
+                os.close(sockets_fd)
         except (OSError, ValueError) as exc:
             self.fall_back(_why(exc))
 
@@ -123,7 +137,8 @@ class CpuSteering:
 
     def describe(self) -> dict[str, Any]:
         return {"requested": self.requested, "mode": self.mode, "reason": self.reason,
-                "cpus": [list(s) for s in self.shares]}
+                "cpus": [list(s) for s in self.shares],
+                "flowlet_gap_us": self.flowlet_gap_us if self.mode == "cpu" else None}
 
 
 def _why(exc: Exception) -> str:
@@ -132,9 +147,11 @@ def _why(exc: Exception) -> str:
 
 
 def plan_steering(requested: str, engine: str, threads: int, switched: bool,
-                  cpus: Sequence[int] | None = None) -> CpuSteering:
-    """What ``steering = "cpu"`` can be here; a plan without shares says why not (no fault:
-    nothing to pin or nothing to choose between)."""
+                  cpus: Sequence[int] | None = None, backend: str = "udp",
+                  flowlet_gap_us: int = io_steering.FLOWLET_GAP_NS // 1000) -> CpuSteering:
+    """What ``steering = "cpu"`` can be here (``backend``: the map's, udp, vxlan or
+    wireguard; ``flowlet_gap_us``: [dataplane] flowlet_gap_us); a plan without shares says
+    why not (no fault: nothing to pin or nothing to choose between)."""
     if requested != "cpu":
         return CpuSteering(requested)
     if engine != "threads":
@@ -152,7 +169,8 @@ def plan_steering(requested: str, engine: str, threads: int, switched: bool,
                    f"({','.join(map(str, allowed))}): cpu steering needs a CPU for each "
                    f"thread (set [dataplane] threads to at most {len(allowed)})")
         else:
-            return CpuSteering(requested, io_steering.cpu_shares(allowed, threads))
+            return CpuSteering(requested, io_steering.cpu_shares(allowed, threads),
+                               backend=backend, flowlet_gap_us=flowlet_gap_us)
     steering = CpuSteering(requested, reason=f"cpu steering not applied: {why}")
     log.info("steering: %s; flow steering in force", steering.reason)
     return steering
