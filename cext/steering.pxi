@@ -5,7 +5,8 @@
 #
 # 1. bpf_create_flow_map: bpf(BPF_MAP_CREATE) of the BPF_MAP_TYPE_LRU_HASH a steering program
 #    keeps its flowlets in (flow key -> thread, last seen); the program holds its own reference
-#    once loaded, so the caller closes the fd after the load.
+#    once loaded, so the caller closes the fd after the load. bpf_create_drain_map: the array
+#    both programs read the threads' drain times from (engine.pxi item 10 writes them).
 # 2. bpf_load_socket_filter: bpf(BPF_PROG_LOAD) of an eBPF BPF_PROG_TYPE_SOCKET_FILTER program
 #    (the type TUNSETSTEERINGEBPF and SO_ATTACH_REUSEPORT_EBPF take). A first load asks for no
 #    verifier log (a log too small for the verifier's words would itself fail the load with
@@ -25,11 +26,13 @@ cdef extern from *:
         return (int)syscall(__NR_bpf, cmd, attr, sizeof(*attr));
     }
 
-    static int steering_map_create(unsigned int key_size, unsigned int value_size,
+    static int steering_map_create(unsigned int type, unsigned int flags,
+                                   unsigned int key_size, unsigned int value_size,
                                    unsigned int max_entries) {
         union bpf_attr attr;
         memset(&attr, 0, sizeof(attr));
-        attr.map_type = BPF_MAP_TYPE_LRU_HASH;
+        attr.map_type = type;
+        attr.map_flags = flags;
         attr.key_size = key_size;
         attr.value_size = value_size;
         attr.max_entries = max_entries;
@@ -68,8 +71,11 @@ cdef extern from *:
         return rc;
     }
     """
-    int steering_map_create(unsigned int key_size, unsigned int value_size,
-                            unsigned int max_entries) nogil
+    int steering_map_create(unsigned int type, unsigned int flags, unsigned int key_size,
+                            unsigned int value_size, unsigned int max_entries) nogil
+    const unsigned int BPF_MAP_TYPE_LRU_HASH
+    const unsigned int BPF_MAP_TYPE_ARRAY
+    const unsigned int BPF_F_MMAPABLE
     int steering_bpf_load(const void *insns, unsigned int count, char *log,
                           unsigned int log_size) nogil
     int steering_test_run(int prog_fd, const void *data, unsigned int size,
@@ -84,7 +90,18 @@ def bpf_create_flow_map(unsigned int key_size, unsigned int value_size,
                         unsigned int max_entries) -> int:
     """An LRU hash map (the kernel evicts the least recently used flow when it is full); its
     fd. OSError on refusal (EPERM: no CAP_BPF / a seccomp filter; ENOMEM: memlock/memcg)."""
-    cdef int fd = steering_map_create(key_size, value_size, max_entries)
+    cdef int fd = steering_map_create(BPF_MAP_TYPE_LRU_HASH, 0, key_size, value_size,
+                                      max_entries)
+    if fd < 0:
+        err = errno
+        raise OSError(err, f"bpf(BPF_MAP_CREATE): {strerror(err)}")
+    return fd
+
+
+def bpf_create_drain_map(unsigned int slots) -> int:
+    """An array of ``slots`` int64 (zero) the engine's threads map into their memory
+    (BPF_F_MMAPABLE, Linux 5.5) to publish their drain times (engine.pxi item 10); its fd."""
+    cdef int fd = steering_map_create(BPF_MAP_TYPE_ARRAY, BPF_F_MMAPABLE, 4, 8, slots)
     if fd < 0:
         err = errno
         raise OSError(err, f"bpf(BPF_MAP_CREATE): {strerror(err)}")

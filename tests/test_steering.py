@@ -6,6 +6,7 @@ the plan says when cpu steering cannot apply; the config key is checked like the
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import socket
@@ -78,15 +79,23 @@ def test_cpu_shares_deal_the_cpus_round_robin() -> None:
     assert steering.thread_of_cpu([[0, 2], [1, 3]]) == {0: 0, 2: 0, 1: 1, 3: 1}
 
 
+FLOWS_FD, DRAINS_FD = 3, 4      # what the interpreted programs are built with
+
+
 class Interpreter:
     """A naive interpreter of the eBPF the program builders emit, with the kernel's helpers
-    played by Python: the CPU, the clock and the flow map are the caller's."""
+    played by Python: the CPU, the clock, the flow map and the drain times (``drained``, as
+    the engine's threads would store them) are the caller's."""
 
     MASK = (1 << 64) - 1
 
-    def __init__(self, program: bytes) -> None:
+    def __init__(self, program: bytes, threads: int = 2) -> None:
         self.insns = [struct.unpack_from("<BBhi", program, i) for i in range(0, len(program), 8)]
         self.flows: dict[bytes, bytearray] = {}
+        self.drains = bytearray(16 * threads)
+
+    def drained(self, thread: int, side: int, at_ns: int) -> None:
+        self.drains[16 * thread + 8 * side:16 * thread + 8 * side + 8] = at_ns.to_bytes(8, "little")
 
     def run(self, payload: bytes, cpu: int, now_ns: int) -> int:
         stack = bytearray(512)
@@ -100,7 +109,7 @@ class Interpreter:
             pc += 1
             if code == 0x18:                                    # ld_imm64: the map
                 assert src == steering.PSEUDO_MAP_FD
-                regs[dst], pc = "map", pc + 1
+                regs[dst], pc = f"map {imm}", pc + 1
             elif cls in (steering.ALU64, steering.ALU):
                 value = regs[src] if code & steering.X else imm & self.MASK
                 regs[dst] = self.alu(op, regs[dst], value, cls == steering.ALU)
@@ -120,7 +129,7 @@ class Interpreter:
             elif op == steering.JA:
                 pc += off
             else:
-                a, b = regs[dst], imm & self.MASK
+                a, b = regs[dst], regs[src] if code & steering.X else imm & self.MASK
                 if isinstance(a, tuple):                        # a map value: not NULL
                     assert op in (steering.JEQ, steering.JNE) and b == 0, op
                     a = 1
@@ -150,6 +159,11 @@ class Interpreter:
                 return -14 & self.MASK                           # -EFAULT
             buf[to:to + length] = payload[at:at + length]
             return 0
+        if regs[1] == f"map {DRAINS_FD}":
+            assert helper == steering.MAP_LOOKUP_ELEM
+            slot = int.from_bytes(regs[2][0][regs[2][1]:regs[2][1] + 4], "little")
+            return (self.drains, 8 * slot) if 8 * slot < len(self.drains) else 0
+        assert regs[1] == f"map {FLOWS_FD}", regs[1]
         key = bytes(regs[2][0][regs[2][1]:regs[2][1] + steering.FLOW_KEY_BYTES])
         if helper == steering.MAP_LOOKUP_ELEM:
             return (self.flows[key], 0) if key in self.flows else 0
@@ -159,10 +173,12 @@ class Interpreter:
         return 0
 
 
-def all_programs(thread_of: dict[int, int], map_fd: int = 3,
+def all_programs(thread_of: dict[int, int], map_fd: int = FLOWS_FD,
+                 drains_fd: int = DRAINS_FD,
                  gap_ns: int = steering.FLOWLET_GAP_NS) -> dict[str, bytes]:
-    return {"tun": steering.tun_program(thread_of, map_fd, gap_ns),
-            **{backend: steering.reuseport_program(thread_of, map_fd, backend, gap_ns)
+    return {"tun": steering.tun_program(thread_of, map_fd, drains_fd, gap_ns),
+            **{backend: steering.reuseport_program(thread_of, map_fd, drains_fd, backend,
+                                                   gap_ns)
                for backend in BACKENDS}}
 
 
@@ -176,27 +192,43 @@ def test_programs_map_every_cpu_to_its_thread(cpus: list[int], threads: int) -> 
     thread_of = steering.thread_of_cpu(steering.cpu_shares(cpus, threads))
     stranger = max(cpus) + 1
     for kind, program in all_programs(thread_of).items():
-        run = Interpreter(program).run
+        run = Interpreter(program, threads).run
         for cpu in cpus:
             assert run(b"", cpu, 0) == thread_of[cpu], (kind, cpu)
         assert run(b"", stranger, 0) == (stranger if kind == "tun" else steering.NO_SOCKET)
 
 
-def test_a_flowlet_keeps_its_thread_until_the_flow_falls_silent() -> None:
-    """In the interpreter, on the clock's terms: within the gap the first packet's thread,
-    after it the current CPU's; the silence is measured from the flow's last packet."""
-    gap = steering.FLOWLET_GAP_NS
-    machine = Interpreter(steering.tun_program({0: 0, 1: 1}, 3))
+@pytest.mark.parametrize("kind, side", [("tun", steering.DEVICE_SIDE),
+                                        ("udp", steering.SOCKET_SIDE)])
+def test_a_flowlet_moves_after_a_silence_once_its_old_thread_has_drained(
+        kind: str, side: int) -> None:
+    """In the interpreter, on the clock's terms: within the gap the first packet's thread;
+    after a silence longer than the gap still that thread until it has emptied this side's
+    queue since the flow's last packet (a drain of the other side, or an older one, does not
+    count), then the current CPU's; the silence is measured from the flow's last packet."""
+    gap, t0 = steering.FLOWLET_GAP_NS, 10**9
+    machine = Interpreter(all_programs({0: 0, 1: 1})[kind])
     packet = udp4(40000)
-    assert [machine.run(packet, cpu, at) for cpu, at in [
-        (0, 10**9), (1, 10**9 + gap // 2), (1, 10**9 + gap), (1, 10**9 + 3 * gap // 2),
-        (1, 10**9 + 3 * gap), (0, 10**9 + 3 * gap + 1)]] == [0, 0, 0, 0, 1, 1]
+    assert machine.run(packet, 0, t0) == 0
+    assert machine.run(packet, 1, t0 + gap // 2) == 0
+    last = t0 + gap
+    assert machine.run(packet, 1, last) == 0            # the gap itself: not longer than it
+    machine.drained(0, side, last - 1)                  # drained, but before the last packet
+    machine.drained(0, 1 - side, last + 10)             # the other side drained
+    assert machine.run(packet, 1, last + 3 * gap) == 0  # silent, the old thread may hold some
+    last += 3 * gap
+    machine.drained(0, side, last)
+    assert machine.run(packet, 1, last + gap // 2) == 0  # drained, but not silent
+    last += gap // 2
+    machine.drained(0, side, last + 5)
+    assert machine.run(packet, 1, last + 2 * gap) == 1   # silent and drained: moves
+    assert machine.run(packet, 0, last + 2 * gap + 1) == 1
     assert len(machine.flows) == 1
 
 
 def test_a_gap_beyond_the_programs_immediate_is_refused() -> None:
     with pytest.raises(ValueError, match="32-bit signed immediate"):
-        steering.tun_program({0: 0}, 3, 1 << 31)
+        steering.tun_program({0: 0}, FLOWS_FD, DRAINS_FD, 1 << 31)
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -305,7 +337,8 @@ def test_a_program_the_verifier_rejects_says_why() -> None:
 LOAD_PROBE = """
 from overlayd.io import steering
 try:
-    steering.load_program(lambda flows: steering.tun_program({0: 0, 1: 1}, flows))
+    drains = steering.create_drain_map(2)
+    steering.load_program(lambda flows: steering.tun_program({0: 0, 1: 1}, flows, drains))
     print("loaded")
 except OSError as exc:
     print(exc.strerror)
@@ -340,19 +373,47 @@ def pinned_here() -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-TEST_GAP_NS = 300_000_000    # long enough for a CPU switch on a loaded machine, short to wait
+TEST_GAP_NS = 150_000_000    # long enough for a CPU switch on a loaded machine, short to wait
+
+
+class Drains:
+    """The programs' drain map, mapped as the engine maps it: the test plays the threads."""
+
+    def __init__(self, threads: int = 2) -> None:
+        self.fd = steering.create_drain_map(threads)
+        self.memory = mmap.mmap(self.fd, steering.drain_bytes(threads))
+
+    def all_now(self) -> None:
+        """Every thread has just emptied both its queues."""
+        now = time.monotonic_ns()      # CLOCK_MONOTONIC: bpf_ktime_get_ns's clock
+        for at in range(0, len(self.memory), 8):
+            self.memory[at:at + 8] = struct.pack("<q", now)
+
+    def close(self) -> None:
+        self.memory.close()
+        os.close(self.fd)
 
 
 @pytest.fixture
-def loaded(pinned_here: None) -> Iterator[dict[str, int]]:
-    """The four programs loaded into the kernel (each with its own flow map), the CPU-to-thread
-    map crossed (CPUS[0] -> thread 1), so that "thread 0" by accident fails; their fds."""
+def drains() -> Iterator[Drains]:
+    d = Drains()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def loaded(pinned_here: None, drains: Drains) -> Iterator[dict[str, int]]:
+    """The four programs loaded into the kernel (each with its own flow map, all with the
+    drain map), the CPU-to-thread map crossed (CPUS[0] -> thread 1), so that "thread 0" by
+    accident fails; their fds."""
     thread_of = {CPUS[0]: 1, CPUS[1]: 0}
     fds: dict[str, int] = {}
     try:
         for kind in ("tun", *BACKENDS):
-            fds[kind] = steering.load_program(
-                lambda flows, kind=kind: all_programs(thread_of, flows, TEST_GAP_NS)[kind])
+            fds[kind] = steering.load_program(lambda flows, kind=kind: all_programs(
+                thread_of, flows, drains.fd, TEST_GAP_NS)[kind])
         yield fds
     finally:
         for fd in fds.values():
@@ -377,10 +438,11 @@ def flows_of(kind: str) -> tuple[bytes, bytes, bytes]:
 @needs_root
 @needs_two_cpus
 def test_a_flow_keeps_the_thread_of_its_first_cpu_until_it_falls_silent(
-        loaded: dict[str, int], kind: str) -> None:
+        loaded: dict[str, int], drains: Drains, kind: str) -> None:
     """The real programs in the kernel: a flow's first packet takes its CPU's thread; from the
     other CPU within the gap it keeps it (no reordering between threads); a second flow is
-    decided on its own; after the gap the flow takes the thread of the CPU it is on now."""
+    decided on its own; after the gap it keeps it still while its old thread has not emptied
+    its queue since (drain map), and once it has, the flow takes the current CPU's thread."""
     fd, (first, second, first_again) = loaded[kind], flows_of(kind)
     a, b = CPUS
     assert on(a, fd, first) == 1
@@ -389,7 +451,10 @@ def test_a_flow_keeps_the_thread_of_its_first_cpu_until_it_falls_silent(
     assert on(a, fd, second) == 0
     assert on(a, fd, first) == 1
     time.sleep(TEST_GAP_NS * 2 / 1e9)
-    assert on(b, fd, first) == 0                # silent longer than the gap: steered afresh
+    assert on(b, fd, first) == 1                # silent, but thread 1 has not drained since
+    drains.all_now()
+    time.sleep(TEST_GAP_NS * 2 / 1e9)
+    assert on(b, fd, first) == 0                # silent and drained: steered afresh
     assert on(a, fd, first) == 0
 
 
@@ -443,12 +508,13 @@ def test_a_packet_without_a_flow_key_goes_to_its_cpu(loaded: dict[str, int],
 @needs_root
 @needs_two_cpus
 def test_the_default_gap_re_steers_a_flow_silent_for_a_few_milliseconds(
-        pinned_here: None) -> None:
+        pinned_here: None, drains: Drains) -> None:
     fd = steering.load_program(lambda flows: steering.tun_program({CPUS[0]: 0, CPUS[1]: 1},
-                                                                  flows))
+                                                                  flows, drains.fd))
     try:
         for cpu in (*CPUS, *CPUS):
             assert on(cpu, fd, udp4(40000)) == CPUS.index(cpu)
+            drains.all_now()
             time.sleep(steering.FLOWLET_GAP_NS * 10 / 1e9)
     finally:
         os.close(fd)
@@ -465,7 +531,7 @@ def crossed_or_not(order: tuple[int, int]) -> dict[int, int]:
 @pytest.mark.parametrize("gap_ns", [steering.FLOWLET_GAP_NS, TEST_GAP_NS],
                          ids=["silent-between", "one-flowlet"])
 def test_reuseport_program_picks_the_socket_of_the_flowlets_cpu(
-        pinned_here: None, order: tuple[int, int], gap_ns: int) -> None:
+        pinned_here: None, drains: Drains, order: tuple[int, int], gap_ns: int) -> None:
     """Loopback delivers in the sender's softirq, on the sender's CPU, with the UDP header
     pulled. Bursts of one flow from CPU a, b, a, b: with the default gap and a pause of 20 ms
     between them, each lands on the socket the program maps its CPU to (in the group's bind
@@ -473,7 +539,7 @@ def test_reuseport_program_picks_the_socket_of_the_flowlets_cpu(
     socks = reuseport_sockets("127.0.0.1", 2)
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     fd = steering.load_program(lambda flows: steering.reuseport_program(
-        crossed_or_not(order), flows, "udp", gap_ns))
+        crossed_or_not(order), flows, drains.fd, "udp", gap_ns))
     try:
         thread_of = crossed_or_not(order)
         steering.attach_reuseport(socks[0], fd)
@@ -482,6 +548,7 @@ def test_reuseport_program_picks_the_socket_of_the_flowlets_cpu(
             for _ in range(20):
                 sender.sendto(carried("udp", udp4(1234)), socks[0].getsockname())
             got = [len(drain(s)) for s in socks]
+            drains.all_now()                     # (the sockets are empty)
             expected = thread_of[cpu if gap_ns == steering.FLOWLET_GAP_NS else CPUS[0]]
             assert got[expected] == 20 and sum(got) == 20, (cpu, got)
             time.sleep(0.02 if gap_ns == steering.FLOWLET_GAP_NS else 0)
@@ -498,7 +565,7 @@ def test_reuseport_program_picks_the_socket_of_the_flowlets_cpu(
 
 
 TUN_PROBE = """
-import json, os, select, socket, subprocess, sys, time
+import json, mmap, os, select, socket, struct, subprocess, sys, time
 from overlayd.io.device import OverlayDevice
 from overlayd.io import steering
 cpus, order, gap_ns = json.loads(sys.argv[1])
@@ -506,7 +573,10 @@ dev = OverlayDevice("steer0", "tun", queues=2)
 subprocess.run(["ip", "addr", "add", "10.99.0.1/24", "dev", "steer0"], check=True)
 subprocess.run(["ip", "link", "set", "steer0", "up"], check=True)
 thread_of = {cpus[0]: order[0], cpus[1]: order[1]}
-program = steering.load_program(lambda flows: steering.tun_program(thread_of, flows, gap_ns))
+drains = steering.create_drain_map(2)
+drain_times = mmap.mmap(drains, steering.drain_bytes(2))
+program = steering.load_program(lambda flows: steering.tun_program(thread_of, flows, drains,
+                                                                   gap_ns))
 steering.set_tun_steering(dev.fds[1], program)     # any queue's fd: the device's program
 os.close(program)                                  # the device holds its own reference
 out = []
@@ -526,6 +596,9 @@ for cpu in cpus + cpus:
                 break
             n += packet[9] == 17          # UDP (the kernel may send an IPv6 or IGMP packet)
         counts.append(n)
+    now = time.monotonic_ns()                      # both queues read empty: drained
+    for at in range(0, 32, 8):
+        drain_times[at:at + 8] = struct.pack("<q", now)
     out.append([cpu, counts])
     time.sleep(0.02 if gap_ns == steering.FLOWLET_GAP_NS else 0)
 print(json.dumps(out))

@@ -16,8 +16,14 @@ Both decide per *flowlet*, not per packet. Each keeps an LRU hash map from a flo
 {thread, last seen (bpf_ktime_get_ns)}: a flow's first packet takes the thread of the CPU it
 is on, and the flow keeps that thread while its packets follow each other closer than
 ``FLOWLET_GAP_NS``; the first packet after a longer silence is steered afresh to its CPU's
-thread. A ping (one packet per round, milliseconds apart) is so steered CPU-locally every
-time; a TCP transfer or a flood stays on one thread and is never reordered between two.
+thread - once the old thread has emptied its queue since the flow's last packet. For that the
+engine's threads publish, in a BPF array both programs read (``create_drain_map``; slot 2i:
+thread i's device queue, 2i+1: its socket), when they last found a queue empty (engine.pxi
+item 10): a gap alone does not prove that nothing of the flow is still queued, a thread kept
+off its CPU by other work may hold it longer. So, as XPS's ``ooo_okay`` does for TCP, a flow
+moves only with nothing of it left to overtake. A ping (one packet per round, milliseconds
+apart) is so steered CPU-locally every time; a TCP transfer or a flood stays on one thread and
+is never reordered between two.
 
 The flow key (``FLOW_KEY``, 40 bytes, zeroed first): the tun program and the udp and vxlan
 backends' socket programs read an IP packet (at offset 0; vxlan routed: after the 8-byte VXLAN
@@ -46,14 +52,14 @@ SO_ATTACH_REUSEPORT_EBPF = 52       # <asm-generic/socket.h>, Linux 4.5
 SO_DETACH_REUSEPORT_BPF = 68        # <asm-generic/socket.h>, Linux 5.3
 NO_SOCKET = 0xFFFFFFFF              # out of the group's range: the kernel picks by hash
 
-# A flowlet ends after this much silence (the default of [dataplane] flowlet_gap_us). It must exceed the longest time a packet can still
-# be waiting for the thread that has the flow (its tun queue, its socket's receive queue) when
-# the flow's next packet goes to the other thread, or the two could pass each other: a thread
-# here drains its queue in tens of microseconds (RTT p99 under load 40-200 us through both
-# daemons), and an application that is silent for a millisecond has nothing of its flow left
-# queued in practice. And it must stay under the interval of the traffic that gains from being
-# steered per round: request/response and ping (the benchmark pings every 2 ms, ping(8) every
-# second) re-steer at each round only if their gap is longer than this.
+# A flowlet ends after this much silence (the default of [dataplane] flowlet_gap_us). The drain
+# times decide whether the flow's packets have all been *read* by the old thread; the gap must
+# still cover the rest of their way through it (a batch is processed and sent in tens of
+# microseconds: RTT p99 under load 40-200 us through both daemons), and it decides when a flow
+# counts as a new flowlet at all. It must stay under the interval of the traffic that gains
+# from being steered at each round: request/response and ping (the benchmark pings every 2 ms,
+# ping(8) every second) re-steer at each round only if their gap is longer than this; at 5 ms
+# the benchmark's ping lost its RTT gain (README, "CPU-local steering").
 FLOWLET_GAP_NS = 1_000_000
 FLOWS = 65536                       # flowlets remembered per program (LRU: the oldest go)
 FLOW_KEY_BYTES = 40                 # src[16] dst[16] proto version pad[2] sport dport
@@ -72,12 +78,16 @@ PSEUDO_MAP_FD = 1                   # BPF_PSEUDO_MAP_FD: ld_imm64's imm is a map
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, KTIME_GET_NS = 1, 2, 5
 GET_SMP_PROCESSOR_ID, SKB_LOAD_BYTES = 8, 26
 
-# registers: r1-r5 arguments (clobbered by calls), r6-r9 kept across calls, r10 the frame
+# registers: r1-r5 arguments (clobbered by calls), r6-r9 kept across calls, r10 the frame;
+# once the key is built, r6 and r8 take the flow's last-seen time and its flowlet in the map
 CTX, THREAD, OFFSET, NOW, FP = 6, 7, 8, 9, 10
+LAST, FLOWLET_AT = CTX, OFFSET
 # the stack frame (offsets from r10)
 KEY = -FLOW_KEY_BYTES               # -40..-1
 FLOWLET = KEY - FLOWLET_BYTES       # -56..-41
 HEADER = FLOWLET - 24               # -80..-61: an IPv4 header (20 bytes)
+SLOT = HEADER                       # (then) the old thread's drain slot, a u32 key
+DEVICE_SIDE, SOCKET_SIDE = 0, 1     # drain slot 2i: thread i's device queue, 2i+1: its socket
 
 
 class _Assembler:
@@ -96,6 +106,9 @@ class _Assembler:
 
     def jump(self, op: int, dst: int, imm: int, to: str) -> None:
         self.op(JMP | op | K, dst, imm=imm, to=to)
+
+    def jump_reg(self, op: int, dst: int, src: int, to: str) -> None:
+        self.op(JMP | op | X, dst, src, to=to)
 
     def goto(self, to: str) -> None:
         self.op(JMP | JA, to=to)
@@ -173,25 +186,28 @@ def thread_of_cpu(shares: Sequence[Sequence[int]]) -> dict[int, int]:
     return {cpu: i for i, share in enumerate(shares) for cpu in share}
 
 
-def tun_program(thread_of: Mapping[int, int], map_fd: int,
+def tun_program(thread_of: Mapping[int, int], map_fd: int, drains_fd: int,
                 gap_ns: int = FLOWLET_GAP_NS) -> bytes:
     """The device's program: flowlets of the IP packets the host sends into the device. A CPU
     without a thread returns its own number (the kernel takes it modulo the queues)."""
-    return _flowlet_program(thread_of, map_fd, gap_ns, _ip_key(0), stranger=None)
+    return _flowlet_program(thread_of, map_fd, drains_fd, DEVICE_SIDE, gap_ns, _ip_key(0),
+                            stranger=None)
 
 
-def reuseport_program(thread_of: Mapping[int, int], map_fd: int, backend: str,
-                      gap_ns: int = FLOWLET_GAP_NS) -> bytes:
+def reuseport_program(thread_of: Mapping[int, int], map_fd: int, drains_fd: int,
+                      backend: str, gap_ns: int = FLOWLET_GAP_NS) -> bytes:
     """The receive sockets' program for ``backend`` (udp, vxlan routed, wireguard): flowlets
     of what the datagrams carry. A CPU without a thread returns NO_SOCKET (the kernel's hash)."""
     keys = {"udp": _ip_key(0), "vxlan": _ip_key(VXLAN_INNER_IP), "wireguard": _wireguard_key}
     if backend not in keys:
         raise ValueError(f"no reuseport steering program for the {backend!r} backend")
-    return _flowlet_program(thread_of, map_fd, gap_ns, keys[backend], stranger=NO_SOCKET)
+    return _flowlet_program(thread_of, map_fd, drains_fd, SOCKET_SIDE, gap_ns, keys[backend],
+                            stranger=NO_SOCKET)
 
 
-def _flowlet_program(thread_of: Mapping[int, int], map_fd: int, gap_ns: int,
-                     key: Callable[[_Assembler], None], stranger: int | None) -> bytes:
+def _flowlet_program(thread_of: Mapping[int, int], map_fd: int, drains_fd: int, side: int,
+                     gap_ns: int, key: Callable[[_Assembler], None],
+                     stranger: int | None) -> bytes:
     if not 0 < gap_ns < 1 << 31:
         raise ValueError(f"flowlet gap of {gap_ns} ns: the program compares it as a "
                          f"32-bit signed immediate (1 ns .. 2.1 s)")
@@ -223,14 +239,30 @@ def _flowlet_program(thread_of: Mapping[int, int], map_fd: int, gap_ns: int,
     a.frame(2, KEY)
     a.call(MAP_LOOKUP_ELEM)
     a.jump(JEQ, 0, 0, "new flow")
-    a.load(8, 1, 0, 8)          # r1 = last seen
-    a.store(8, 0, 8, NOW)
-    a.op(ALU64 | SUB | X, NOW, 1)
-    a.jump(JGT, NOW, gap_ns, "new flowlet")
-    a.load(4, 0, 0, 0)          # within the flowlet: its thread
+    a.mov(FLOWLET_AT, 0)
+    a.load(8, LAST, FLOWLET_AT, 8)
+    a.store(8, FLOWLET_AT, 8, NOW)
+    a.op(ALU64 | SUB | X, NOW, LAST)                    # NOW = the silence before this packet
+    a.jump(JGT, NOW, gap_ns, "silent")
+    a.label("stay")             # within the flowlet, or its old thread still holds some of it
+    a.load(4, 0, FLOWLET_AT, 0)
     a.exit()
-    a.label("new flowlet")      # (two CPUs racing here both write their own: either is right)
-    a.store(4, 0, 0, THREAD)
+    a.label("silent")
+    # Silent long enough - but move only once the old thread has emptied this side's queue
+    # since the flow's last packet (the engine's drain times, engine.pxi item 10): a thread
+    # kept off its CPU may still hold the flow's packets after any gap.
+    a.load(4, 1, FLOWLET_AT, 0)
+    a.alu(LSH, 1, 1)
+    a.alu(ADD, 1, side)
+    a.store(4, FP, SLOT, 1)
+    a.map_fd(1, drains_fd)
+    a.frame(2, SLOT)
+    a.call(MAP_LOOKUP_ELEM)
+    a.jump(JEQ, 0, 0, "move")   # no slot: a thread the daemon does not have (a stranger CPU's)
+    a.load(8, 1, 0, 0)
+    a.jump_reg(JLT, 1, LAST, "stay")
+    a.label("move")             # (two CPUs racing here both write their own: either is right)
+    a.store(4, FLOWLET_AT, 0, THREAD)
     a.goto("this cpu")
     a.label("new flow")
     a.store(4, FP, FLOWLET, THREAD)
@@ -312,6 +344,18 @@ def create_flow_map() -> int:
     from overlayd import _dataplane  # type: ignore[attr-defined]  # compiled only
 
     return int(_dataplane.bpf_create_flow_map(FLOW_KEY_BYTES, FLOWLET_BYTES, FLOWS))
+
+
+def create_drain_map(threads: int) -> int:
+    """The drain times of ``threads`` threads (two int64 slots each, zero), which the engine
+    maps (NativeEngine.report_drains, ``drain_bytes``) and both programs read; its fd."""
+    from overlayd import _dataplane  # type: ignore[attr-defined]  # compiled only
+
+    return int(_dataplane.bpf_create_drain_map(2 * threads))
+
+
+def drain_bytes(threads: int) -> int:
+    return 2 * threads * 8
 
 
 def load_program(build: Callable[[int], bytes]) -> int:

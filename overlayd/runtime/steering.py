@@ -43,6 +43,7 @@ class CpuSteering:
         self.shares = [list(s) for s in shares] if self.mode == "cpu" else []
         self.allowed = sorted({c for s in self.shares for c in s})
         self._program_fd = -1
+        self._drains_fd = -1                  # until pin() hands it to the engine
         self._tun: Any = None
         self._socks: list[socket.socket] = []
         self._threaded: Any = None
@@ -63,15 +64,17 @@ class CpuSteering:
         thread_of = io_steering.thread_of_cpu(self.shares)
         gap_ns = self.flowlet_gap_us * 1000
         try:
+            self._drains_fd = io_steering.create_drain_map(len(self.shares))
+            drains = self._drains_fd
             self._program_fd = io_steering.load_program(
-                lambda flows: io_steering.tun_program(thread_of, flows, gap_ns))
+                lambda flows: io_steering.tun_program(thread_of, flows, drains, gap_ns))
             io_steering.set_tun_steering(tun.fds[0], self._program_fd)
             # The group's program; its return value indexes the sockets in the order they
             # were bound, which is rx_socks' order (the daemon never rebinds one). The group
             # holds it from here on: nothing re-attaches it.
             sockets_fd = io_steering.load_program(
-                lambda flows: io_steering.reuseport_program(thread_of, flows, self.backend,
-                                                             gap_ns))
+                lambda flows: io_steering.reuseport_program(thread_of, flows, drains,
+                                                             self.backend, gap_ns))
             try:
                 io_steering.attach_reuseport(self._socks[0], sockets_fd)
             finally:
@@ -80,15 +83,20 @@ class CpuSteering:
             self.fall_back(_why(exc))
 
     def pin(self, threaded: Any) -> None:
-        """Pin thread i to its share (the threads run: ThreadedForwarder.start() was called)."""
+        """Pin thread i to its share and have the threads report their drains to the programs
+        (the threads run: ThreadedForwarder.start() was called)."""
         if self.mode != "cpu":
             return
         self._threaded = threaded
         try:
             for i, share in enumerate(self.shares):
                 threaded.engine.pin(i, share)
-        except (OSError, ValueError) as exc:
+            threaded.engine.report_drains(self._drains_fd,
+                                          io_steering.drain_bytes(len(self.shares)))
+        except (OSError, ValueError, RuntimeError) as exc:
             self.fall_back(_why(exc))
+        finally:
+            self._close_drains()        # the programs and the engine's mapping hold the map
 
     def reattach_device(self, tun: Any) -> None:
         """The device was recreated (a new device behind the same fds): it has no program."""
@@ -104,6 +112,12 @@ class CpuSteering:
         if self._program_fd >= 0:
             os.close(self._program_fd)
             self._program_fd = -1
+        self._close_drains()
+
+    def _close_drains(self) -> None:
+        if self._drains_fd >= 0:
+            os.close(self._drains_fd)
+            self._drains_fd = -1
 
     # -- faults ----------------------------------------------------------------------------------
 
@@ -124,6 +138,7 @@ class CpuSteering:
             except OSError:
                 pass            # ENOENT: no program was attached
         if self._threaded is not None:
+            self._threaded.engine.stop_drain_reports()
             everywhere = io_steering.allowed_cpus()
             for i in range(len(self.shares)):
                 try:
