@@ -51,6 +51,13 @@
 #    An epoll_wait that returns at such a deadline counts as a deadline wake-up, and the
 #    longest clock step that had work due (an ageing pass, an expiry) is kept: that is the
 #    stall the step costs the data plane (thread_stats "clock_step_max_us").
+# 11. Drain reports (`steering = "cpu"`, io/steering.py): report_drains(map_fd) maps the
+#    steering programs' BPF array of drain times into the engine; from then on thread i stores,
+#    after each batch that emptied its device queue (slot 2i) or its socket (slot 2i+1), the
+#    CLOCK_MONOTONIC time (bpf_ktime_get_ns's clock) at which that batch began: every packet
+#    queued before then has been read. A program moves a silent flow to another thread only
+#    once its old thread has drained since the flow's last packet, so the move cannot reorder.
+#    One aligned 64-bit store per draining batch; the mapping lives as long as the engine.
 
 from cpython.ref cimport PyObject
 from libc.errno cimport EEXIST
@@ -132,9 +139,23 @@ cdef extern from *:
     """
     #define ENGINE_LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
     #define ENGINE_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+    #define ENGINE_LOAD_DRAINS(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+    #define ENGINE_STORE_DRAINS(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+    #define ENGINE_STORE_TIME(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
     """
     int ENGINE_LOAD(int *p) nogil
     void ENGINE_STORE(int *p, int v) nogil
+    int64_t *ENGINE_LOAD_DRAINS(int64_t **p) nogil
+    void ENGINE_STORE_DRAINS(int64_t **p, int64_t *v) nogil
+    void ENGINE_STORE_TIME(int64_t *p, int64_t v) nogil
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    const int PROT_READ
+    const int PROT_WRITE
+    const int MAP_SHARED
+    void *MAP_FAILED
 
 cdef enum:
     RUN_C = 0
@@ -169,6 +190,7 @@ ctypedef struct engine_thread_t:
     int dev_error              # errno of the read that took the device out (atomic), 0: none
     int sock_error             # errno of the last failed receive (atomic)
     int64_t busy_poll_ns
+    int64_t *drains            # NULL, or this thread's two drain-time slots (item 11; atomic)
     uint64_t wakeups           # epoll_wait returns with at least one event
     uint64_t inside_batches    # batches that moved at least one packet
     uint64_t outside_batches
@@ -255,14 +277,30 @@ cdef inline void engine_notify(engine_thread_t *th) noexcept nogil:
     th.events_seen = queued
 
 
+cdef inline int64_t engine_batch_start(engine_thread_t *th) noexcept nogil:
+    return mono_ns() if ENGINE_LOAD_DRAINS(&th.drains) != NULL else 0
+
+
+cdef inline void engine_report_drain(engine_thread_t *th, int slot, int64_t start, int n,
+                                     int err) noexcept nogil:
+    """A batch that read fewer than it could emptied its queue: every packet queued before it
+    began has been read (item 11)."""
+    cdef int64_t *drains = ENGINE_LOAD_DRAINS(&th.drains)
+    if drains != NULL and not err and n < (<_ForwarderBase>th.fwd).batch_size:
+        ENGINE_STORE_TIME(&drains[slot], start)
+
+
 cdef int engine_inside(engine_thread_t *th) noexcept nogil:
     """One device batch of this thread's forwarder; the packets it read."""
     cdef int err = 0, n
     cdef epoll_event ev
+    cdef int64_t start
     engine_clock(th)
     if (<_ForwarderBase>th.fwd).capture_on:
         (<_ForwarderBase>th.fwd).cap_time = clock_seconds(CLOCK_REALTIME)
+    start = engine_batch_start(th)
     n = (<_ForwarderBase>th.fwd)._inside_run(th.tables, &err)
+    engine_report_drain(th, 0, start, n, err)
     engine_notify(th)
     if err:
         # The device is gone or failing: stop polling it (level-triggered, it would spin) and
@@ -280,10 +318,13 @@ cdef int engine_inside(engine_thread_t *th) noexcept nogil:
 
 cdef int engine_outside(engine_thread_t *th) noexcept nogil:
     cdef int err = 0, n
+    cdef int64_t start
     engine_clock(th)
     if (<_ForwarderBase>th.fwd).capture_on:
         (<_ForwarderBase>th.fwd).cap_time = clock_seconds(CLOCK_REALTIME)
+    start = engine_batch_start(th)
     n = (<_ForwarderBase>th.fwd)._outside_run(th.tables, &err)
+    engine_report_drain(th, 1, start, n, err)
     engine_notify(th)
     if err:
         th.sock_errors += 1
@@ -363,6 +404,8 @@ cdef class NativeEngine:
     cdef list forwarders
     cdef bint running
     cdef int notify
+    cdef void *drains_map      # the mapped drain-time array (item 11), or NULL
+    cdef size_t drains_len
 
     def __cinit__(self, forwarders, dev_fds, sock_fds, busy_poll_us=0):
         cdef int i
@@ -372,6 +415,8 @@ cdef class NativeEngine:
         self.n = 0
         self.running = False
         self.notify = -1
+        self.drains_map = NULL
+        self.drains_len = 0
         self.forwarders = list(forwarders)
         devs = [operator_index(fd) for fd in dev_fds]
         socks = [operator_index(fd) for fd in sock_fds]
@@ -437,6 +482,8 @@ cdef class NativeEngine:
         free(self.threads)
         if self.notify >= 0:
             close(self.notify)
+        if self.drains_map != NULL:     # after _stop_all: no thread stores into it any more
+            munmap(self.drains_map, self.drains_len)
 
     @property
     def count(self) -> int:
@@ -557,6 +604,30 @@ cdef class NativeEngine:
         if rc != 0:
             raise OSError(rc, f"pthread_setaffinity_np(thread {i}, CPUs {wanted}): "
                               f"{strerror(rc)}")
+
+    def report_drains(self, int map_fd, size_t length) -> None:
+        """Map ``length`` bytes of the BPF array ``map_fd`` (BPF_F_MMAPABLE, 2 x count int64
+        slots) and have each thread store its drain times there (item 11). Once only: the
+        mapping stays until the engine is freed (a thread may be storing into it)."""
+        cdef void *base
+        cdef int i
+        if self.drains_map != NULL:
+            raise RuntimeError("the engine already reports its drains")
+        if length < <size_t>self.n * 2 * sizeof(int64_t):
+            raise ValueError(f"{length} bytes of drain slots for {self.n} threads")
+        base = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, map_fd, 0)
+        if base == MAP_FAILED:
+            err = errno
+            raise OSError(err, f"mmap of the steering programs' drain map: {strerror(err)}")
+        self.drains_map, self.drains_len = base, length
+        for i in range(self.n):
+            ENGINE_STORE_DRAINS(&self.threads[i].drains, <int64_t *>base + 2 * i)
+
+    def stop_drain_reports(self) -> None:
+        """The threads store no more drain times (the mapping itself stays, see above)."""
+        cdef int i
+        for i in range(self.n):
+            ENGINE_STORE_DRAINS(&self.threads[i].drains, NULL)
 
     def affinity(self, int i) -> list:
         """The CPUs thread i may run on, as the kernel has them ([] when it is not running)."""

@@ -148,8 +148,8 @@ def write_wireguard_key(path: Path) -> str:
 
 def engine_options(options: list[str]) -> dict[str, Any]:
     """"+loop", "+t2" (threads engine, 2 threads), "+poll50" (busy-poll 50 µs), "+nouso" (no
-    UDP superpackets to and from the device: device_uso = false), "+cpu" / "+flow" (steering)
-    -> [dataplane]."""
+    UDP superpackets to and from the device: device_uso = false), "+cpu" / "+flow" (steering),
+    "+gap5000" (flowlet_gap_us = 5000, with +cpu) -> [dataplane]."""
     out: dict[str, Any] = {}
     for option in options:
         if option == "loop":
@@ -162,9 +162,11 @@ def engine_options(options: list[str]) -> dict[str, Any]:
             out["device_uso"] = False
         elif option in ("cpu", "flow"):
             out["steering"] = option
+        elif option.startswith("gap") and option[3:].isdigit():
+            out["flowlet_gap_us"] = int(option[3:])
         else:
             raise ValueError(f"unknown subject option +{option} (known: +loop, +tN, +pollN, "
-                             "+nouso, +cpu, +flow)")
+                             "+nouso, +cpu, +flow, +gapN)")
     return out
 
 

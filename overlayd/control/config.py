@@ -20,7 +20,7 @@ DEVICE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1, no '/' or w
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DATAPLANES = ("auto", "cython", "python")
 ENGINES = ("auto", "threads", "loop")   # [dataplane] engine; auto: threads with the Cython kernel
-STEERINGS = ("flow", "cpu")   # [dataplane] steering: kernel flow hash, or the CPU a packet is on
+STEERINGS = ("flow", "cpu")   # [dataplane] steering: kernel flow hash, or the CPU a flowlet is on
 MAP_SOURCES = ("file", "etcd")
 ETCD_ENDPOINT = re.compile(r"^(https?://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
 DEFAULT_ETCD_PREFIX = "/coreos.com/network"    # flannel's default
@@ -82,6 +82,7 @@ class DaemonConfig:
     threads: int = 0                      # data-plane threads with engine threads; 0: fit the host
     busy_poll_us: int = 0                 # engine threads: poll this long after a busy wake-up
     steering: str = "flow"                # engine threads: flow (hash) | cpu (pinned threads)
+    flowlet_gap_us: int = 1000            # steering cpu: a flow this long silent is re-steered
     etcd: EtcdSettings | None = None      # map_source == "etcd"
     subnet_env: Path | None = Path(DEFAULT_SUBNET_ENV)   # flannel's subnet.env; None: not written
     # At boot the public IP may come later than the daemon: wait this long for it (0: no wait).
@@ -196,7 +197,8 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
 
     dp = p.table(data, "dataplane")
     p.unknown_keys(dp, {"implementation", "batch_size", "icmp_rate_per_second", "offloads",
-                        "device_uso", "engine", "threads", "busy_poll_us", "steering"},
+                        "device_uso", "engine", "threads", "busy_poll_us", "steering",
+                        "flowlet_gap_us"},
                    "dataplane")
     impl = p.string(dp, "implementation", "dataplane", default="auto", choices=DATAPLANES)
     batch = p.integer(dp, "batch_size", "dataplane", default=64, low=1, high=512)
@@ -208,6 +210,9 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
     threads = p.integer(dp, "threads", "dataplane", default=0, low=0, high=64)
     busy_poll = p.integer(dp, "busy_poll_us", "dataplane", default=0, low=0, high=100_000)
     steering = p.string(dp, "steering", "dataplane", default="flow", choices=STEERINGS)
+    # (the programs compare the gap in ns with a 32-bit signed immediate: at most 2.1 s)
+    flowlet_gap = p.integer(dp, "flowlet_gap_us", "dataplane", default=1000, low=10,
+                            high=1_000_000)
 
     rt = p.table(data, "runtime")
     p.unknown_keys(rt, {"keep_device"}, "runtime")
@@ -270,6 +275,7 @@ def parse_config(data: dict[str, Any], path: Path) -> tuple[DaemonConfig | None,
         device_uso=bool(device_uso), etcd=etcd,
         engine=engine or "auto", threads=threads or 0, busy_poll_us=busy_poll or 0,
         steering=steering or "flow",
+        flowlet_gap_us=flowlet_gap if flowlet_gap is not None else 1000,
         subnet_env=subnet_env, wait_for_address_seconds=address_wait, bridge=bridge,
         fdb_max_entries_per_port=port_max or 1, mac_move_hold_seconds=move_hold,
         storm_rate_per_second=storm_rate, storm_burst=storm_burst, wireguard=wireguard,

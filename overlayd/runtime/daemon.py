@@ -108,7 +108,7 @@ class Daemon:
         self.engine_threads = 1
         self.rx_socks: list[socket.socket] = []
         # [dataplane] steering (runtime/steering.py): flow, or threads pinned to CPUs with the
-        # device's and the sockets' programs sending each packet to its CPU's thread
+        # device's and the sockets' programs sending each flowlet to its CPU's thread
         self.steering = CpuSteering("flow")
         self.routes: set[ipaddress.IPv4Network] = set()
         self.started_at = time.monotonic()
@@ -158,7 +158,8 @@ class Daemon:
         if note:
             log.info("%s", note)
         self.steering = plan_steering(self.config.steering, self.engine, self.engine_threads,
-                                      backend.switched)
+                                      backend.switched, backend=backend.type,
+                                      flowlet_gap_us=self.config.flowlet_gap_us)
         multi = self.engine_threads > 1
         self.sock = open_tunnel_socket(bind, backend.port, self.config.socket_buffer_bytes,
                                        reuse_port=multi)

@@ -3,8 +3,10 @@
 - ``flow``: the kernel's own choice (tun automq flow hash, the SO_REUSEPORT 4-tuple hash),
   threads unpinned: one flow stays on one thread, wherever its packets were sent from.
 - ``cpu``: thread i is pinned to its share of the daemon's CPUs and the device's and the
-  sockets' BPF programs (io/steering.py) hand each packet to the thread of the CPU it is on,
-  so every hop of a round trip wakes a thread on the CPU that is already awake.
+  sockets' eBPF programs (io/steering.py) hand each flowlet - a flow's packets until it falls
+  silent for ``[dataplane] flowlet_gap_us`` (1 ms) - to the thread of the CPU its first
+  packet is on, so every hop of a round trip wakes a thread on the CPU that is already awake,
+  and no flow is reordered.
 
 ``plan_steering`` says whether ``cpu`` can apply at all (N > 1 native threads, each with a
 CPU of its own); ``CpuSteering`` then loads and attaches the programs (``attach``, at start,
@@ -31,13 +33,17 @@ class CpuSteering:
     """The steering in force and what it took; ``mode`` is "flow" or "cpu"."""
 
     def __init__(self, requested: str, shares: Sequence[Sequence[int]] = (),
-                 reason: str | None = None) -> None:
+                 reason: str | None = None, backend: str = "udp",
+                 flowlet_gap_us: int = io_steering.FLOWLET_GAP_NS // 1000) -> None:
         self.requested = requested
+        self.backend = backend                # what the sockets' program parses
+        self.flowlet_gap_us = flowlet_gap_us
         self.mode = "cpu" if requested == "cpu" and shares else "flow"
         self.reason = reason                  # why "cpu" was asked for but is not in force
         self.shares = [list(s) for s in shares] if self.mode == "cpu" else []
         self.allowed = sorted({c for s in self.shares for c in s})
         self._program_fd = -1
+        self._drains_fd = -1                  # until pin() hands it to the engine
         self._tun: Any = None
         self._socks: list[socket.socket] = []
         self._threaded: Any = None
@@ -45,7 +51,8 @@ class CpuSteering:
     # -- life ------------------------------------------------------------------------------------
 
     def attach(self, tun: Any, rx_socks: Sequence[socket.socket]) -> None:
-        """Load the tun program and attach both programs (the threads are pinned by pin())."""
+        """Load both programs, each with its flowlet map, and attach them (the threads are
+        pinned by pin())."""
         if self.mode != "cpu":
             # A device kept from an earlier run (keep_device) keeps that run's program.
             try:
@@ -55,26 +62,41 @@ class CpuSteering:
             return
         self._tun, self._socks = tun, list(rx_socks)
         thread_of = io_steering.thread_of_cpu(self.shares)
+        gap_ns = self.flowlet_gap_us * 1000
         try:
-            self._program_fd = io_steering.load_tun_program(io_steering.tun_program(thread_of))
+            self._drains_fd = io_steering.create_drain_map(len(self.shares))
+            drains = self._drains_fd
+            self._program_fd = io_steering.load_program(
+                lambda flows: io_steering.tun_program(thread_of, flows, drains, gap_ns))
             io_steering.set_tun_steering(tun.fds[0], self._program_fd)
             # The group's program; its return value indexes the sockets in the order they
-            # were bound, which is rx_socks' order (the daemon never rebinds one).
-            io_steering.attach_reuseport(self._socks[0],
-                                         io_steering.reuseport_program(thread_of))
+            # were bound, which is rx_socks' order (the daemon never rebinds one). The group
+            # holds it from here on: nothing re-attaches it.
+            sockets_fd = io_steering.load_program(
+                lambda flows: io_steering.reuseport_program(thread_of, flows, drains,
+                                                             self.backend, gap_ns))
+            try:
+                io_steering.attach_reuseport(self._socks[0], sockets_fd)
+            finally:
+                os.close(sockets_fd)
         except (OSError, ValueError) as exc:
             self.fall_back(_why(exc))
 
     def pin(self, threaded: Any) -> None:
-        """Pin thread i to its share (the threads run: ThreadedForwarder.start() was called)."""
+        """Pin thread i to its share and have the threads report their drains to the programs
+        (the threads run: ThreadedForwarder.start() was called)."""
         if self.mode != "cpu":
             return
         self._threaded = threaded
         try:
             for i, share in enumerate(self.shares):
                 threaded.engine.pin(i, share)
-        except (OSError, ValueError) as exc:
+            threaded.engine.report_drains(self._drains_fd,
+                                          io_steering.drain_bytes(len(self.shares)))
+        except (OSError, ValueError, RuntimeError) as exc:
             self.fall_back(_why(exc))
+        finally:
+            self._close_drains()        # the programs and the engine's mapping hold the map
 
     def reattach_device(self, tun: Any) -> None:
         """The device was recreated (a new device behind the same fds): it has no program."""
@@ -90,6 +112,12 @@ class CpuSteering:
         if self._program_fd >= 0:
             os.close(self._program_fd)
             self._program_fd = -1
+        self._close_drains()
+
+    def _close_drains(self) -> None:
+        if self._drains_fd >= 0:
+            os.close(self._drains_fd)
+            self._drains_fd = -1
 
     # -- faults ----------------------------------------------------------------------------------
 
@@ -110,6 +138,7 @@ class CpuSteering:
             except OSError:
                 pass            # ENOENT: no program was attached
         if self._threaded is not None:
+            self._threaded.engine.stop_drain_reports()
             everywhere = io_steering.allowed_cpus()
             for i in range(len(self.shares)):
                 try:
@@ -123,7 +152,8 @@ class CpuSteering:
 
     def describe(self) -> dict[str, Any]:
         return {"requested": self.requested, "mode": self.mode, "reason": self.reason,
-                "cpus": [list(s) for s in self.shares]}
+                "cpus": [list(s) for s in self.shares],
+                "flowlet_gap_us": self.flowlet_gap_us if self.mode == "cpu" else None}
 
 
 def _why(exc: Exception) -> str:
@@ -132,9 +162,11 @@ def _why(exc: Exception) -> str:
 
 
 def plan_steering(requested: str, engine: str, threads: int, switched: bool,
-                  cpus: Sequence[int] | None = None) -> CpuSteering:
-    """What ``steering = "cpu"`` can be here; a plan without shares says why not (no fault:
-    nothing to pin or nothing to choose between)."""
+                  cpus: Sequence[int] | None = None, backend: str = "udp",
+                  flowlet_gap_us: int = io_steering.FLOWLET_GAP_NS // 1000) -> CpuSteering:
+    """What ``steering = "cpu"`` can be here (``backend``: the map's, udp, vxlan or
+    wireguard; ``flowlet_gap_us``: [dataplane] flowlet_gap_us); a plan without shares says
+    why not (no fault: nothing to pin or nothing to choose between)."""
     if requested != "cpu":
         return CpuSteering(requested)
     if engine != "threads":
@@ -152,7 +184,8 @@ def plan_steering(requested: str, engine: str, threads: int, switched: bool,
                    f"({','.join(map(str, allowed))}): cpu steering needs a CPU for each "
                    f"thread (set [dataplane] threads to at most {len(allowed)})")
         else:
-            return CpuSteering(requested, io_steering.cpu_shares(allowed, threads))
+            return CpuSteering(requested, io_steering.cpu_shares(allowed, threads),
+                               backend=backend, flowlet_gap_us=flowlet_gap_us)
     steering = CpuSteering(requested, reason=f"cpu steering not applied: {why}")
     log.info("steering: %s; flow steering in force", steering.reason)
     return steering
