@@ -58,6 +58,10 @@
 #    queued before then has been read. A program moves a silent flow to another thread only
 #    once its old thread has drained since the flow's last packet, so the move cannot reorder.
 #    One aligned 64-bit store per draining batch; the mapping lives as long as the engine.
+#    The programs also place a *new* flowlet by load (io/steering.py, "placement"), and a drain
+#    time alone cannot tell an idle thread (nothing to read since, so no batch, so an old time)
+#    from a backlogged one: so thread i also stores, in slot 2n + i, when it goes to sleep in
+#    epoll_wait after a round whose every batch emptied its queue ("slept", engine_sleep_time).
 
 from cpython.ref cimport PyObject
 from libc.errno cimport EEXIST
@@ -191,6 +195,8 @@ ctypedef struct engine_thread_t:
     int sock_error             # errno of the last failed receive (atomic)
     int64_t busy_poll_ns
     int64_t *drains            # NULL, or this thread's two drain-time slots (item 11; atomic)
+    int64_t *slept             # NULL, or this thread's sleep-time slot (item 11; atomic)
+    bint undrained             # a batch of this round filled its batch: the queue may hold more
     uint64_t wakeups           # epoll_wait returns with at least one event
     uint64_t inside_batches    # batches that moved at least one packet
     uint64_t outside_batches
@@ -286,8 +292,22 @@ cdef inline void engine_report_drain(engine_thread_t *th, int slot, int64_t star
     """A batch that read fewer than it could emptied its queue: every packet queued before it
     began has been read (item 11)."""
     cdef int64_t *drains = ENGINE_LOAD_DRAINS(&th.drains)
-    if drains != NULL and not err and n < (<_ForwarderBase>th.fwd).batch_size:
+    if drains == NULL:
+        return
+    if not err and n < (<_ForwarderBase>th.fwd).batch_size:
         ENGINE_STORE_TIME(&drains[slot], start)
+    else:
+        th.undrained = True
+
+
+cdef inline void engine_sleep_time(engine_thread_t *th) noexcept nogil:
+    """Before epoll_wait: when every batch of the round emptied its queue, the thread is about
+    to sleep with nothing to read - idle, not backlogged, however old its drain times (item 11).
+    A packet that came after those batches only makes epoll_wait return at once."""
+    cdef int64_t *slept = ENGINE_LOAD_DRAINS(&th.slept)
+    if slept != NULL and not th.undrained:
+        ENGINE_STORE_TIME(slept, mono_ns())
+    th.undrained = False
 
 
 cdef int engine_inside(engine_thread_t *th) noexcept nogil:
@@ -339,6 +359,7 @@ cdef void engine_busy_poll(engine_thread_t *th) noexcept nogil:
     cdef int64_t deadline = mono_ns() + th.busy_poll_ns
     cdef int got
     while ENGINE_LOAD(&th.request) == RUN_C:
+        th.undrained = False        # (the round that ends the poll empties both queues)
         got = engine_outside(th)
         if th.dev_attached:
             got += engine_inside(th)
@@ -371,6 +392,7 @@ cdef void *engine_main(void *arg) noexcept nogil:
             th.paused = False
             pthread_mutex_unlock(&th.lock)
             continue
+        engine_sleep_time(th)
         n = epoll_wait(th.epfd, events, ENGINE_EVENTS_C, engine_wait_ms(th))
         if n == 0:
             th.deadline_wakeups += 1
@@ -606,14 +628,14 @@ cdef class NativeEngine:
                               f"{strerror(rc)}")
 
     def report_drains(self, int map_fd, size_t length) -> None:
-        """Map ``length`` bytes of the BPF array ``map_fd`` (BPF_F_MMAPABLE, 2 x count int64
-        slots) and have each thread store its drain times there (item 11). Once only: the
+        """Map ``length`` bytes of the BPF array ``map_fd`` (BPF_F_MMAPABLE, 3 x count int64
+        slots) and have each thread store its drain and sleep times there (item 11). Once only: the
         mapping stays until the engine is freed (a thread may be storing into it)."""
         cdef void *base
         cdef int i
         if self.drains_map != NULL:
             raise RuntimeError("the engine already reports its drains")
-        if length < <size_t>self.n * 2 * sizeof(int64_t):
+        if length < <size_t>self.n * 3 * sizeof(int64_t):
             raise ValueError(f"{length} bytes of drain slots for {self.n} threads")
         base = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, map_fd, 0)
         if base == MAP_FAILED:
@@ -622,12 +644,14 @@ cdef class NativeEngine:
         self.drains_map, self.drains_len = base, length
         for i in range(self.n):
             ENGINE_STORE_DRAINS(&self.threads[i].drains, <int64_t *>base + 2 * i)
+            ENGINE_STORE_DRAINS(&self.threads[i].slept, <int64_t *>base + 2 * self.n + i)
 
     def stop_drain_reports(self) -> None:
         """The threads store no more drain times (the mapping itself stays, see above)."""
         cdef int i
         for i in range(self.n):
             ENGINE_STORE_DRAINS(&self.threads[i].drains, NULL)
+            ENGINE_STORE_DRAINS(&self.threads[i].slept, NULL)
 
     def affinity(self, int i) -> list:
         """The CPUs thread i may run on, as the kernel has them ([] when it is not running)."""

@@ -92,10 +92,22 @@ class Interpreter:
     def __init__(self, program: bytes, threads: int = 2) -> None:
         self.insns = [struct.unpack_from("<BBhi", program, i) for i in range(0, len(program), 8)]
         self.flows: dict[bytes, bytearray] = {}
-        self.drains = bytearray(16 * threads)
+        self.threads = threads
+        self.drains = bytearray(40 * threads)
+
+    def _set(self, slot: int, at_ns: int) -> None:
+        self.drains[8 * slot:8 * slot + 8] = at_ns.to_bytes(8, "little")
 
     def drained(self, thread: int, side: int, at_ns: int) -> None:
-        self.drains[16 * thread + 8 * side:16 * thread + 8 * side + 8] = at_ns.to_bytes(8, "little")
+        self._set(2 * thread + side, at_ns)
+
+    def slept(self, thread: int, at_ns: int) -> None:
+        self._set(2 * self.threads + thread, at_ns)
+
+    def pending(self, thread: int, side: int) -> int:
+        """When the oldest packet steered to the queue since its drain or sleep was steered."""
+        at = 8 * (3 * self.threads + 2 * thread + side)
+        return int.from_bytes(self.drains[at:at + 8], "little")
 
     def run(self, payload: bytes, cpu: int, now_ns: int) -> int:
         stack = bytearray(512)
@@ -134,7 +146,8 @@ class Interpreter:
                     assert op in (steering.JEQ, steering.JNE) and b == 0, op
                     a = 1
                 taken = {steering.JEQ: a == b, steering.JNE: a != b, steering.JGT: a > b,
-                         steering.JLT: a < b, steering.JSET: bool(a & b)}[op]
+                         steering.JGE: a >= b, steering.JLT: a < b,
+                         steering.JSET: bool(a & b)}[op]
                 pc += off if taken else 0
 
     def alu(self, op: int, a: Any, b: Any, narrow: bool) -> Any:
@@ -224,6 +237,55 @@ def test_a_flowlet_moves_after_a_silence_once_its_old_thread_has_drained(
     assert machine.run(packet, 1, last + 2 * gap) == 1   # silent and drained: moves
     assert machine.run(packet, 0, last + 2 * gap + 1) == 1
     assert len(machine.flows) == 1
+
+
+@pytest.mark.parametrize("kind, side", [("tun", steering.DEVICE_SIDE),
+                                        ("udp", steering.SOCKET_SIDE)])
+def test_a_new_flowlet_leaves_its_cpus_thread_only_when_that_one_falls_behind(
+        kind: str, side: int) -> None:
+    """Placement by load, on the interpreter's clock: a new flow takes its CPU's thread while
+    nothing steered there has waited unread longer than BUSY_NS, else the thread whose queue
+    waits least; the drain and sleep times of the other side do not count."""
+    busy, t0 = steering.BUSY_NS, 10**9
+    machine = Interpreter(all_programs({0: 0, 1: 1})[kind])
+    assert machine.run(udp4(1), 0, t0) == 0              # idle (all zero): its CPU's thread
+    assert machine.pending(0, side) == t0                 # thread 0's queue waits from now on
+    assert machine.run(udp4(2), 0, t0 + busy) == 0        # waited just BUSY_NS: still keeps up
+    assert machine.pending(0, side) == t0                 # (the oldest unread packet's time)
+    machine.drained(0, 1 - side, t0 + busy)               # the other queue: no matter
+    assert machine.run(udp4(3), 0, t0 + busy + 1) == 1    # behind: the idle thread
+    assert machine.pending(1, side) == t0 + busy + 1
+    # both waiting: the one waiting least, here thread 1 (ties would keep the CPU's)
+    assert machine.run(udp4(4), 0, t0 + 3 * busy) == 1
+    machine.drained(0, side, t0 + 3 * busy)               # thread 0 read everything
+    assert machine.run(udp4(5), 1, t0 + 5 * busy) == 0    # thread 1 behind, 0 not: to 0
+    assert machine.pending(0, side) == t0 + 5 * busy      # 0's wait starts again
+    # a flow already going keeps its thread within the gap, however far behind it is
+    for at in (t0 + 10 * busy, t0 + 100 * busy):
+        assert machine.run(udp4(3), 0, at) == 1
+        assert machine.run(udp4(1), 1, at) == 0
+
+
+@pytest.mark.parametrize("kind, side", [("tun", steering.DEVICE_SIDE),
+                                        ("wireguard", steering.SOCKET_SIDE)])
+def test_an_idle_thread_is_not_read_as_backlogged(kind: str, side: int) -> None:
+    """A thread that went to sleep with its queues read (the engine's sleep time) waits for
+    nothing however old its last drain; woken by a packet but not yet running, it waits only
+    as long as that packet has; a packet read by the batch that began before it was steered
+    (its drain time older than the packet) stops counting once the thread sleeps."""
+    busy, t0 = steering.BUSY_NS, 10**9
+    machine = Interpreter(all_programs({0: 0, 1: 1})[kind])
+    first = udp4(1) if kind == "tun" else wg_data(1)
+    second = udp4(2) if kind == "tun" else wg_data(2)
+    third = udp4(3) if kind == "tun" else wg_data(3)
+    machine.drained(0, side, t0 - 10**9)                  # last drained a second ago
+    machine.drained(1, side, t0)
+    machine.slept(0, t0 - 10**8)                          # then slept, read empty
+    assert machine.run(first, 0, t0) == 0                 # idle: its CPU's thread
+    assert machine.run(second, 0, t0 + busy // 2) == 0    # woken, its packet waits 25 us
+    assert machine.run(third, 0, t0 + 2 * busy) == 1      # 100 us: not keeping up
+    machine.slept(0, t0 + 2 * busy + 1)                   # read it after all, then slept
+    assert machine.run(udp4(4) if kind == "tun" else wg_data(4), 0, t0 + 3 * busy) == 0
 
 
 def test_a_gap_beyond_the_programs_immediate_is_refused() -> None:
@@ -381,13 +443,25 @@ class Drains:
 
     def __init__(self, threads: int = 2) -> None:
         self.fd = steering.create_drain_map(threads)
-        self.memory = mmap.mmap(self.fd, steering.drain_bytes(threads))
+        self.memory = mmap.mmap(self.fd, steering.drain_map_bytes(threads))
+        self.threads = threads
 
     def all_now(self) -> None:
         """Every thread has just emptied both its queues."""
         now = time.monotonic_ns()      # CLOCK_MONOTONIC: bpf_ktime_get_ns's clock
         for at in range(0, len(self.memory), 8):
             self.memory[at:at + 8] = struct.pack("<q", now)
+
+    def set(self, slot: int, at_ns: int) -> None:
+        self.memory[8 * slot:8 * slot + 8] = struct.pack("<q", at_ns)
+
+    def behind(self, thread: int, side: int, by_ns: int) -> None:
+        """Thread ``thread``'s queue on ``side`` holds a packet steered ``by_ns`` ago, unread:
+        drained and slept before that."""
+        now = time.monotonic_ns()
+        self.set(2 * thread + side, now - 2 * by_ns)
+        self.set(2 * self.threads + thread, now - 2 * by_ns)
+        self.set(3 * self.threads + 2 * thread + side, now - by_ns)
 
     def close(self) -> None:
         self.memory.close()
@@ -456,6 +530,29 @@ def test_a_flow_keeps_the_thread_of_its_first_cpu_until_it_falls_silent(
     time.sleep(TEST_GAP_NS * 2 / 1e9)
     assert on(b, fd, first) == 0                # silent and drained: steered afresh
     assert on(a, fd, first) == 0
+
+
+@pytest.mark.parametrize("kind", ["tun", *BACKENDS])
+@needs_compiled
+@needs_root
+@needs_two_cpus
+def test_a_new_flow_goes_to_a_thread_that_keeps_up(
+        loaded: dict[str, int], drains: Drains, kind: str) -> None:
+    """The real programs, the drain map set by the test as the threads and the programs would
+    leave it: a new flow from CPU a takes a's thread (1, crossed) while that one keeps up, the
+    other one when a's has a packet unread for a millisecond and the other is idle; a flow
+    already going keeps its thread within the gap however far behind that thread is."""
+    fd, (first, second, first_again) = loaded[kind], flows_of(kind)
+    side = steering.DEVICE_SIDE if kind == "tun" else steering.SOCKET_SIDE
+    a, _ = CPUS
+    drains.all_now()
+    assert on(a, fd, first) == 1                # keeps up: the CPU's thread
+    drains.all_now()
+    drains.behind(1, side, 1_000_000)
+    assert on(a, fd, second) == 0               # thread 1 behind, thread 0 idle
+    drains.behind(0, side, 2_000_000)
+    assert on(a, fd, first_again) == 1          # within the gap: stays, however behind
+    assert on(a, fd, second) == 0
 
 
 @pytest.mark.parametrize("kind", ["tun", "udp", "vxlan"])

@@ -61,6 +61,15 @@ NO_SOCKET = 0xFFFFFFFF              # out of the group's range: the kernel picks
 # ping(8) every second) re-steer at each round only if their gap is longer than this; at 5 ms
 # the benchmark's ping lost its RTT gain (README, "CPU-local steering").
 FLOWLET_GAP_NS = 1_000_000
+# A new flowlet takes its CPU's thread unless the oldest packet steered to that thread's queue
+# (this side's) has waited unread longer than this; then it takes the thread whose oldest unread
+# packet is youngest (placement, below). An awake thread that keeps up reads a packet within its
+# wake-up and one batch: RTT p50 is 17-18 us through both daemons and the kernels, so a packet
+# still unread after 50 us is behind a batch that is taking long or a thread kept off its CPU
+# (the sending application on the same CPU). Longer, and flows started together (iperf3 -P
+# opens its streams within tens of microseconds) would all share the first one's thread;
+# shorter, and a request would leave its CPU whenever a batch happens to be in progress.
+BUSY_NS = 50_000
 FLOWS = 65536                       # flowlets remembered per program (LRU: the oldest go)
 FLOW_KEY_BYTES = 40                 # src[16] dst[16] proto version pad[2] sport dport
 FLOWLET_BYTES = 16                  # u32 thread, u32 pad, u64 last seen (ns)
@@ -73,7 +82,8 @@ LD, LDX, ST, STX, JMP, ALU, ALU64 = 0x00, 0x01, 0x02, 0x03, 0x05, 0x04, 0x07
 SIZE = {1: 0x10, 2: 0x08, 4: 0x00, 8: 0x18}          # BPF_B, BPF_H, BPF_W, BPF_DW
 MEM, IMM, K, X = 0x60, 0x00, 0x00, 0x08
 ADD, SUB, AND, LSH, RSH, MOV = 0x00, 0x10, 0x50, 0x60, 0x70, 0xB0
-JA, JEQ, JGT, JSET, JNE, JLT, CALL, EXIT = 0x00, 0x10, 0x20, 0x40, 0x50, 0xA0, 0x80, 0x90
+JA, JEQ, JGT, JGE, JSET, JNE, JLT, CALL, EXIT = (0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0xA0,
+                                                0x80, 0x90)
 PSEUDO_MAP_FD = 1                   # BPF_PSEUDO_MAP_FD: ld_imm64's imm is a map fd
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, KTIME_GET_NS = 1, 2, 5
 GET_SMP_PROCESSOR_ID, SKB_LOAD_BYTES = 8, 26
@@ -86,7 +96,8 @@ LAST, FLOWLET_AT = CTX, OFFSET
 KEY = -FLOW_KEY_BYTES               # -40..-1
 FLOWLET = KEY - FLOWLET_BYTES       # -56..-41
 HEADER = FLOWLET - 24               # -80..-61: an IPv4 header (20 bytes)
-SLOT = HEADER                       # (then) the old thread's drain slot, a u32 key
+SLOT = HEADER                       # (then) a drain map slot, a u32 key
+SEEN = HEADER + 8                   # (then) a u64: the later of a drain and a sleep time
 DEVICE_SIDE, SOCKET_SIDE = 0, 1     # drain slot 2i: thread i's device queue, 2i+1: its socket
 
 
@@ -216,6 +227,7 @@ def _flowlet_program(thread_of: Mapping[int, int], map_fd: int, drains_fd: int, 
     # THREAD = the thread of this CPU: a chain of compares on the CPU number, one per CPU
     a.call(GET_SMP_PROCESSOR_ID)
     by_thread = _group(thread_of)
+    threads = max(thread_of.values(), default=0) + 1    # the drain map's (every thread has a CPU)
     for thread, cpus in by_thread.items():
         for cpu in cpus:
             a.jump(JEQ, 0, cpu, f"thread {thread}")
@@ -232,21 +244,22 @@ def _flowlet_program(thread_of: Mapping[int, int], map_fd: int, drains_fd: int, 
     for off in range(KEY, 0, 8):
         a.store_imm(8, FP, off, 0)
     key(a)                      # jumps to "this cpu" when the packet has no key
-    # the flowlet: the map's thread while the flow keeps coming, else THREAD from now on
+    # the flowlet: the map's thread while the flow keeps coming, else a placed one from now on
     a.call(KTIME_GET_NS)
     a.mov(NOW, 0)
     a.map_fd(1, map_fd)
     a.frame(2, KEY)
     a.call(MAP_LOOKUP_ELEM)
-    a.jump(JEQ, 0, 0, "new flow")
     a.mov(FLOWLET_AT, 0)
+    a.jump(JEQ, FLOWLET_AT, 0, "place")                # a new flow
     a.load(8, LAST, FLOWLET_AT, 8)
     a.store(8, FLOWLET_AT, 8, NOW)
-    a.op(ALU64 | SUB | X, NOW, LAST)                    # NOW = the silence before this packet
-    a.jump(JGT, NOW, gap_ns, "silent")
+    a.mov(1, NOW)
+    a.op(ALU64 | SUB | X, 1, LAST)                      # the silence before this packet
+    a.jump(JGT, 1, gap_ns, "silent")
     a.label("stay")             # within the flowlet, or its old thread still holds some of it
-    a.load(4, 0, FLOWLET_AT, 0)
-    a.exit()
+    a.load(4, THREAD, FLOWLET_AT, 0)
+    a.goto("steered")
     a.label("silent")
     # Silent long enough - but move only once the old thread has emptied this side's queue
     # since the flow's last packet (the engine's drain times, engine.pxi item 10): a thread
@@ -258,12 +271,14 @@ def _flowlet_program(thread_of: Mapping[int, int], map_fd: int, drains_fd: int, 
     a.map_fd(1, drains_fd)
     a.frame(2, SLOT)
     a.call(MAP_LOOKUP_ELEM)
-    a.jump(JEQ, 0, 0, "move")   # no slot: a thread the daemon does not have (a stranger CPU's)
+    a.jump(JEQ, 0, 0, "place")  # no slot: a thread the daemon does not have (a stranger CPU's)
     a.load(8, 1, 0, 0)
     a.jump_reg(JLT, 1, LAST, "stay")
-    a.label("move")             # (two CPUs racing here both write their own: either is right)
-    a.store(4, FLOWLET_AT, 0, THREAD)
-    a.goto("this cpu")
+    a.label("place")            # a new flowlet: THREAD, or a thread that keeps up better
+    _place(a, drains_fd, threads, side)
+    a.jump(JEQ, FLOWLET_AT, 0, "new flow")
+    a.store(4, FLOWLET_AT, 0, THREAD)   # (two CPUs racing here: either is right)
+    a.goto("steered")
     a.label("new flow")
     a.store(4, FP, FLOWLET, THREAD)
     a.store_imm(4, FP, FLOWLET + 4, 0)
@@ -273,10 +288,92 @@ def _flowlet_program(thread_of: Mapping[int, int], map_fd: int, drains_fd: int, 
     a.frame(3, FLOWLET)
     a.op(ALU64 | MOV | K, 4, imm=0)                     # BPF_ANY
     a.call(MAP_UPDATE_ELEM)     # a full map evicts its least recently used flow
+    a.label("steered")
+    # THREAD's queue holds a packet from now on: unless it already held one unread (pending
+    # after its last drain and sleep), the queue's wait starts now
+    _unread(a, drains_fd, threads, side, None, "note", "this cpu")
+    a.jump_reg(JGT, 1, 2, "this cpu")
+    a.store(8, 0, 0, NOW)
     a.label("this cpu")
     a.mov(0, THREAD)
     a.exit()
     return a.code()
+
+
+# The placement's load signal, in the drain map after the engine's slots (create_drain_map):
+# slot 2n + i is thread i's sleep time (engine.pxi item 11), slot 3n + 2i + side is when the
+# oldest packet the programs steered to thread i's queue on that side since its last drain or
+# sleep was steered ("pending"). A queue's wait is now - pending while pending is later than
+# both, else nothing: a thread asleep since before its last packet was steered (woken, not yet
+# running) waits only as long as that packet has, an idle thread whose last batch was long ago
+# (its drain time old) waits nothing, a thread busy with a batch or kept off its CPU waits
+# longer and longer. The programs store pending only when a queue's wait begins: once per drain.
+
+def _unread(a: _Assembler, drains_fd: int, threads: int, side: int, thread: int | None,
+            tag: str, no_slots: str) -> None:
+    """r0 = the pending slot of ``thread``'s queue (None: THREAD's), r1 = its time, r2 = the
+    later of its drain and sleep times; a thread without slots (a stranger CPU's) jumps to
+    ``no_slots``."""
+    def lookup(base: int, per_thread: int) -> None:
+        if thread is None:
+            a.mov(1, THREAD)
+            if per_thread == 2:
+                a.alu(LSH, 1, 1)
+            a.alu(ADD, 1, base)
+        else:
+            a.op(ALU64 | MOV | K, 1, imm=base + per_thread * thread)
+        a.store(4, FP, SLOT, 1)
+        a.map_fd(1, drains_fd)
+        a.frame(2, SLOT)
+        a.call(MAP_LOOKUP_ELEM)
+        a.jump(JEQ, 0, 0, no_slots)
+    if thread is None:
+        a.jump(JGT, THREAD, threads - 1, no_slots)
+    lookup(side, 2)                                     # 2i + side: its drain time
+    a.load(8, 1, 0, 0)
+    a.store(8, FP, SEEN, 1)
+    lookup(2 * threads, 1)                              # 2n + i: its sleep time
+    a.load(8, 1, 0, 0)
+    a.load(8, 2, FP, SEEN)
+    a.jump_reg(JGE, 2, 1, f"{tag} drained later")
+    a.store(8, FP, SEEN, 1)
+    a.label(f"{tag} drained later")
+    lookup(3 * threads + side, 2)                       # 3n + 2i + side: its pending time
+    a.load(8, 1, 0, 0)
+    a.load(8, 2, FP, SEEN)
+
+
+def _wait(a: _Assembler, drains_fd: int, threads: int, side: int, thread: int | None,
+          tag: str) -> None:
+    """r0 = how long the oldest unread packet of ``thread``'s queue has waited (None: THREAD's;
+    a stranger CPU's keeps its own: jumps to "placed")."""
+    _unread(a, drains_fd, threads, side, thread, tag, "placed")
+    a.jump_reg(JGE, 2, 1, f"{tag} empty")               # nothing steered since
+    a.jump_reg(JGT, 1, NOW, f"{tag} empty")             # (stored by another CPU just now)
+    a.mov(0, NOW)
+    a.op(ALU64 | SUB | X, 0, 1)
+    a.goto(f"{tag} waited")
+    a.label(f"{tag} empty")
+    a.op(ALU64 | MOV | K, 0, imm=0)
+    a.label(f"{tag} waited")
+
+
+def _place(a: _Assembler, drains_fd: int, threads: int, side: int) -> None:
+    """THREAD = the current CPU's thread while its queue waits at most BUSY_NS, else the thread
+    whose queue waits least (ties: the current CPU's). One unrolled pass over the threads (their
+    number is known here); r6 (LAST, not needed any more) keeps the least wait."""
+    _wait(a, drains_fd, threads, side, None, "here")
+    a.jump(JGT, 0, BUSY_NS, "spread")
+    a.goto("placed")
+    a.label("spread")
+    a.mov(LAST, 0)
+    for thread in range(threads):
+        _wait(a, drains_fd, threads, side, thread, f"thread {thread} waits")
+        a.jump_reg(JGE, 0, LAST, f"thread {thread} no better")
+        a.mov(LAST, 0)
+        a.mov32(THREAD, thread)
+        a.label(f"thread {thread} no better")
+    a.label("placed")
 
 
 def _ip_key(base: int) -> Callable[[_Assembler], None]:
@@ -347,15 +444,22 @@ def create_flow_map() -> int:
 
 
 def create_drain_map(threads: int) -> int:
-    """The drain times of ``threads`` threads (two int64 slots each, zero), which the engine
-    maps (NativeEngine.report_drains, ``drain_bytes``) and both programs read; its fd."""
+    """The drain map of ``threads`` threads (all zero): per thread two drain times and a sleep
+    time, which the engine maps (NativeEngine.report_drains, ``drain_bytes``), then two pending
+    times, which only the programs write (placement); its fd."""
     from overlayd import _dataplane  # type: ignore[attr-defined]  # compiled only
 
-    return int(_dataplane.bpf_create_drain_map(2 * threads))
+    return int(_dataplane.bpf_create_drain_map(5 * threads))
 
 
 def drain_bytes(threads: int) -> int:
-    return 2 * threads * 8
+    """The engine's part of the drain map: the drain and sleep times."""
+    return 3 * threads * 8
+
+
+def drain_map_bytes(threads: int) -> int:
+    """All of the drain map, the programs' pending times included."""
+    return 5 * threads * 8
 
 
 def load_program(build: Callable[[int], bytes]) -> int:
