@@ -329,8 +329,12 @@ def test_reload_applies_a_changed_map(container: Container) -> None:
     path = c.tree / "etc/overlayd/map.toml"
     path.write_text(path.read_text().replace('name = "p1"', 'name = "p1"\nroutes = ["10.99.0.0/16"]'))
     c.systemctl("reload", "overlayd", timeout=60)
-    assert c.show("overlayd")["ActiveState"] == "active"
-    assert "map reloaded (SIGHUP)" in c.journal("overlayd")
+    # ExecReload= is `kill -HUP`, which returns once the signal is sent: the daemon's
+    # RELOADING=1 can reach systemd after the reload job ended, and the unit then shows
+    # "reloading" until the daemon's READY=1. It must come back to active by itself.
+    assert wait_for(lambda: c.show("overlayd")["ActiveState"] == "active", 30, 0.2), \
+        c.show("overlayd")
+    assert wait_for(lambda: "map reloaded (SIGHUP)" in c.journal("overlayd"), 30, 0.5)
     routes = c.sh("ip", "-j", "route", "show", "dev", "overlay0").stdout
     assert "10.99.0.0/16" in {r.get("dst") for r in json.loads(routes)}
 
